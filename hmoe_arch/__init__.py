@@ -1,0 +1,11 @@
+"""hmoe_arch: MFG-HMoE (heterogeneous mixture of experts for remote-sensing super-resolution) as a BasicSR
+plugin. Importing the package registers its classes in BasicSR's registries."""
+from ._compat import install_functional_tensor_stand_in
+
+install_functional_tensor_stand_in()
+
+from . import archs  # noqa: E402  (registration needs the stand-in above)
+from .archs import MFGHMoEArch  # noqa: E402
+
+__version__ = '0.1.0'
+__all__ = ['MFGHMoEArch', '__version__']

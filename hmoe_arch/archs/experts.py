@@ -1,0 +1,225 @@
+"""Heterogeneous expert bank with sparse dispatch, and the DR-HMoE upsampler built on it.
+
+Every expert is a ``Conv2d(C, scale**2 * C, k, padding=k // 2)``; experts of a group share ``k``. The
+authors evaluate all experts densely on every pixel and mask the results. Here each LR pixel is computed
+only by its selected experts:
+
+1. the routed (pixel, expert, weight) slots are sorted by expert (global expert indices are contiguous per
+   group, so this also sorts by group);
+2. per group, the ``k x k`` neighbourhoods of that group's pixels are gathered from the zero-padded
+   feature map as rows ``(C*k*k)``, the order of the flattened conv weight;
+3. one matmul per expert on its contiguous slice of rows, written into one buffer and scaled by the slot
+   weights (a custom autograd function, so backward is one matmul per expert too);
+4. one ``index_select`` puts the rows back in pixel order (the K slots of a pixel are then summed), and
+   PixelShuffle reads them as ``(B, O, H, W)``.
+
+Memory is ``O(N * K * (k*k*C + O))`` for N pixels, independent of the number of experts; the dense
+``(experts, B, O, H, W)`` tensor never exists.
+"""
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from .routing import DualRouter, Routing, SingleRouter
+
+ExpertGroup = Tuple[int, int]
+"""``(kernel_size, num_experts)`` of one expert group."""
+
+
+def gather_neighbourhoods(x: torch.Tensor, pixels: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """The zero-padded ``k x k`` neighbourhoods of selected pixels, in the order of a flattened conv weight.
+
+    The neighbourhoods are a view of the padded map (``Tensor.unfold``), so the only copy is the gather of
+    the selected pixels.
+
+    Args:
+        x: Features ``(B, C, H, W)``.
+        pixels: ``(n,)`` flat pixel indices into ``(B, H, W)``.
+        kernel_size: Odd k.
+
+    Returns:
+        ``(n, C*k*k)``, ordered ``(c, dy, dx)`` like ``Conv2d.weight.view(O, -1)``.
+    """
+    batch, channels, height, width = x.shape
+    b, rest = pixels.div(height * width, rounding_mode='floor'), pixels.remainder(height * width)
+    y, col = rest.div(width, rounding_mode='floor'), rest.remainder(width)
+    if kernel_size == 1:
+        return x.permute(0, 2, 3, 1)[b, y, col]
+    pad = kernel_size // 2
+    windows = F.pad(x, (pad, pad, pad, pad)).unfold(2, kernel_size, 1).unfold(3, kernel_size, 1)
+    return windows.permute(0, 2, 3, 1, 4, 5)[b, y, col].reshape(len(pixels), -1)
+
+
+class _GroupedExpertLinear(torch.autograd.Function):
+    """``out[s] = w[s] * (rows[s] @ W_e.T + b_e)`` for consecutive slices of slots, one expert per slice.
+
+    ``rows`` come per group (a group's experts share the row width ``C*k*k``); all slices are written into
+    one ``(S, O)`` buffer in slot order. Where every weight is exactly 1 (top-1 routing, whose
+    straight-through weights have value 1) the scaling is skipped in forward. Backward is one matmul per
+    expert for each of the gradients of ``rows``, the expert weight and bias, plus a row-wise dot product for
+    ``w``.
+    """
+
+    @staticmethod
+    def forward(ctx, slot_weight: torch.Tensor, counts: List[List[int]], *tensors: torch.Tensor) -> torch.Tensor:
+        num_groups = len(counts)
+        group_rows, params = tensors[:num_groups], tensors[num_groups:]
+        out = slot_weight.new_empty(slot_weight.shape[0], params[0].shape[0])
+        start, param = 0, 0
+        for rows, group_counts in zip(group_rows, counts):
+            row = 0
+            for count in group_counts:
+                torch.addmm(params[param + 1], rows[row:row + count], params[param].t(),
+                            out=out[start:start + count])
+                start, row, param = start + count, row + count, param + 2
+        ctx.counts, ctx.unit = counts, bool((slot_weight == 1).all())
+        ctx.save_for_backward(slot_weight, out if ctx.needs_input_grad[0] else None, *tensors)
+        return out if ctx.unit else out * slot_weight.unsqueeze(1)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        slot_weight, expert_out, *tensors = ctx.saved_tensors
+        num_groups = len(ctx.counts)
+        group_rows, params = tensors[:num_groups], tensors[num_groups:]
+        grad_weight = (grad_out * expert_out).sum(1) if ctx.needs_input_grad[0] else None
+        grad = grad_out if ctx.unit else grad_out * slot_weight.unsqueeze(1)
+        grad_rows, grad_params = [], []
+        start, param = 0, 0
+        for g, (rows, group_counts) in enumerate(zip(group_rows, ctx.counts)):
+            needs_rows = ctx.needs_input_grad[2 + g]
+            grad_group = rows.new_empty(rows.shape) if needs_rows else None
+            row = 0
+            for count in group_counts:
+                part = grad[start:start + count]
+                if needs_rows:
+                    torch.mm(part, params[param], out=grad_group[row:row + count])
+                grad_params += [part.t() @ rows[row:row + count], part.sum(0)]
+                start, row, param = start + count, row + count, param + 2
+            grad_rows.append(grad_group)
+        return (grad_weight, None, *grad_rows, *grad_params)
+
+
+class HeterogeneousMoE(nn.Module):
+    """Routed bank of conv experts: ``(B, C, H, W)`` features -> ``(B, scale**2 * C, H, W)``.
+
+    Every expert is ``Conv2d(C, scale**2 * C, k, padding=k // 2)``. Parameter names are the authors'
+    (``experts.{i}``, ``gate.*``); experts are numbered group after group. The output is a channels-last
+    buffer seen as ``(B, O, H, W)``, the layout ``PixelShuffle`` reads fastest.
+
+    Args:
+        channels: Feature channels C.
+        scale: Upscaling factor (the experts' output has ``scale**2 * C`` channels).
+        routing_dim: Channels of the routing features.
+        expert_groups: ``(kernel_size, num_experts)`` per group.
+        top_k: Experts per pixel (within its group for dual routing).
+        routing: ``'dual'`` or ``'single'``.
+    """
+
+    def __init__(self, channels: int, scale: int, routing_dim: int, expert_groups: Sequence[ExpertGroup],
+                 top_k: int, routing: str) -> None:
+        super().__init__()
+        self.expert_groups = tuple(expert_groups)
+        self.channels = channels
+        self.scale = scale
+        self.out_channels = scale * scale * channels
+        self.experts = nn.ModuleList([
+            nn.Conv2d(channels, self.out_channels, k, 1, k // 2) for k, count in expert_groups for _ in range(count)
+        ])
+        router = DualRouter if routing == 'dual' else SingleRouter
+        self.gate = router(routing_dim, [count for _, count in expert_groups], top_k)
+        self.last_routing: Optional[Routing] = None
+        self._routing_with_graph: Optional[Routing] = None
+        self.last_grid: Tuple[int, int, int] = (0, 0, 0)
+
+    def group_ranges(self) -> List[Tuple[int, int, int]]:
+        """``(kernel_size, first_expert, end_expert)`` for each group."""
+        ranges, start = [], 0
+        for k, count in self.expert_groups:
+            ranges.append((k, start, start + count))
+            start += count
+        return ranges
+
+    def forward(self, x: torch.Tensor, routing_features: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            x: Features ``(B, C, H, W)``.
+            routing_features: ``(B, routing_dim, H, W)``.
+
+        Returns:
+            ``(B, scale**2 * C, H, W)``. The decision is kept in :attr:`last_routing` (detached);
+            :meth:`aux_loss` computes its load-balancing loss on demand.
+        """
+        batch, _, height, width = x.shape
+        routing = self.gate(rearrange(routing_features, 'b c h w -> (b h w) c'))
+        self.last_routing = routing.detach()
+        self._routing_with_graph = routing
+        self.last_grid = (batch, height, width)
+        return rearrange(self.dispatch(x, routing), '(b h w) o -> b o h w', b=batch, h=height, w=width)
+
+    def aux_loss(self) -> torch.Tensor:
+        """Load-balancing loss of the last forward's routing (differentiable in training)."""
+        if self._routing_with_graph is None:
+            raise RuntimeError('HeterogeneousMoE.aux_loss: no forward has run yet')
+        return self.gate.aux_loss(self._routing_with_graph)
+
+    def routing_maps(self) -> Dict[str, torch.Tensor]:
+        """Last routing on the LR grid: ``group`` ``(B, H, W)``, ``expert`` ``(B, H, W, K)``, ``weight``
+        ``(B, H, W, K)``."""
+        if self.last_routing is None:
+            raise RuntimeError('HeterogeneousMoE.routing_maps: no forward has run yet')
+        batch, height, width = self.last_grid
+        routing = self.last_routing
+        return {
+            'group': routing.group.view(batch, height, width),
+            'expert': routing.expert.view(batch, height, width, -1),
+            'weight': routing.weight.view(batch, height, width, -1),
+        }
+
+    def dispatch(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Sparse evaluation: ``(N, scale**2 * C)`` rows, each the weighted sum of its selected experts."""
+        num_pixels, top_k = routing.expert.shape
+        slots_expert = routing.expert.reshape(-1)
+        order = torch.argsort(slots_expert, stable=True)
+        slots_pixel = order.div(top_k, rounding_mode='floor')
+        slots_weight = routing.weight.reshape(-1)[order]
+        counts = torch.bincount(slots_expert, minlength=len(self.experts)).tolist()
+        group_rows, group_counts, params = [], [], []
+        cursor = 0
+        for kernel_size, first, end in self.group_ranges():
+            used = [index for index in range(first, end) if counts[index] > 0]
+            if not used:
+                continue
+            size = sum(counts[index] for index in used)
+            group_rows.append(gather_neighbourhoods(x, slots_pixel[cursor:cursor + size], kernel_size))
+            group_counts.append([counts[index] for index in used])
+            for index in used:
+                params += [self.experts[index].weight.view(self.out_channels, -1), self.experts[index].bias]
+            cursor += size
+        values = _GroupedExpertLinear.apply(slots_weight, group_counts, *group_rows, *params)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        values = values.index_select(0, inverse)
+        return values if top_k == 1 else values.view(num_pixels, top_k, -1).sum(1)
+
+
+class MoEUpsampler(nn.Sequential):
+    """DR-HMoE upsampler: ``[0]`` the routed expert bank (``C -> scale**2 * C``), ``[1]`` PixelShuffle; the
+    state_dict keys are the authors' ``upsample.0.*``.
+
+    ``(B, C, H, W)`` features and ``(B, routing_dim, H, W)`` routing features -> ``(B, C, s*H, s*W)``.
+    """
+
+    def __init__(self, scale: int, num_feat: int, routing_dim: int, expert_groups: Sequence[ExpertGroup],
+                 top_k: int, routing: str) -> None:
+        super().__init__(HeterogeneousMoE(num_feat, scale, routing_dim, expert_groups, top_k, routing),
+                         nn.PixelShuffle(scale))
+
+    @property
+    def moe(self) -> HeterogeneousMoE:
+        return self[0]
+
+    def forward(self, x: torch.Tensor, routing_features: torch.Tensor) -> torch.Tensor:
+        return self[1](self.moe(x, routing_features))

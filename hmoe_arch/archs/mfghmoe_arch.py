@@ -1,0 +1,413 @@
+"""MFGHMoEArch: HAT backbone + multi-level feature aggregation + dual-routing heterogeneous MoE upsampler.
+
+Configurations:
+
+- default (``mfa: true, moe: true``, no RGB mean): the paper's MFG-HMoE with the state_dict layout of the
+  authors' released code (registered there as ``MFGHMOE``, an alias here);
+- ``mfa: false, moe: false, rgb_mean: [0.4488, 0.4371, 0.4040]``: exactly HAT (same keys, same outputs).
+
+``forward(x)`` returns only the SR image, as HAT's does; the auxiliary load-balancing loss and the routing of
+the last forward are attributes (:attr:`MFGHMoEArch.aux_loss`, :meth:`MFGHMoEArch.routing_maps`).
+"""
+import inspect
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from basicsr.archs.arch_util import Upsample
+from basicsr.utils import get_root_logger
+from basicsr.utils.registry import ARCH_REGISTRY
+from timm.layers import trunc_normal_
+
+from .experts import MoEUpsampler
+from .hat_blocks import (PatchEmbed, PatchUnEmbed, ResidualHybridAttentionGroup, image_to_tokens,
+                         relative_position_index_overlap, relative_position_index_self, shifted_window_mask)
+from .mfa import MultiLevelFeatureAggregation, routing_projection
+
+NUM_FEAT = 64
+"""Channels of the reconstruction stage, the MFA branches and the routing features (HAT's ``num_feat``)."""
+
+HAT_RGB_MEAN = (0.4488, 0.4371, 0.4040)
+UPSAMPLERS = ('pixelshuffle',)
+RESI_CONNECTIONS = ('1conv', 'identity')
+ROUTINGS = ('dual', 'single')
+PAPER_EXPERT_GROUPS = ({'kernel_size': 1, 'num_experts': 8}, {'kernel_size': 3, 'num_experts': 8})
+
+
+def _fail(key: str, expected: str, got: Any) -> None:
+    raise ValueError(f'MFGHMoEArch: `{key}` must be {expected}, got {got!r}')
+
+
+def _check_int(key: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        _fail(key, f'an integer >= {minimum}', value)
+
+
+def _check_rate(key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        _fail(key, 'a number in [0, 1)', value)
+
+
+def parse_expert_groups(expert_groups: Any) -> Tuple[Tuple[int, int], ...]:
+    """Validate ``expert_groups`` (a list of ``{kernel_size, num_experts}``) into ``(k, count)`` pairs."""
+    if isinstance(expert_groups, (str, Mapping)) or not isinstance(expert_groups, Sequence) or not expert_groups:
+        _fail('expert_groups', 'a non-empty list of {kernel_size, num_experts}', expert_groups)
+    groups = []
+    for i, group in enumerate(expert_groups):
+        if not isinstance(group, Mapping) or set(group) != {'kernel_size', 'num_experts'}:
+            _fail(f'expert_groups[{i}]', 'a mapping with exactly the keys kernel_size and num_experts', group)
+        k, count = group['kernel_size'], group['num_experts']
+        _check_int(f'expert_groups[{i}].kernel_size', k, 1)
+        if k % 2 == 0:
+            _fail(f'expert_groups[{i}].kernel_size', 'odd (the expert keeps the LR grid)', k)
+        _check_int(f'expert_groups[{i}].num_experts', count, 1)
+        groups.append((k, count))
+    return tuple(groups)
+
+
+@dataclass
+class LoadReport:
+    """What :meth:`MFGHMoEArch.load_pretrained` did.
+
+    Attributes:
+        loaded: Network keys filled from the checkpoint.
+        kept_init: Modules (shortest prefixes) none of whose tensors were in the checkpoint, and remaining
+            network keys that were not, in state_dict order.
+        unused: Checkpoint keys not loaded, each with the reason.
+    """
+
+    loaded: List[str] = field(default_factory=list)
+    kept_init: List[str] = field(default_factory=list)
+    unused: List[str] = field(default_factory=list)
+
+
+@ARCH_REGISTRY.register()
+class MFGHMoEArch(nn.Module):
+    """MFG-HMoE super-resolution network (Chen et al., IEEE GRSL 2025) on HAT's backbone.
+
+    All arguments are keyword-only; they are the ``network_g`` keys of a BasicSR option file. The HAT keys
+    mean what they mean in HAT; see the README for the MoE keys.
+
+    Input ``(B, in_chans, H, W)`` with H and W multiples of ``window_size``; output
+    ``(B, in_chans, H * upscale, W * upscale)``.
+    """
+
+    def __init__(self, *, img_size: int = 64, patch_size: int = 1, in_chans: int = 3, embed_dim: int = 180,
+                 depths: Sequence[int] = (6, 6, 6, 6, 6, 6), num_heads: Sequence[int] = (6, 6, 6, 6, 6, 6),
+                 window_size: int = 16, compress_ratio: int = 3, squeeze_factor: int = 30, conv_scale: float = 0.01,
+                 overlap_ratio: float = 0.5, mlp_ratio: float = 2.0, qkv_bias: bool = True,
+                 qk_scale: Optional[float] = None, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.1, ape: bool = False, patch_norm: bool = True,
+                 use_checkpoint: bool = False, upscale: int = 4, img_range: float = 1.0,
+                 upsampler: str = 'pixelshuffle', resi_connection: str = '1conv',
+                 rgb_mean: Optional[Sequence[float]] = None, mfa: bool = True, moe: bool = True,
+                 expert_groups: Sequence[Mapping] = PAPER_EXPERT_GROUPS, top_k: int = 1, routing: str = 'dual',
+                 **unknown: Any) -> None:
+        super().__init__()
+        if unknown:
+            valid = [name for name in inspect.signature(MFGHMoEArch.__init__).parameters if name not in
+                     ('self', 'unknown')]
+            raise ValueError(f'MFGHMoEArch: unknown keyword(s) {sorted(unknown)}; valid keys: {", ".join(valid)}')
+        for key, value, minimum in (('img_size', img_size, 1), ('patch_size', patch_size, 1),
+                                    ('in_chans', in_chans, 1), ('embed_dim', embed_dim, 1),
+                                    ('window_size', window_size, 1), ('compress_ratio', compress_ratio, 1),
+                                    ('squeeze_factor', squeeze_factor, 1), ('upscale', upscale, 1),
+                                    ('top_k', top_k, 1)):
+            _check_int(key, value, minimum)
+        for key, value in (('drop_rate', drop_rate), ('attn_drop_rate', attn_drop_rate),
+                           ('drop_path_rate', drop_path_rate)):
+            _check_rate(key, value)
+        for key, value in (('qkv_bias', qkv_bias), ('ape', ape), ('patch_norm', patch_norm),
+                           ('use_checkpoint', use_checkpoint), ('mfa', mfa), ('moe', moe)):
+            if not isinstance(value, bool):
+                _fail(key, 'true or false', value)
+        if isinstance(depths, (str, Mapping)) or not isinstance(depths, Sequence) or not depths:
+            _fail('depths', 'a non-empty list of integers', depths)
+        if isinstance(num_heads, (str, Mapping)) or not isinstance(num_heads, Sequence):
+            _fail('num_heads', 'a list of integers', num_heads)
+        if len(depths) != len(num_heads):
+            raise ValueError(f'MFGHMoEArch: `depths` and `num_heads` must have the same length (one entry per '
+                             f'RHAG), got {len(depths)} and {len(num_heads)}')
+        for i, (depth, heads) in enumerate(zip(depths, num_heads)):
+            _check_int(f'depths[{i}]', depth, 1)
+            _check_int(f'num_heads[{i}]', heads, 1)
+            if embed_dim % heads:
+                raise ValueError(f'MFGHMoEArch: `embed_dim` ({embed_dim}) must be divisible by every head count; '
+                                 f'num_heads[{i}] = {heads}')
+        if embed_dim // compress_ratio < 1:
+            _fail('compress_ratio', f'at most embed_dim ({embed_dim})', compress_ratio)
+        if embed_dim // squeeze_factor < 1:
+            _fail('squeeze_factor', f'at most embed_dim ({embed_dim})', squeeze_factor)
+        for key, value in (('conv_scale', conv_scale), ('img_range', img_range), ('mlp_ratio', mlp_ratio),
+                           ('overlap_ratio', overlap_ratio)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                _fail(key, 'a number', value)
+        if img_range <= 0:
+            _fail('img_range', 'positive', img_range)
+        if mlp_ratio <= 0 or int(embed_dim * mlp_ratio) < 1:
+            _fail('mlp_ratio', 'positive', mlp_ratio)
+        if overlap_ratio < 0 or int(window_size * overlap_ratio) % 2:
+            _fail('overlap_ratio', f'>= 0 with int(window_size * overlap_ratio) even, so the overlapping window '
+                  f'extends window_size ({window_size}) equally on both sides', overlap_ratio)
+        if qk_scale is not None and (isinstance(qk_scale, bool) or not isinstance(qk_scale, (int, float))
+                                     or qk_scale <= 0):
+            _fail('qk_scale', 'null or a positive number', qk_scale)
+        if upsampler not in UPSAMPLERS:
+            _fail('upsampler', f'one of {UPSAMPLERS} (the only reconstruction HAT implements)', upsampler)
+        if resi_connection not in RESI_CONNECTIONS:
+            _fail('resi_connection', f'one of {RESI_CONNECTIONS}', resi_connection)
+        if routing not in ROUTINGS:
+            _fail('routing', f'one of {ROUTINGS}', routing)
+        if rgb_mean is not None and (isinstance(rgb_mean, (str, Mapping)) or not isinstance(rgb_mean, Sequence)
+                                     or len(rgb_mean) != in_chans):
+            _fail('rgb_mean', f'null or a list of in_chans ({in_chans}) numbers', rgb_mean)
+        resolution = img_size // patch_size
+        if resolution < window_size:
+            _fail('img_size', f'at least window_size * patch_size ({window_size * patch_size})', img_size)
+        groups = parse_expert_groups(expert_groups)
+        if moe:
+            smallest = min(count for _, count in groups) if routing == 'dual' else sum(c for _, c in groups)
+            if top_k > smallest:
+                _fail('top_k', f'at most {smallest} (experts available to a pixel with routing {routing})', top_k)
+        elif upscale != 3 and upscale & (upscale - 1):
+            _fail('upscale', 'a power of 2 or 3 with moe: false (HAT\'s pixel-shuffle upsampler)', upscale)
+        if mfa and not moe:
+            _fail('mfa', 'false when moe is false (MFA only produces routing features)', mfa)
+
+        self.window_size = window_size
+        # HAT disables shifted windows when the nominal input is no larger than one window.
+        self.shift_size = 0 if resolution <= window_size else window_size // 2
+        self.upscale = upscale
+        self.img_range = float(img_range)
+        self.ape = ape
+        self.mfa = mfa
+        self.moe = moe
+        self.num_pixels = resolution * resolution
+        self.register_buffer('mean', None if rgb_mean is None else torch.tensor(rgb_mean, dtype=torch.float32).view(
+            1, in_chans, 1, 1), persistent=False)
+        overlap_win_size = int(window_size * overlap_ratio) + window_size
+        self.register_buffer('relative_position_index_SA', relative_position_index_self(window_size))
+        self.register_buffer('relative_position_index_OCA',
+                             relative_position_index_overlap(window_size, overlap_win_size))
+
+        # shallow feature extraction
+        self.conv_first = nn.Conv2d(in_chans, embed_dim, 3, 1, 1)
+        # deep feature extraction
+        self.patch_embed = PatchEmbed(embed_dim, norm=patch_norm)
+        self.patch_unembed = PatchUnEmbed()
+        if ape:
+            self.absolute_pos_embed = nn.Parameter(torch.zeros(1, self.num_pixels, embed_dim))
+            trunc_normal_(self.absolute_pos_embed, std=0.02)
+        self.pos_drop = nn.Dropout(drop_rate)
+        drop_path = [float(r) for r in torch.linspace(0, drop_path_rate, sum(depths))]
+        self.layers = nn.ModuleList()
+        for i, (depth, heads) in enumerate(zip(depths, num_heads)):
+            start = sum(depths[:i])
+            self.layers.append(ResidualHybridAttentionGroup(
+                embed_dim, depth, heads, window_size, self.shift_size, compress_ratio, squeeze_factor, conv_scale,
+                overlap_ratio, mlp_ratio, qkv_bias, qk_scale, drop_rate, attn_drop_rate,
+                tuple(drop_path[start:start + depth]), use_checkpoint, resi_connection))
+        self.norm = nn.LayerNorm(embed_dim)
+        if mfa:
+            self.mfg = MultiLevelFeatureAggregation(len(depths), embed_dim, NUM_FEAT)
+            self.aggr_conv = routing_projection(embed_dim, NUM_FEAT)
+        self.conv_after_body = nn.Conv2d(embed_dim, embed_dim, 3, 1, 1) if resi_connection == '1conv' else \
+            nn.Identity()
+        # reconstruction
+        self.conv_before_upsample = nn.Sequential(nn.Conv2d(embed_dim, NUM_FEAT, 3, 1, 1), nn.LeakyReLU(inplace=True))
+        if moe:
+            self.upsample = MoEUpsampler(upscale, NUM_FEAT, NUM_FEAT, groups, top_k, routing)
+        else:
+            self.upsample = Upsample(upscale, NUM_FEAT)
+        self.conv_last = nn.Conv2d(NUM_FEAT, in_chans, 3, 1, 1)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    # ----------------------------------------------------------------------------------------------------
+    # stages
+    def forward_features(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Deep feature extraction.
+
+        Args:
+            x: Shallow features ``(B, C, H, W)``.
+
+        Returns:
+            Deep features ``(B, C, H, W)`` (before ``conv_after_body``) and, with MFA, the aggregated routing
+            features ``(B, 64, H, W)`` (else ``None``).
+        """
+        x_size = (x.shape[2], x.shape[3])
+        attn_mask = None
+        if self.shift_size > 0:
+            attn_mask = shifted_window_mask(*x_size, self.window_size, self.shift_size).to(x)
+        x = self.patch_embed(x)
+        if self.ape:
+            if x.shape[1] != self.num_pixels:
+                raise ValueError(f'MFGHMoEArch: with `ape: true` the input must be img_size x img_size '
+                                 f'({self.num_pixels} pixels), got {x_size}')
+            x = x + self.absolute_pos_embed
+        x = self.pos_drop(x)
+        branch_sum = None
+        for i, layer in enumerate(self.layers):
+            x = layer(x, x_size, self.relative_position_index_SA, self.relative_position_index_OCA, attn_mask)
+            if self.mfa:
+                x = self.mfg.level_norm(i)(x)
+                branch = self.mfg.branch(i)(self.patch_unembed(x, x_size))
+                branch_sum = branch if branch_sum is None else branch_sum + branch
+        features = self.patch_unembed(self.norm(x), x_size)
+        if branch_sum is None:
+            return features, None
+        aggregated = self.patch_unembed(self.norm(image_to_tokens(branch_sum)), x_size)
+        return features, self.aggr_conv(aggregated)
+
+    def forward_reconstruction(self, x: torch.Tensor, routing_features: Optional[torch.Tensor]) -> torch.Tensor:
+        """``(B, C, H, W)`` features -> ``(B, in_chans, s*H, s*W)`` (before the mean and range are undone)."""
+        x = self.conv_before_upsample(x)
+        if self.moe:
+            x = self.upsample(x, x if routing_features is None else routing_features)
+        else:
+            x = self.upsample(x)
+        return self.conv_last(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, in_chans, H, W)`` LR -> ``(B, in_chans, H * upscale, W * upscale)`` SR."""
+        if x.dim() != 4 or x.shape[2] % self.window_size or x.shape[3] % self.window_size:
+            raise ValueError(f'MFGHMoEArch: input must be (B, C, H, W) with H and W multiples of window_size '
+                             f'({self.window_size}), got {tuple(x.shape)}; pad it (MFGHMoEModel does)')
+        if self.mean is not None:
+            x = x - self.mean
+        x = x * self.img_range
+        x = self.conv_first(x)
+        features, routing_features = self.forward_features(x)
+        x = self.conv_after_body(features) + x
+        x = self.forward_reconstruction(x, routing_features) / self.img_range
+        return x if self.mean is None else x + self.mean
+
+    # ----------------------------------------------------------------------------------------------------
+    # what the model may read after a forward
+    @property
+    def aux_loss(self) -> Optional[torch.Tensor]:
+        """Load-balancing loss of the last forward, computed when read (carries the graph in training; 1.0 for a
+        perfectly balanced routing); ``None`` without MoE."""
+        return self.upsample.moe.aux_loss() if self.moe else None
+
+    def routing_maps(self) -> Optional[Dict[str, torch.Tensor]]:
+        """Routing of the last forward on the LR grid: ``group`` ``(B, H, W)`` and ``expert`` ``(B, H, W, K)``
+        (global expert indices), detached; ``None`` without MoE or before the first forward."""
+        if not self.moe or self.upsample.moe.last_routing is None:
+            return None
+        return self.upsample.moe.routing_maps()
+
+    # ----------------------------------------------------------------------------------------------------
+    # foreign weights
+    def load_pretrained(self, checkpoint: Union[str, os.PathLike, Mapping], *, param_key: str = 'params',
+                        strict: bool = False) -> LoadReport:
+        """Load a HAT, authors' MFG-HMoE or hmoe_arch checkpoint (BasicSR ``.pth`` or plain state_dict).
+
+        Tensors whose name and shape match this network are loaded; with ``strict=False`` the rest of the
+        network keeps its initialisation and one log block lists those modules and the checkpoint tensors
+        that were not used (e.g. HAT's ``upsample.*`` when loading HAT into the MoE configuration).
+
+        Args:
+            checkpoint: A path (read with ``torch.load(..., weights_only=True)``) or a loaded dict.
+            param_key: Entry holding the weights in a BasicSR checkpoint (``params`` or ``params_ema``);
+                falls back to ``params``, then to the dict itself when it maps names to tensors.
+            strict: Raise ``ValueError`` unless every network tensor is filled and every checkpoint tensor used.
+
+        Returns:
+            The :class:`LoadReport`.
+        """
+        source = os.fspath(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else '<state_dict>'
+        state = checkpoint_filter_fn(_read_checkpoint(checkpoint, source), param_key, source)
+        own = self.state_dict()
+        report, accepted = LoadReport(), {}
+        for key, tensor in state.items():
+            if key not in own:
+                report.unused.append(f'{key} {list(tensor.shape)} (no such tensor in this network)')
+            elif own[key].shape != tensor.shape:
+                report.unused.append(f'{key} {list(tensor.shape)} (network has {list(own[key].shape)})')
+            else:
+                accepted[key] = tensor
+                report.loaded.append(key)
+        report.kept_init = _collapse_to_modules([k for k in own if k not in accepted], list(own))
+        if strict and (report.unused or report.kept_init):
+            raise ValueError(f'{source}: does not match MFGHMoEArch exactly (strict=True):\n'
+                             f'{_format_report(report)}')
+        self.load_state_dict(accepted, strict=False)
+        get_root_logger().info(f'Loaded {source} into MFGHMoEArch: {len(report.loaded)}/{len(own)} tensors.\n'
+                               f'{_format_report(report)}')
+        return report
+
+
+ARCH_REGISTRY._do_register('MFGHMOE', MFGHMoEArch)
+"""The authors' registry name, so their option files (``network_g.type: MFGHMOE``) build this network."""
+
+
+def _read_checkpoint(checkpoint: Union[str, os.PathLike, Mapping], source: str) -> Mapping:
+    if isinstance(checkpoint, Mapping):
+        return checkpoint
+    if not os.path.isfile(source):
+        raise FileNotFoundError(f'checkpoint not found: {source}')
+    try:
+        return torch.load(source, map_location='cpu', weights_only=True)
+    except Exception as error:
+        raise ValueError(f'{source}: not a checkpoint that torch.load(weights_only=True) can read: {error}') \
+            from error
+
+
+def checkpoint_filter_fn(checkpoint: Mapping, param_key: str = 'params', source: str = '<state_dict>'
+                         ) -> Dict[str, torch.Tensor]:
+    """The name -> tensor mapping inside a BasicSR/HAT/authors' checkpoint, with DataParallel/DDP
+    ``module.`` prefixes removed.
+
+    Raises:
+        ValueError: naming ``source`` when no entry holds a state_dict.
+    """
+    for key in (param_key, 'params'):
+        if isinstance(checkpoint.get(key), Mapping):
+            checkpoint = checkpoint[key]
+            break
+    if not checkpoint or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        raise ValueError(f'{source}: expected a state_dict or a dict with a `{param_key}` (or `params`) state_dict, '
+                         f'found keys {sorted(checkpoint)[:10]}')
+    return {(k[len('module.'):] if k.startswith('module.') else k): v for k, v in checkpoint.items()}
+
+
+def _collapse_to_modules(missing: List[str], all_keys: List[str]) -> List[str]:
+    """Replace keys by the shortest module prefix all of whose tensors are missing."""
+    def prefixes(key: str) -> List[str]:
+        parts = key.split('.')
+        return ['.'.join(parts[:i]) for i in range(1, len(parts))]
+
+    total: Dict[str, int] = {}
+    for key in all_keys:
+        for prefix in prefixes(key):
+            total[prefix] = total.get(prefix, 0) + 1
+    absent: Dict[str, int] = {}
+    for key in missing:
+        for prefix in prefixes(key):
+            absent[prefix] = absent.get(prefix, 0) + 1
+    collapsed: List[str] = []
+    for key in missing:
+        name = next((p for p in prefixes(key) if absent[p] == total[p]), key)
+        if name not in collapsed:
+            collapsed.append(name)
+    return collapsed
+
+
+def _format_report(report: LoadReport) -> str:
+    kept = ', '.join(report.kept_init) if report.kept_init else 'none'
+    unused = ''.join(f'\n  {line}' for line in report.unused) if report.unused else ' none'
+    return f'Kept their initialisation: {kept}\nCheckpoint tensors not used:{unused}'

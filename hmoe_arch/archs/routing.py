@@ -1,0 +1,147 @@
+"""Routers of the DR-HMoE upsampler: which expert computes each LR pixel, and with what weight.
+
+Dual routing (eq. 5-7 of the paper): a group router ``softmax(W_g x)`` picks the top-1 group ``g`` of each
+pixel; that group's expert router ``softmax(W_e^g (x + E[g]))``, with ``E`` a learned group position
+embedding, picks the top-K experts inside the group. Single routing (the Table III ablation) is one flat
+``softmax(W x)`` over all experts.
+
+Combination weights and gradients. The authors' implementation uses the selected expert at weight exactly 1
+and builds that one-hot by index assignment, so no gradient reaches the routers. Here every selection
+probability ``p`` enters the weight as the straight-through factor ``p / stop_grad(p)``: its value is
+exactly 1 (IEEE division of a number by itself), so with top-1 the output equals the authors' bit for bit,
+and its gradient is ``grad(p) / p = grad(log p)``, scaled by how much the selected expert's output helps the
+loss. With top-K > 1 the K selected experts of a pixel are combined with their probabilities renormalised
+to sum to 1 (times the group factor, value 1).
+
+Load balancing (Switch Transformer style): ``n * sum_i f_i * P_i`` with ``f_i`` the fraction of routed
+slots that went to choice ``i`` and ``P_i`` its mean probability; it is 1 when the load is uniform. The dual
+router adds the group term and the within-group expert terms (weighted by each group's share of pixels).
+"""
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+
+@dataclass
+class Routing:
+    """Routing decision for N LR pixels (rows ordered ``(b, h, w)``).
+
+    Attributes:
+        group: ``(N,)`` long, selected group per pixel.
+        expert: ``(N, K)`` long, selected experts as global indices (groups are contiguous ranges).
+        weight: ``(N, K)`` combination weights; carry the gradient to the routers.
+        group_probs: ``(N, G)`` group probabilities (in single routing: the summed probability of each
+            group's experts).
+        expert_probs: ``(N, M)`` probabilities over the experts the pixel chose among (its group's experts,
+            zero-padded to the largest group, in dual routing; all experts in single routing).
+        choice: ``(N, K)`` long, the selected columns of ``expert_probs``.
+    """
+
+    group: torch.Tensor
+    expert: torch.Tensor
+    weight: torch.Tensor
+    group_probs: torch.Tensor
+    expert_probs: torch.Tensor
+    choice: torch.Tensor
+
+    def detach(self) -> 'Routing':
+        """A copy holding no autograd graph, for logging and expert maps."""
+        return Routing(*(t.detach() for t in (self.group, self.expert, self.weight, self.group_probs,
+                                               self.expert_probs, self.choice)))
+
+
+def selection_weight(top_probs: torch.Tensor) -> torch.Tensor:
+    """Weights of the selected experts from their probabilities ``(N, K)``: ``p / stop_grad(p)`` for K = 1,
+    the renormalised probabilities for K > 1."""
+    if top_probs.shape[-1] == 1:
+        return top_probs / top_probs.detach()
+    return top_probs / top_probs.sum(dim=-1, keepdim=True)
+
+
+def balance_loss(probs: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """``n * sum_i f_i * P_i`` for probabilities ``(N, n)`` and selections ``(N, K)`` of N routed pixels."""
+    num_choices = probs.shape[-1]
+    counts = torch.zeros_like(probs).scatter_add_(-1, chosen, torch.ones_like(chosen, dtype=probs.dtype))
+    fraction = counts.sum(0) / chosen.numel()
+    return num_choices * (fraction * probs.mean(0)).sum()
+
+
+class DualRouter(nn.Module):
+    """Group router + one expert router per group + group position embedding.
+
+    Parameter names are the authors' (``w_group_gate``, ``w_expert_gates.{g}``, ``group_embedding``).
+
+    Args:
+        dim: Channels of the routing features.
+        group_sizes: Number of experts in each group.
+        top_k: Experts selected per pixel inside its group.
+    """
+
+    def __init__(self, dim: int, group_sizes: Sequence[int], top_k: int) -> None:
+        super().__init__()
+        self.group_sizes = tuple(group_sizes)
+        self.top_k = top_k
+        self.w_group_gate = nn.Linear(dim, len(group_sizes))
+        self.w_expert_gates = nn.ModuleList([nn.Linear(dim, size) for size in group_sizes])
+        self.group_embedding = nn.Embedding(len(group_sizes), dim)
+        offsets = torch.tensor((0,) + tuple(group_sizes[:-1])).cumsum(0)
+        self.register_buffer('group_offsets', offsets, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        """Route ``(N, dim)`` routing features."""
+        num_groups, largest = len(self.group_sizes), max(self.group_sizes)
+        group_probs = self.w_group_gate(x).softmax(dim=-1)
+        group_top, group = group_probs.max(dim=-1)
+        logits = x.new_full((x.shape[0], num_groups, largest), float('-inf'))
+        for g, gate in enumerate(self.w_expert_gates):
+            logits[:, g, :self.group_sizes[g]] = gate(x + self.group_embedding.weight[g])
+        picked = logits.gather(1, group.view(-1, 1, 1).expand(-1, 1, largest)).squeeze(1)
+        expert_probs = picked.softmax(dim=-1)
+        top_probs, local = expert_probs.topk(self.top_k, dim=-1)
+        weight = selection_weight(top_probs) * selection_weight(group_top.unsqueeze(-1))
+        return Routing(group=group, expert=local + self.group_offsets[group].unsqueeze(-1), weight=weight,
+                       group_probs=group_probs, expert_probs=expert_probs, choice=local)
+
+    def aux_loss(self, routing: Routing) -> torch.Tensor:
+        """Group balance plus each group's expert balance over its own pixels, weighted by its share."""
+        loss = balance_loss(routing.group_probs, routing.group.unsqueeze(-1))
+        for g, size in enumerate(self.group_sizes):
+            members = routing.group == g
+            share = members.float().mean()
+            if share > 0:
+                loss = loss + share * balance_loss(routing.expert_probs[members, :size], routing.choice[members])
+        return loss
+
+
+class SingleRouter(nn.Module):
+    """One flat router over all experts: ``softmax(W x)``, top-K (parameter ``w_gate``).
+
+    Args:
+        dim: Channels of the routing features.
+        group_sizes: Number of experts in each group (to report each selection's group).
+        top_k: Experts selected per pixel.
+    """
+
+    def __init__(self, dim: int, group_sizes: Sequence[int], top_k: int) -> None:
+        super().__init__()
+        self.top_k = top_k
+        self.w_gate = nn.Linear(dim, sum(group_sizes))
+        group_of_expert = torch.repeat_interleave(torch.arange(len(group_sizes)), torch.tensor(group_sizes))
+        self.register_buffer('group_of_expert', group_of_expert, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        """Route ``(N, dim)`` routing features."""
+        probs = self.w_gate(x).softmax(dim=-1)
+        top_probs, expert = probs.topk(self.top_k, dim=-1)
+        group = self.group_of_expert[expert[:, 0]]
+        num_groups = int(self.group_of_expert[-1]) + 1
+        group_probs = torch.zeros(x.shape[0], num_groups, dtype=probs.dtype, device=x.device)
+        group_probs = group_probs.index_add(1, self.group_of_expert, probs)
+        return Routing(group=group, expert=expert, weight=selection_weight(top_probs), group_probs=group_probs,
+                       expert_probs=probs, choice=expert)
+
+    def aux_loss(self, routing: Routing) -> torch.Tensor:
+        """Balance over all experts."""
+        return balance_loss(routing.expert_probs, routing.choice)

@@ -1,0 +1,118 @@
+"""Sparse dispatch of the heterogeneous expert bank against a dense masked reference of the same math."""
+from typing import List
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hmoe_arch.archs.experts import HeterogeneousMoE, MoEUpsampler, gather_neighbourhoods
+from hmoe_arch.archs.routing import Routing
+
+UNEVEN = [(1, 2), (3, 3), (5, 2)]
+
+
+def dense_reference(moe: HeterogeneousMoE, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """Every expert on every pixel (plain conv2d), masked by the combination weights: ``(N, O)``."""
+    mask = torch.zeros(routing.expert.shape[0], len(moe.experts), dtype=x.dtype)
+    mask = mask.scatter_add(1, routing.expert, routing.weight)
+    outputs = torch.stack([expert(x) for expert in moe.experts])  # (E, B, O, H, W)
+    outputs = outputs.permute(1, 3, 4, 0, 2).reshape(-1, len(moe.experts), moe.out_channels)
+    return (outputs * mask.unsqueeze(-1)).sum(1)
+
+
+def spread(moe: HeterogeneousMoE) -> None:
+    """Gates with the spread of a trained router, so that a small input reaches every expert."""
+    for name, param in moe.gate.named_parameters():
+        if name.endswith('bias'):
+            torch.nn.init.zeros_(param)
+        else:
+            torch.nn.init.normal_(param, std=0.1 if 'embedding' in name else 3.0)
+
+
+def grads(tensors: List[torch.Tensor]) -> List[torch.Tensor]:
+    out = [t.grad.clone() for t in tensors]
+    for t in tensors:
+        t.grad = None
+    return out
+
+
+@pytest.mark.parametrize('routing_kind', ['dual', 'single'])
+@pytest.mark.parametrize('top_k', [1, 2])
+def test_sparse_equals_dense_outputs_and_gradients(routing_kind: str, top_k: int) -> None:
+    moe = HeterogeneousMoE(3, 2, 6, UNEVEN, top_k, routing_kind)
+    spread(moe)
+    x = torch.randn(2, 3, 8, 7, requires_grad=True)
+    features = torch.randn(2, 6, 8, 7, requires_grad=True)
+    out = F.pixel_shuffle(moe(x, features), 2)
+    assert out.shape == (2, 3, 16, 14)
+    assert set(moe.last_routing.expert.flatten().tolist()) == set(range(7)), 'precondition: all experts used'
+
+    upstream = torch.randn_like(out)
+    params = list(moe.parameters())
+    (out * upstream).sum().backward()
+    sparse_grads = grads([x, features] + params)
+
+    routing = moe.gate(features.permute(0, 2, 3, 1).reshape(-1, 6))
+    dense = F.pixel_shuffle(dense_reference(moe, x, routing).view(2, 8, 7, 12).permute(0, 3, 1, 2), 2)
+    torch.testing.assert_close(out, dense, atol=1e-5, rtol=1e-5)
+    (dense * upstream).sum().backward()
+    dense_grads = grads([x, features] + params)
+    names = ['x', 'routing_features'] + [n for n, _ in moe.named_parameters()]
+    for name, sparse_grad, dense_grad in zip(names, sparse_grads, dense_grads):
+        torch.testing.assert_close(sparse_grad, dense_grad, atol=1e-5, rtol=1e-5, msg=name)
+    gate_grads = [g for n, g in zip(names, sparse_grads) if n.startswith('gate.')]
+    assert all(g.abs().sum() > 0 for g in gate_grads)
+
+
+def test_top1_weights_are_exactly_one_so_outputs_equal_the_selected_expert() -> None:
+    moe = HeterogeneousMoE(2, 3, 4, [(1, 3), (3, 3)], 1, 'dual')
+    spread(moe)
+    x, features = torch.randn(1, 2, 5, 5), torch.randn(1, 4, 5, 5)
+    out = F.pixel_shuffle(moe(x, features), 3)
+    assert torch.equal(moe.last_routing.weight, torch.ones(25, 1))
+    maps = moe.routing_maps()
+    for y in range(5):
+        for col in range(5):
+            expert = moe.experts[int(maps['expert'][0, y, col, 0])]
+            block = F.pixel_shuffle(expert(x), 3)[0, :, 3 * y:3 * y + 3, 3 * col:3 * col + 3]
+            torch.testing.assert_close(out[0, :, 3 * y:3 * y + 3, 3 * col:3 * col + 3], block, atol=1e-6, rtol=1e-6)
+
+
+def test_gather_neighbourhoods_equals_unfold() -> None:
+    x = torch.randn(2, 3, 4, 5)
+    pixels = torch.tensor([0, 7, 19, 20, 39])
+    for k in (1, 3, 5):
+        reference = F.unfold(x, k, padding=k // 2).permute(0, 2, 1).reshape(40, -1)[pixels]
+        torch.testing.assert_close(gather_neighbourhoods(x, pixels, k), reference)
+
+
+def test_experts_unused_by_the_batch_get_no_gradient_and_cost_nothing() -> None:
+    moe = HeterogeneousMoE(4, 2, 4, [(1, 2), (3, 2)], 1, 'dual')
+    with torch.no_grad():
+        moe.gate.w_group_gate.bias.copy_(torch.tensor([100.0, -100.0]))
+        moe.gate.w_expert_gates[0].bias.copy_(torch.tensor([100.0, -100.0]))
+    moe(torch.randn(1, 4, 4, 4), torch.randn(1, 4, 4, 4)).sum().backward()
+    assert moe.last_routing.expert.unique().tolist() == [0]
+    assert moe.experts[0].weight.grad.abs().sum() > 0
+    assert all(moe.experts[i].weight.grad is None for i in (1, 2, 3))
+
+
+def test_upsampler_pixel_shuffles_and_keeps_the_authors_key_layout() -> None:
+    up = MoEUpsampler(3, 4, 4, [(1, 2), (3, 2)], 1, 'dual')
+    assert up(torch.randn(2, 4, 5, 6), torch.randn(2, 4, 5, 6)).shape == (2, 4, 15, 18)
+    keys = set(up.state_dict())
+    assert {'0.experts.0.weight', '0.experts.3.bias', '0.gate.w_group_gate.weight', '0.gate.w_expert_gates.1.bias',
+            '0.gate.group_embedding.weight'} <= keys
+    assert up.state_dict()['0.experts.2.weight'].shape == (36, 4, 3, 3)
+
+
+def test_routing_maps_of_the_last_forward() -> None:
+    moe = HeterogeneousMoE(4, 2, 4, [(1, 2), (3, 2)], 2, 'dual')
+    with pytest.raises(RuntimeError, match='no forward'):
+        moe.routing_maps()
+    moe(torch.randn(3, 4, 2, 5), torch.randn(3, 4, 2, 5))
+    maps = moe.routing_maps()
+    assert maps['group'].shape == (3, 2, 5) and maps['expert'].shape == (3, 2, 5, 2)
+    assert torch.equal(maps['expert'] // 2, maps['group'].unsqueeze(-1).expand(-1, -1, -1, 2))
+    torch.testing.assert_close(maps['weight'].sum(-1), torch.ones(3, 2, 5))
+    assert not maps['weight'].requires_grad

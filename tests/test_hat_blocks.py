@@ -1,0 +1,106 @@
+"""HAT building blocks against brute-force computations of the same definitions."""
+import torch
+import torch.nn.functional as F
+
+from hmoe_arch.archs.hat_blocks import (OverlappingCrossAttentionBlock, PatchEmbed, PatchUnEmbed,
+                                        ResidualHybridAttentionGroup, WindowAttention, image_to_tokens,
+                                        relative_position_index_overlap, relative_position_index_self,
+                                        shifted_window_mask, tokens_to_image, window_partition, window_reverse)
+
+
+def test_window_partition_layout_and_round_trip() -> None:
+    x = torch.arange(2 * 4 * 6 * 3, dtype=torch.float32).view(2, 4, 6, 3)
+    windows = window_partition(x, 2)
+    assert windows.shape == (2 * 2 * 3, 4, 3)
+    assert torch.equal(windows[1], x[0, 0:2, 2:4].reshape(4, 3))
+    assert torch.equal(windows[6 + 4], x[1, 2:4, 2:4].reshape(4, 3))
+    assert torch.equal(window_reverse(windows, 2, 4, 6), x)
+
+
+def test_tokens_round_trip() -> None:
+    x = torch.rand(2, 5, 3, 4)
+    assert torch.equal(tokens_to_image(image_to_tokens(x), (3, 4)), x)
+    assert torch.equal(image_to_tokens(x)[:, 4 + 1], x[:, :, 1, 1])
+    assert torch.equal(PatchUnEmbed()(PatchEmbed(5, norm=False)(x), (3, 4)), x)
+
+
+def test_relative_position_index_self_brute_force() -> None:
+    w = 3
+    rpi = relative_position_index_self(w)
+    for i in range(w * w):
+        for j in range(w * w):
+            dy, dx = i // w - j // w, i % w - j % w
+            assert rpi[i, j] == (dy + w - 1) * (2 * w - 1) + (dx + w - 1)
+
+
+def test_relative_position_index_overlap_brute_force() -> None:
+    w, o = 2, 4
+    rpi = relative_position_index_overlap(w, o)
+    assert rpi.shape == (w * w, o * o)
+    for i in range(w * w):
+        for j in range(o * o):
+            dy, dx = j // o - i // w, j % o - i % w
+            assert rpi[i, j] == (dy + w - o + 1) * (w + o - 1) + (dx + w - o + 1)
+    # HAT's offset leaves some indices negative; they wrap around the table and every entry is used once
+    assert torch.equal((rpi % (w + o - 1) ** 2).unique(), torch.arange((w + o - 1) ** 2))
+
+
+def test_shifted_window_mask_separates_wrapped_regions() -> None:
+    mask = shifted_window_mask(8, 8, 4, 2)
+    assert mask.shape == (4, 16, 16)
+    assert torch.equal(mask[0], torch.zeros(16, 16))
+    last = mask[3]
+    assert set(last.unique().tolist()) == {-100.0, 0.0}
+    assert last[0, 0] == 0 and last[0, 2] == -100.0 and last[0, 8] == -100.0 and last[0, 1] == 0
+
+
+def test_window_attention_matches_brute_force() -> None:
+    attn = WindowAttention(dim=8, window_size=2, num_heads=2)
+    x = torch.rand(3, 4, 8)
+    rpi = relative_position_index_self(2)
+    mask = torch.zeros(3, 4, 4)
+    mask[1, 0, 3] = -100.0
+    out = attn(x, rpi, mask)
+    q, k, v = attn.qkv(x).view(3, 4, 3, 2, 4).permute(2, 0, 3, 1, 4)
+    expected = torch.empty(3, 4, 8)
+    for b in range(3):
+        for h in range(2):
+            scores = q[b, h] @ k[b, h].T / 2.0
+            for i in range(4):
+                for j in range(4):
+                    scores[i, j] += attn.relative_position_bias_table[rpi[i, j], h] + mask[b, i, j]
+            expected[b, :, h * 4:(h + 1) * 4] = scores.softmax(-1) @ v[b, h]
+    torch.testing.assert_close(out, attn.proj(expected))
+
+
+def test_overlapping_cross_attention_matches_brute_force() -> None:
+    block = OverlappingCrossAttentionBlock(dim=4, window_size=2, overlap_ratio=1.0, num_heads=1, qkv_bias=True,
+                                           qk_scale=None, mlp_ratio=2.0)
+    height, width = 4, 4
+    x = torch.rand(1, height * width, 4)
+    rpi = relative_position_index_overlap(2, 4)
+    out = block(x, (height, width), rpi)
+    q, k, v = block.qkv(block.norm1(x)).view(height, width, 12).split(4, dim=-1)
+    # the 4x4 window around a 2x2 query window reaches one pixel beyond it on each side (zero padding)
+    k_pad = F.pad(k.permute(2, 0, 1), (1, 1, 1, 1)).permute(1, 2, 0)
+    v_pad = F.pad(v.permute(2, 0, 1), (1, 1, 1, 1)).permute(1, 2, 0)
+    attn_out = torch.empty(height, width, 4)
+    for wy in range(2):
+        for wx in range(2):
+            queries = q[2 * wy:2 * wy + 2, 2 * wx:2 * wx + 2].reshape(4, 4)
+            keys = k_pad[2 * wy:2 * wy + 4, 2 * wx:2 * wx + 4].reshape(16, 4)
+            values = v_pad[2 * wy:2 * wy + 4, 2 * wx:2 * wx + 4].reshape(16, 4)
+            scores = queries @ keys.T / 2.0 + block.relative_position_bias_table[rpi, 0]
+            attn_out[2 * wy:2 * wy + 2, 2 * wx:2 * wx + 2] = (scores.softmax(-1) @ values).view(2, 2, 4)
+    y = block.proj(attn_out.view(1, -1, 4)) + x
+    torch.testing.assert_close(out, y + block.mlp(block.norm2(y)))
+
+
+def test_residual_group_is_a_residual() -> None:
+    group = ResidualHybridAttentionGroup(8, 2, 2, 2, 1, 2, 2, 0.01, 1.0, 2.0, True, None, 0.0, 0.0, (0.0, 0.0),
+                                         False, '1conv')
+    x = torch.rand(2, 16, 8)
+    torch.nn.init.zeros_(group.conv.weight)
+    torch.nn.init.zeros_(group.conv.bias)
+    assert torch.equal(group(x, (4, 4), relative_position_index_self(2), relative_position_index_overlap(2, 4),
+                             shifted_window_mask(4, 4, 2, 1)), x)

@@ -1,0 +1,352 @@
+"""MFGHMoEArch: shapes, HAT-exact and authors'-exact configurations, validation, gradients, loading."""
+import json
+import logging
+from typing import Any, Dict, List
+
+import pytest
+import torch
+
+from conftest import HAT_RGB_MEAN, SMALL_GROUPS, load_reference, reference_file, tiny, tiny_hat
+from hmoe_arch import MFGHMoEArch
+
+
+def spec_keys(name: str) -> Dict[str, Any]:
+    with open(reference_file('state_dict_spec_full.json')) as f:
+        return json.load(f)[name]
+
+
+def shapes(net: torch.nn.Module) -> Dict[str, List[int]]:
+    return {k: list(v.shape) for k, v in net.state_dict().items()}
+
+
+# ------------------------------------------------------------------------------------------------------
+# shapes
+@pytest.mark.parametrize('scale', [2, 3, 4, 8])
+@pytest.mark.parametrize('moe', [False, True])
+def test_output_shape_for_every_scale(scale: int, moe: bool) -> None:
+    config = tiny(upscale=scale, expert_groups=SMALL_GROUPS) if moe else tiny_hat(upscale=scale)
+    net = MFGHMoEArch(**config).eval()
+    with torch.no_grad():
+        out = net(torch.rand(1, 3, 8, 12))
+    assert out.shape == (1, 3, 8 * scale, 12 * scale)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize('size', [(4, 4), (8, 16), (20, 12)])
+def test_non_square_inputs_and_other_sizes(size: tuple) -> None:
+    net = MFGHMoEArch(**tiny(upscale=2, expert_groups=SMALL_GROUPS)).eval()
+    with torch.no_grad():
+        out = net(torch.rand(2, 3, *size))
+    assert out.shape == (2, 3, size[0] * 2, size[1] * 2)
+
+
+def test_input_not_multiple_of_window_is_rejected() -> None:
+    net = MFGHMoEArch(**tiny_hat())
+    with pytest.raises(ValueError, match=r'multiples of window_size \(4\).*\(1, 3, 6, 8\)'):
+        net(torch.rand(1, 3, 6, 8))
+
+
+def test_single_channel_input() -> None:
+    net = MFGHMoEArch(**tiny(in_chans=1, upscale=2, expert_groups=SMALL_GROUPS)).eval()
+    with torch.no_grad():
+        assert net(torch.rand(1, 1, 8, 8)).shape == (1, 1, 16, 16)
+
+
+# ------------------------------------------------------------------------------------------------------
+# HAT's keywords do what HAT does
+def record(module: torch.nn.Module, seen: dict, name: str, output: bool = False) -> None:
+    """Keep the input (or output) of ``module``'s forward in ``seen[name]``."""
+    def hook(mod, inputs, out) -> None:
+        seen[name] = out if output else inputs[0]
+
+    module.register_forward_hook(hook)
+
+
+def test_img_range_scales_the_input_and_output() -> None:
+    net = MFGHMoEArch(**tiny_hat(img_range=255.0)).eval()
+    seen = {}
+    record(net.conv_first, seen, 'in')
+    record(net.conv_last, seen, 'out', output=True)
+    x = torch.rand(1, 3, 8, 8)
+    with torch.no_grad():
+        y = net(x)
+    mean = torch.tensor(HAT_RGB_MEAN).view(1, 3, 1, 1)
+    torch.testing.assert_close(seen['in'], (x - mean) * 255.0)
+    torch.testing.assert_close(y, seen['out'] / 255.0 + mean)
+
+
+def test_no_rgb_mean_leaves_the_input_unshifted() -> None:
+    net = MFGHMoEArch(**tiny(expert_groups=SMALL_GROUPS)).eval()
+    seen = {}
+    record(net.conv_first, seen, 'in')
+    x = torch.rand(1, 3, 8, 8)
+    with torch.no_grad():
+        net(x)
+    assert torch.equal(seen['in'], x)
+
+
+def saved_bytes_and_grads(net: torch.nn.Module, x: torch.Tensor):
+    saved = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = net(x)
+    out.mean().backward()
+    return sum(saved), {n: p.grad.clone() for n, p in net.named_parameters()}
+
+
+def test_use_checkpoint_recomputes_instead_of_storing() -> None:
+    x = torch.rand(2, 3, 16, 16)
+    plain = MFGHMoEArch(**tiny_hat(drop_path_rate=0.0, depths=[3, 3])).train()
+    ckpt = MFGHMoEArch(**tiny_hat(drop_path_rate=0.0, depths=[3, 3], use_checkpoint=True)).train()
+    ckpt.load_state_dict(plain.state_dict())
+    plain_bytes, plain_grads = saved_bytes_and_grads(plain, x)
+    ckpt_bytes, ckpt_grads = saved_bytes_and_grads(ckpt, x)
+    assert ckpt_bytes < 0.6 * plain_bytes
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(ckpt_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_drop_path_and_dropout_act_in_training_only() -> None:
+    net = MFGHMoEArch(**tiny_hat(drop_path_rate=0.5, drop_rate=0.3, attn_drop_rate=0.3))
+    x = torch.rand(1, 3, 8, 8)
+    net.train()
+    assert not torch.allclose(net(x), net(x))
+    net.eval()
+    with torch.no_grad():
+        assert torch.equal(net(x), net(x))
+
+
+def test_ape_adds_a_learned_position_embedding_for_img_size_inputs() -> None:
+    net = MFGHMoEArch(**tiny_hat(ape=True, img_size=8))
+    assert net.absolute_pos_embed.shape == (1, 64, 24)
+    net(torch.rand(1, 3, 8, 8)).mean().backward()
+    assert net.absolute_pos_embed.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match='ape'):
+        net(torch.rand(1, 3, 16, 16))
+
+
+def test_window_no_larger_than_img_size_disables_the_shift_like_hat() -> None:
+    assert MFGHMoEArch(**tiny_hat(img_size=4)).shift_size == 0
+    assert MFGHMoEArch(**tiny_hat(img_size=16)).shift_size == 2
+
+
+def test_patch_norm_and_resi_connection_change_the_layout() -> None:
+    keys = MFGHMoEArch(**tiny_hat(patch_norm=False, resi_connection='identity')).state_dict()
+    assert 'patch_embed.norm.weight' not in keys
+    assert 'conv_after_body.weight' not in keys and 'layers.0.conv.weight' not in keys
+
+
+def test_qkv_bias_and_qk_scale() -> None:
+    net = MFGHMoEArch(**tiny_hat(qkv_bias=False, qk_scale=0.5))
+    block = net.layers[0].residual_group.blocks[0]
+    assert block.attn.qkv.bias is None and block.attn.scale == 0.5
+    assert net.layers[0].residual_group.overlap_attn.scale == 0.5
+
+
+# ------------------------------------------------------------------------------------------------------
+# gradients
+def spread_router(net: MFGHMoEArch) -> None:
+    """Give the gates the spread of a trained router (at initialisation they send most pixels to one or two
+    experts), so that one small batch reaches every expert."""
+    gate = net.upsample.moe.gate
+    for linear in (gate.w_group_gate, *gate.w_expert_gates):
+        torch.nn.init.normal_(linear.weight, std=3.0)
+        torch.nn.init.zeros_(linear.bias)
+    torch.nn.init.normal_(gate.group_embedding.weight, std=0.1)
+
+
+def test_every_parameter_gets_a_gradient_in_hat_mode() -> None:
+    net = MFGHMoEArch(**tiny_hat()).train()
+    net(torch.rand(2, 3, 16, 16)).abs().mean().backward()
+    missing = [n for n, p in net.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []
+
+
+def test_every_parameter_gets_a_gradient_with_moe_and_mfa() -> None:
+    net = MFGHMoEArch(**tiny(expert_groups=SMALL_GROUPS, upscale=2)).train()
+    spread_router(net)
+    out = net(torch.rand(2, 3, 16, 16))
+    used = set(net.routing_maps()['expert'].flatten().tolist())
+    assert used == {0, 1, 2, 3}, 'precondition: the input routes pixels to every expert'
+    assert set(net.routing_maps()['group'].flatten().tolist()) == {0, 1}
+    (out.abs().mean() + 0.01 * net.aux_loss).backward()
+    missing = [n for n, p in net.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []
+    for name in ('upsample.0.gate.w_group_gate.weight', 'upsample.0.gate.w_expert_gates.0.weight',
+                 'upsample.0.gate.w_expert_gates.1.weight', 'upsample.0.gate.group_embedding.weight',
+                 'mfg.1.0.weight', 'mfg.3.2.weight', 'aggr_conv.0.weight'):
+        assert dict(net.named_parameters())[name].grad.abs().sum() > 0, name
+
+
+# ------------------------------------------------------------------------------------------------------
+# reference vectors
+@pytest.mark.parametrize('name', ['hat_x2', 'hat_x4'])
+def test_hat_reference_vectors(name: str) -> None:
+    ref = load_reference(f'{name}.pt')
+    net = MFGHMoEArch(**ref['config'], moe=False, mfa=False, rgb_mean=HAT_RGB_MEAN).eval()
+    net.load_state_dict(ref['state_dict'], strict=True)
+    with torch.no_grad():
+        out = net(ref['input'])
+    assert out.shape == ref['output'].shape
+    assert (out - ref['output']).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize('name', ['official_mfghmoe_x2', 'official_mfghmoe_x4'])
+def test_authors_reference_vectors(name: str) -> None:
+    ref = load_reference(f'{name}.pt')
+    net = MFGHMoEArch(**ref['config']).eval()
+    net.load_state_dict(ref['state_dict'], strict=True)
+    with torch.no_grad():
+        out = net(ref['input'])
+    assert (out - ref['output']).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize('name', ['official_mfghmoe_x2', 'official_mfghmoe_x4'])
+def test_authors_option_file_type_builds_the_same_network(name: str) -> None:
+    from basicsr.archs import build_network
+    ref = load_reference(f'{name}.pt')
+    net = build_network({'type': 'MFGHMOE', **ref['config']}).eval()
+    net.load_state_dict(ref['state_dict'], strict=True)
+    with torch.no_grad():
+        assert (net(ref['input']) - ref['output']).abs().max() <= 1e-4
+
+
+def test_full_size_hat_layout() -> None:
+    spec = spec_keys('hat_x4')
+    net = MFGHMoEArch(**spec['config'], moe=False, mfa=False, rgb_mean=HAT_RGB_MEAN)
+    assert shapes(net) == spec['keys']
+    assert list(net.state_dict()) == list(spec['keys'])
+
+
+def test_full_size_authors_layout() -> None:
+    spec = spec_keys('official_mfghmoe_x4')
+    net = MFGHMoEArch(**spec['config'])
+    assert shapes(net) == spec['keys']
+
+
+def test_default_is_the_paper_configuration() -> None:
+    spec = spec_keys('official_mfghmoe_x4')
+    assert shapes(MFGHMoEArch()) == spec['keys']
+
+
+# ------------------------------------------------------------------------------------------------------
+# loading foreign checkpoints
+class Capture(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: List[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def basicsr_log():
+    logger = logging.getLogger('basicsr')
+    handler, level = Capture(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield handler.messages
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+def test_hat_checkpoint_fills_the_backbone_and_reports_the_rest(tmp_path, basicsr_log) -> None:
+    ref = load_reference('hat_x4.pt')
+    path = tmp_path / 'net_g_hat.pth'
+    torch.save({'params_ema': ref['state_dict']}, path)
+    net = MFGHMoEArch(**ref['config'])
+    report = net.load_pretrained(path, param_key='params_ema')
+    own = net.state_dict()
+    backbone = [k for k in ref['state_dict'] if not k.startswith('upsample.')]
+    assert sorted(report.loaded) == sorted(backbone)
+    for key in backbone:
+        assert torch.equal(own[key], ref['state_dict'][key]), key
+    assert report.kept_init == ['mfg', 'aggr_conv', 'upsample']
+    assert [u.split()[0] for u in report.unused] == ['upsample.0.weight', 'upsample.0.bias', 'upsample.2.weight',
+                                                     'upsample.2.bias']
+    assert len(basicsr_log) == 1
+    assert 'Kept their initialisation: mfg, aggr_conv, upsample' in basicsr_log[0]
+    assert str(path) in basicsr_log[0]
+
+
+def test_strict_load_names_what_differs() -> None:
+    ref = load_reference('hat_x4.pt')
+    net = MFGHMoEArch(**ref['config'])
+    with pytest.raises(ValueError, match=r'(?s)strict=True.*mfg, aggr_conv, upsample.*upsample\.0\.weight'):
+        net.load_pretrained(ref['state_dict'], strict=True)
+
+
+def test_authors_checkpoint_loads_strictly_with_module_prefix(basicsr_log) -> None:
+    ref = load_reference('official_mfghmoe_x2.pt')
+    net = MFGHMoEArch(**ref['config']).eval()
+    report = net.load_pretrained({'params': {f'module.{k}': v for k, v in ref['state_dict'].items()}}, strict=True)
+    assert report.kept_init == [] and report.unused == []
+    with torch.no_grad():
+        assert (net(ref['input']) - ref['output']).abs().max() <= 1e-4
+
+
+def test_loading_errors_name_the_file(tmp_path) -> None:
+    net = MFGHMoEArch(**tiny_hat())
+    with pytest.raises(FileNotFoundError, match='nope.pth'):
+        net.load_pretrained(tmp_path / 'nope.pth')
+    bad = tmp_path / 'bad.pth'
+    bad.write_bytes(b'not a checkpoint')
+    with pytest.raises(ValueError, match='bad.pth'):
+        net.load_pretrained(bad)
+    odd = tmp_path / 'odd.pth'
+    torch.save({'epoch': 3}, odd)
+    with pytest.raises(ValueError, match=r"odd.pth: expected a state_dict .*\['epoch'\]"):
+        net.load_pretrained(odd)
+
+
+def test_shape_mismatch_is_reported_not_loaded(basicsr_log) -> None:
+    small = MFGHMoEArch(**tiny_hat(upscale=2))
+    big = MFGHMoEArch(**tiny_hat(upscale=3))
+    report = big.load_pretrained(small.state_dict())
+    assert 'upsample.0.weight [256, 64, 3, 3] (network has [576, 64, 3, 3])' in report.unused
+    assert report.kept_init == ['upsample']
+
+
+# ------------------------------------------------------------------------------------------------------
+# validation
+@pytest.mark.parametrize('overrides, message', [
+    (dict(embed_dim=25), r'`embed_dim` \(25\) must be divisible by every head count; num_heads\[0\] = 2'),
+    (dict(num_heads=[2, 2, 2]), r'`depths` and `num_heads` must have the same length.*got 2 and 3'),
+    (dict(upsampler='pixelshuffledirect'), r'`upsampler` must be one of'),
+    (dict(resi_connection='3conv'), r'`resi_connection` must be one of'),
+    (dict(routing='triple'), r'`routing` must be one of'),
+    (dict(window_size=0), r'`window_size` must be an integer >= 1'),
+    (dict(depths=[1, 0]), r'`depths\[1\]` must be an integer >= 1'),
+    (dict(img_size=2), r'`img_size` must be at least window_size'),
+    (dict(overlap_ratio=0.25), r'`overlap_ratio` must be >= 0 with int\(window_size \* overlap_ratio\) even'),
+    (dict(rgb_mean=[0.5, 0.5]), r'`rgb_mean` must be null or a list of in_chans \(3\)'),
+    (dict(drop_path_rate=1.5), r'`drop_path_rate` must be a number in \[0, 1\)'),
+    (dict(use_checkpoint='yes'), r'`use_checkpoint` must be true or false'),
+    (dict(squeeze_factor=100), r'`squeeze_factor` must be at most embed_dim'),
+    (dict(moe=False, mfa=True), r'`mfa` must be false when moe is false'),
+    (dict(moe=False, mfa=False, upscale=5), r'`upscale` must be a power of 2 or 3'),
+    (dict(top_k=9), r'`top_k` must be at most 8'),
+    (dict(top_k=17, routing='single'), r'`top_k` must be at most 16'),
+    (dict(expert_groups=[{'kernel_size': 2, 'num_experts': 4}]), r'`expert_groups\[0\].kernel_size` must be odd'),
+    (dict(expert_groups=[{'kernel_size': 3}]), r'`expert_groups\[0\]` must be a mapping with exactly'),
+    (dict(expert_groups=[]), r'`expert_groups` must be a non-empty list'),
+    (dict(expert_groups=[{'kernel_size': 1, 'num_experts': 0}]), r'`expert_groups\[0\].num_experts` must be'),
+])
+def test_invalid_configurations_raise_value_error_naming_the_key(overrides: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        MFGHMoEArch(**tiny(**overrides))
+
+
+def test_unknown_keyword_is_named() -> None:
+    with pytest.raises(ValueError, match=r"unknown keyword\(s\) \['num_expert'\]; valid keys: img_size"):
+        MFGHMoEArch(**tiny(num_expert=16))
+
+
+def test_constructor_is_keyword_only() -> None:
+    with pytest.raises(TypeError):
+        MFGHMoEArch(64)
