@@ -95,7 +95,7 @@ def saved_bytes_and_grads(net: torch.nn.Module, x: torch.Tensor):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = net(x)
     out.mean().backward()
-    return sum(saved), {n: p.grad.clone() for n, p in net.named_parameters()}
+    return sum(saved), {n: None if p.grad is None else p.grad.clone() for n, p in net.named_parameters()}
 
 
 def test_use_checkpoint_recomputes_instead_of_storing() -> None:
@@ -350,3 +350,80 @@ def test_unknown_keyword_is_named() -> None:
 def test_constructor_is_keyword_only() -> None:
     with pytest.raises(TypeError):
         MFGHMoEArch(64)
+
+
+# ------------------------------------------------------------------------------------------------------
+# MoE configurations
+def test_uneven_groups_over_three_kernel_sizes() -> None:
+    groups = [{'kernel_size': 1, 'num_experts': 5}, {'kernel_size': 3, 'num_experts': 6},
+              {'kernel_size': 5, 'num_experts': 5}]
+    net = MFGHMoEArch(**tiny(expert_groups=groups, upscale=3)).eval()
+    experts = net.upsample.moe.experts
+    assert [tuple(e.weight.shape) for e in experts] == [(576, 64, 1, 1)] * 5 + [(576, 64, 3, 3)] * 6 + \
+        [(576, 64, 5, 5)] * 5
+    assert [g.out_features for g in net.upsample.moe.gate.w_expert_gates] == [5, 6, 5]
+    assert net.upsample.moe.gate.group_embedding.weight.shape == (3, 64)
+    with torch.no_grad():
+        out = net(torch.rand(1, 3, 8, 12))
+    assert out.shape == (1, 3, 24, 36)
+    maps = net.routing_maps()
+    starts = torch.tensor([0, 5, 11])
+    local = maps['expert'][..., 0] - starts[maps['group']]
+    assert (local >= 0).all() and (local < torch.tensor([5, 6, 5])[maps['group']]).all()
+
+
+@pytest.mark.parametrize('routing, top_k', [('single', 1), ('single', 3), ('dual', 2)])
+def test_routing_variants_train(routing: str, top_k: int) -> None:
+    net = MFGHMoEArch(**tiny(expert_groups=SMALL_GROUPS, routing=routing, top_k=top_k, upscale=2)).train()
+    out = net(torch.rand(2, 3, 8, 8))
+    assert out.shape == (2, 3, 16, 16)
+    assert net.routing_maps()['expert'].shape == (2, 8, 8, top_k)
+    (out.mean() + net.aux_loss).backward()
+    gate = net.upsample.moe.gate
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gate.parameters())
+    if routing == 'single':
+        assert set(dict(gate.named_parameters())) == {'w_gate.weight', 'w_gate.bias'}
+
+
+def test_aux_loss_and_routing_maps_without_moe_are_none() -> None:
+    net = MFGHMoEArch(**tiny_hat())
+    net(torch.rand(1, 3, 8, 8))
+    assert net.aux_loss is None and net.routing_maps() is None
+
+
+def test_routing_maps_are_from_the_last_forward_without_a_second_one() -> None:
+    net = MFGHMoEArch(**tiny(expert_groups=SMALL_GROUPS)).eval()
+    calls = []
+    net.upsample.moe.gate.register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        net(torch.rand(2, 3, 8, 12))
+    maps = net.routing_maps()
+    assert len(calls) == 1
+    assert maps['group'].shape == (2, 8, 12) and maps['expert'].shape == (2, 8, 12, 1)
+    assert torch.equal(maps['expert'][..., 0] // 2, maps['group'])
+
+
+def test_without_mfa_the_routers_read_the_reconstruction_features() -> None:
+    net = MFGHMoEArch(**tiny(expert_groups=SMALL_GROUPS, mfa=False)).eval()
+    assert not any(k.startswith(('mfg.', 'aggr_conv.')) for k in net.state_dict())
+    seen = {}
+
+    def keep(module, inputs, output) -> None:
+        seen['inputs'] = inputs
+
+    net.upsample.register_forward_hook(keep)
+    with torch.no_grad():
+        net(torch.rand(1, 3, 8, 8))
+    assert seen['inputs'][0] is seen['inputs'][1]
+
+
+def test_use_checkpoint_with_moe_gives_the_same_gradients() -> None:
+    x = torch.rand(2, 3, 8, 8)
+    plain = MFGHMoEArch(**tiny(expert_groups=SMALL_GROUPS, drop_path_rate=0.0)).train()
+    ckpt = MFGHMoEArch(**tiny(expert_groups=SMALL_GROUPS, drop_path_rate=0.0, use_checkpoint=True)).train()
+    ckpt.load_state_dict(plain.state_dict())
+    _, plain_grads = saved_bytes_and_grads(plain, x)
+    _, ckpt_grads = saved_bytes_and_grads(ckpt, x)
+    for name, grad in plain_grads.items():
+        if grad is not None:
+            torch.testing.assert_close(ckpt_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)

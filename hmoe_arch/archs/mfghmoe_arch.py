@@ -299,8 +299,8 @@ class MFGHMoEArch(nn.Module):
     # what the model may read after a forward
     @property
     def aux_loss(self) -> Optional[torch.Tensor]:
-        """Load-balancing loss of the last forward, computed when read (carries the graph in training; 1.0 for a
-        perfectly balanced routing); ``None`` without MoE."""
+        """Load-balancing loss of the last forward, computed when read (1.0 for a perfectly balanced routing);
+        ``None`` without MoE. In training it carries the forward's graph: read it before ``backward``."""
         return self.upsample.moe.aux_loss() if self.moe else None
 
     def routing_maps(self) -> Optional[Dict[str, torch.Tensor]]:
