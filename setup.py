@@ -35,6 +35,7 @@ setup(
         'pyyaml',
     ],
     extras_require={'test': ['pytest>=7']},
+    entry_points={'console_scripts': ['basicsr = hmoe_arch.cli:main']},
     classifiers=[
         'Programming Language :: Python :: 3',
         'License :: OSI Approved :: Apache Software License',

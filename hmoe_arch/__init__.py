@@ -4,8 +4,9 @@ from ._compat import install_functional_tensor_stand_in
 
 install_functional_tensor_stand_in()
 
-from . import archs  # noqa: E402  (registration needs the stand-in above)
+from . import archs, data  # noqa: E402  (registration needs the stand-in above)
 from .archs import MFGHMoEArch  # noqa: E402
+from .data import RSPairedDataset  # noqa: E402
 
 __version__ = '0.1.0'
-__all__ = ['MFGHMoEArch', '__version__']
+__all__ = ['MFGHMoEArch', 'RSPairedDataset', '__version__']

@@ -42,3 +42,49 @@ def reference_file(name: str) -> Path:
 
 def load_reference(name: str) -> Dict[str, Any]:
     return torch.load(reference_file(name), map_location='cpu', weights_only=True)
+
+
+SHARED_DATA = REFERENCE_DIR.parent / 'data'
+UCMERCED_CLASSES = ('agricultural airplane baseballdiamond beach buildings chaparral denseresidential forest freeway '
+                    'golfcourse harbor intersection mediumresidential mobilehomepark overpass parkinglot river runway '
+                    'sparseresidential storagetanks tenniscourt').split()
+
+
+def ucmerced_mini() -> Path:
+    """The real 210-image UCMerced subset in ../shared/data; skips with the reason when absent."""
+    path = SHARED_DATA / 'UCMerced_mini'
+    if not (path / 'Images').is_dir():
+        pytest.skip(f'real UCMerced subset not available: {path}/Images is missing (it ships in ../shared/data)')
+    return path
+
+
+def write_image(path: Path, height: int, width: int, seed: int, channels: int = 3, dtype=None) -> None:
+    """A random image file (format from the suffix)."""
+    import cv2
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    dtype = dtype or np.uint8
+    high = 65535 if dtype == np.uint16 else 255
+    shape = (height, width) if channels == 1 else (height, width, channels)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), rng.integers(0, high, shape).astype(dtype))
+
+
+def make_ucmerced_tree(root: Path, classes=('agricultural', 'beach', 'golfcourse'), per_class: int = 8,
+                       size=(24, 24), odd=None) -> Path:
+    """``root/UCMerced_LandUse/Images/<class>/<class>NN.tif``; ``odd`` maps names to (H, W)."""
+    odd = odd or {}
+    images = root / 'UCMerced_LandUse' / 'Images'
+    for c, class_name in enumerate(classes):
+        for i in range(per_class):
+            name = f'{class_name}{i:02d}.tif'
+            write_image(images / class_name / name, *odd.get(name, size), seed=c * 100 + i)
+    return root / 'UCMerced_LandUse'
+
+
+def make_aid_tree(root: Path, classes=('Airport', 'BareLand'), per_class: int = 5, size=(30, 30)) -> Path:
+    """``root/AID/<Class>/<class>_N.jpg``."""
+    for c, class_name in enumerate(classes):
+        for i in range(1, per_class + 1):
+            write_image(root / 'AID' / class_name / f'{class_name.lower()}_{i}.jpg', *size, seed=c * 100 + i)
+    return root / 'AID'

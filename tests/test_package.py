@@ -4,12 +4,13 @@ import sys
 
 from basicsr.utils.registry import ARCH_REGISTRY, DATASET_REGISTRY, MODEL_REGISTRY
 
-from hmoe_arch import MFGHMoEArch
+from hmoe_arch import MFGHMoEArch, RSPairedDataset
 
 
-def test_arch_and_alias_registered() -> None:
+def test_arch_alias_and_dataset_registered() -> None:
     assert ARCH_REGISTRY.get('MFGHMoEArch') is MFGHMoEArch
     assert ARCH_REGISTRY.get('MFGHMOE') is MFGHMoEArch
+    assert DATASET_REGISTRY.get('RSPairedDataset') is RSPairedDataset
 
 
 def test_hat_names_left_free() -> None:

@@ -1,0 +1,353 @@
+"""``basicsr prepare``: a published UCMerced/AID archive or folder -> split lists, HR/LR PNGs and LMDBs.
+
+Output layout (what the option files point at)::
+
+    DIR/train.txt, DIR/test.txt        published file names, class-stratified seeded split (splits.py)
+    DIR/Train/<stem>.png               HR training images
+    DIR/Test_HR/<stem>.png             HR test images
+    DIR/Test_LR_x{s}/<stem>.png        LR test images, one folder per scale
+    DIR/Train.lmdb, DIR/Test_HR.lmdb, DIR/Test_LR_x{s}.lmdb   with --lmdb (basicsr.utils.lmdb_util layout)
+    DIR/prepare.json                   the arguments and the summary
+
+GT is cropped at the bottom/right to a multiple of every requested scale, never resized. Everything is
+written into ``DIR.incomplete`` and renamed to ``DIR`` when complete, so an interrupted run leaves no ``DIR``
+(the next run removes the stale ``DIR.incomplete``). Re-running with the same arguments does nothing.
+"""
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import urllib.request
+import zipfile
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import cv2
+import numpy as np
+from basicsr.utils import get_root_logger
+from basicsr.utils.lmdb_util import LmdbMaker
+from tqdm import tqdm
+
+from .degradations import DEGRADATIONS, crop_to_scale, downsample
+from .splits import stratified_split
+
+PNG_COMPRESSION = 1
+"""PNG compression level of every written image (BasicSR's LMDB default); disk and LMDB hold the same bytes."""
+
+
+class PrepareError(Exception):
+    """A bad input or output location; the message names the file and what was expected."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What a published dataset looks like."""
+
+    title: str
+    test_fraction: float
+    roots: Tuple[str, ...]
+    """Candidate image roots relative to the source (folder or archive), first match wins."""
+    layout: str
+    """The expected layout, for messages."""
+    file_pattern: str
+    """Regex of a file name in class folder ``{cls}`` (the folder name, lower-cased)."""
+    url: Optional[str] = None
+    md5: Optional[str] = None
+    archive: Optional[str] = None
+
+    def matches(self, class_dir: str, file_name: str) -> bool:
+        return re.fullmatch(self.file_pattern.format(cls=re.escape(class_dir.lower())), file_name) is not None
+
+
+DATASETS: Dict[str, DatasetSpec] = {
+    'ucmerced': DatasetSpec(
+        title='UCMerced Land Use', test_fraction=0.25, roots=('UCMerced_LandUse/Images', 'Images', ''),
+        layout='UCMerced_LandUse/Images/<class>/<class>NN.tif', file_pattern=r'{cls}\d{{2}}\.tif',
+        url='http://weegee.vision.ucmerced.edu/datasets/UCMerced_LandUse.zip',
+        md5='5b7ec56793786b6dc8a908e8854ac0e4', archive='UCMerced_LandUse.zip'),
+    'aid': DatasetSpec(
+        title='AID', test_fraction=0.2, roots=('AID', ''), layout='AID/<Class>/<class>_N.jpg',
+        file_pattern=r'{cls}_\d+\.jpg'),
+}
+
+
+@dataclass(frozen=True)
+class SourceImage:
+    class_name: str
+    name: str
+    member: str
+    """Path relative to the source folder, or member name in the archive."""
+    location: str
+    """Where it is, for messages."""
+
+
+class Source:
+    """The images of a published folder or ``.zip`` archive, validated against the dataset's layout."""
+
+    def __init__(self, spec: DatasetSpec, path: Path) -> None:
+        self.spec = spec
+        self.path = path
+        self._zip: Optional[zipfile.ZipFile] = None
+        if path.is_dir():
+            files = [p.relative_to(path).as_posix() for p in sorted(path.rglob('*')) if p.is_file()]
+        elif path.is_file() and zipfile.is_zipfile(path):
+            self._zip = zipfile.ZipFile(path)
+            files = sorted(info.filename for info in self._zip.infolist() if not info.is_dir())
+        elif path.exists():
+            raise PrepareError(f'{path}: expected the published .zip archive or its extracted folder '
+                               f'({spec.layout})')
+        else:
+            raise PrepareError(f'{path}: no such file or folder (expected {spec.layout} or its .zip archive)')
+        self.images = self._find_images(files)
+
+    def _find_images(self, files: List[str]) -> List[SourceImage]:
+        for root in self.spec.roots:
+            prefix = f'{root}/' if root else ''
+            inside = [f[len(prefix):] for f in files if f.startswith(prefix)]
+            if any(f.count('/') == 1 for f in inside):
+                return [self._check(prefix, relative) for relative in inside]
+        raise PrepareError(f'{self.path}: no class folders found; expected the layout {self.spec.layout}')
+
+    def _check(self, prefix: str, relative: str) -> SourceImage:
+        parts = relative.split('/')
+        location = self._location(prefix + relative)
+        if len(parts) != 2 or not self.spec.matches(parts[0], parts[1]):
+            raise PrepareError(f'{location}: wrong folder layout; expected {self.spec.layout}')
+        return SourceImage(class_name=parts[0], name=parts[1], member=prefix + relative, location=location)
+
+    def _location(self, member: str) -> str:
+        return str(self.path / member) if self._zip is None else f'{self.path}:{member}'
+
+    def read(self, image: SourceImage) -> bytes:
+        if self._zip is None:
+            return (self.path / image.member).read_bytes()
+        return self._zip.read(image.member)
+
+    def close(self) -> None:
+        if self._zip is not None:
+            self._zip.close()
+
+
+def decode_rgb(data: bytes, location: str) -> np.ndarray:
+    """Decode an 8-bit RGB image (returned in OpenCV's BGR order, ``(H, W, 3)`` uint8).
+
+    Raises:
+        PrepareError: naming ``location`` for empty, undecodable, grayscale, RGBA or 16-bit files.
+    """
+    if not data:
+        raise PrepareError(f'{location}: empty file (0 bytes); expected an 8-bit RGB image')
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise PrepareError(f'{location}: cannot be decoded as an image; expected an 8-bit RGB image')
+    if img.dtype != np.uint8:
+        raise PrepareError(f'{location}: {img.dtype} samples ({img.dtype.itemsize * 8}-bit); expected an 8-bit RGB '
+                           'image')
+    channels = 1 if img.ndim == 2 else img.shape[2]
+    if channels != 3:
+        kind = {1: 'grayscale', 2: 'grayscale with alpha', 4: 'RGBA'}.get(channels, f'{channels}-channel')
+        raise PrepareError(f'{location}: {kind} image; expected an 8-bit RGB image (3 channels)')
+    return img
+
+
+def encode_png(img: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode('.png', img, [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION])
+    if not ok:
+        raise PrepareError(f'could not encode a {img.shape} image as PNG')
+    return buf.tobytes()
+
+
+def download_archive(spec: DatasetSpec, dest: Path, opener: Callable = urllib.request.urlopen) -> Path:
+    """Fetch the official archive into ``dest`` (a folder or file path) and verify its MD5.
+
+    An archive already there with the right checksum is reused.
+    """
+    if spec.url is None or spec.md5 is None:
+        raise PrepareError(f'{spec.title} has no direct download URL with a published checksum; download the '
+                           f'archive from its official page and pass it with --source')
+    target = dest / spec.archive if dest.is_dir() else dest
+    if target.is_file() and _md5(target) == spec.md5:
+        return target
+    partial = target.with_name(target.name + '.part')
+    digest = hashlib.md5()
+    try:
+        with opener(spec.url) as response, open(partial, 'wb') as f:
+            while True:
+                chunk = response.read(1 << 20)
+                if not chunk:
+                    break
+                digest.update(chunk)
+                f.write(chunk)
+    except OSError as error:
+        partial.unlink(missing_ok=True)
+        raise PrepareError(f'could not download {spec.url}: {error}') from error
+    if digest.hexdigest() != spec.md5:
+        partial.unlink()
+        raise PrepareError(f'{spec.url}: MD5 {digest.hexdigest()} does not match the published {spec.md5}; '
+                           'the download was removed')
+    partial.replace(target)
+    return target
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class PrepareSummary:
+    """What ``prepare`` wrote (also stored in ``DIR/prepare.json``)."""
+
+    train_per_class: Dict[str, int] = field(default_factory=dict)
+    test_per_class: Dict[str, int] = field(default_factory=dict)
+    cropped: Dict[str, str] = field(default_factory=dict)
+    """name -> ``'HxW -> HxW'`` for GT not a multiple of every scale."""
+    skipped: Dict[str, str] = field(default_factory=dict)
+    """name -> reason, only with ``skip_bad``."""
+
+    def lines(self) -> Iterator[str]:
+        train, test = sum(self.train_per_class.values()), sum(self.test_per_class.values())
+        yield f'train {train} / test {test} images in {len(self.train_per_class)} classes'
+        for name in sorted(set(self.train_per_class) | set(self.test_per_class)):
+            yield f'  {name}: {self.train_per_class.get(name, 0)} train, {self.test_per_class.get(name, 0)} test'
+        yield f'GT cropped to a multiple of the scales: {len(self.cropped)}'
+        for name, change in self.cropped.items():
+            yield f'  {name}: {change}'
+        yield f'files skipped: {len(self.skipped) or "none"}'
+        for name, reason in self.skipped.items():
+            yield f'  {name}: {reason}'
+
+
+class _Writers:
+    """PNG files and, optionally, LMDBs of one output folder; every image goes to both as the same bytes."""
+
+    def __init__(self, root: Path, folders: Sequence[str], lmdb: bool) -> None:
+        self.root = root
+        self.makers: Dict[str, LmdbMaker] = {}
+        for folder in folders:
+            (root / folder).mkdir(parents=True)
+            if lmdb:
+                self.makers[folder] = LmdbMaker(str(root / f'{folder}.lmdb'), compress_level=PNG_COMPRESSION)
+
+    def put(self, folder: str, stem: str, img: np.ndarray) -> None:
+        data = encode_png(img)
+        (self.root / folder / f'{stem}.png').write_bytes(data)
+        if folder in self.makers:
+            self.makers[folder].put(data, stem, img.shape)
+
+    def close(self) -> None:
+        for maker in self.makers.values():
+            maker.close()
+
+
+def _arguments(dataset: str, source: Path, scales: Sequence[int], seed: int, degradation: str, lmdb: bool,
+               skip_bad: bool) -> Dict[str, object]:
+    return {'dataset': dataset, 'source': str(source.resolve()), 'scales': sorted(set(scales)), 'seed': seed,
+            'degradation': degradation, 'lmdb': lmdb, 'skip_bad': skip_bad}
+
+
+def prepare(dataset: str, source: Path, out: Path, *, scales: Sequence[int] = (2, 4), seed: int = 0,
+            degradation: str = 'bicubic', lmdb: bool = False, skip_bad: bool = False, download: bool = False,
+            progress: bool = True) -> PrepareSummary:
+    """Build the dataset folder ``out`` from ``source``; see the module docstring.
+
+    Raises:
+        PrepareError: for a bad argument, source layout, input file or output folder.
+    """
+    logger = get_root_logger()
+    if dataset not in DATASETS:
+        raise PrepareError(f'unknown dataset {dataset!r}; expected one of {sorted(DATASETS)}')
+    if not scales or any(s < 2 for s in scales):
+        raise PrepareError(f'--scales must be integers >= 2, got {list(scales)}')
+    if degradation not in DEGRADATIONS:
+        raise PrepareError(f'--degradation must be one of {DEGRADATIONS}, got {degradation!r}')
+    spec = DATASETS[dataset]
+    if download:
+        source = download_archive(spec, source)
+    arguments = _arguments(dataset, source, scales, seed, degradation, lmdb, skip_bad)
+    stamp = out / 'prepare.json'
+    if out.exists():
+        if not stamp.is_file():
+            raise PrepareError(f'{out}: exists and was not written by prepare; remove it or choose another --out')
+        recorded = json.loads(stamp.read_text())
+        if recorded['arguments'] != arguments:
+            changed = ', '.join(f'{k}: {recorded["arguments"].get(k)!r} there, {arguments[k]!r} now'
+                                for k in arguments if recorded['arguments'].get(k) != arguments[k])
+            raise PrepareError(f'{out}: already prepared with other arguments ({changed}); remove it or choose '
+                               'another --out')
+        logger.info(f'{out}: already prepared with these arguments; nothing to do.')
+        return PrepareSummary(**recorded['summary'])
+
+    src = Source(spec, source)
+    try:
+        names_by_class: Dict[str, List[str]] = {}
+        by_name: Dict[str, SourceImage] = {}
+        for image in src.images:
+            names_by_class.setdefault(image.class_name, []).append(image.name)
+            by_name[image.name] = image
+        train, test = stratified_split(names_by_class, spec.test_fraction, seed)
+        partial = out.with_name(out.name + '.incomplete')
+        if partial.exists():
+            logger.info(f'removing {partial}, left by an interrupted run')
+            shutil.rmtree(partial)
+        try:
+            summary = _write(src, by_name, train, test, partial, sorted(set(scales)), degradation, lmdb, skip_bad,
+                             progress)
+            (partial / 'prepare.json').write_text(json.dumps({'arguments': arguments, 'summary': asdict(summary)},
+                                                             indent=2))
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        partial.rename(out)
+    finally:
+        src.close()
+    logger.info(f'{spec.title} prepared in {out}:\n' + '\n'.join(summary.lines()))
+    return summary
+
+
+def _write(src: Source, by_name: Dict[str, SourceImage], train: List[str], test: List[str], root: Path,
+           scales: List[int], degradation: str, lmdb: bool, skip_bad: bool, progress: bool) -> PrepareSummary:
+    multiple = math.lcm(*scales)
+    lr_folders = [f'Test_LR_x{s}' for s in scales]
+    writers = _Writers(root, ['Train', 'Test_HR'] + lr_folders, lmdb)
+    summary = PrepareSummary()
+    kept: Dict[str, List[str]] = {'train': [], 'test': []}
+    try:
+        jobs = [('train', n) for n in train] + [('test', n) for n in test]
+        for split, name in tqdm(jobs, desc='prepare', unit='image', disable=not progress):
+            image = by_name[name]
+            try:
+                img = decode_rgb(src.read(image), image.location)
+                if img.shape[0] < multiple or img.shape[1] < multiple:
+                    raise PrepareError(f'{image.location}: {img.shape[0]}x{img.shape[1]} is smaller than the '
+                                       f'scale multiple {multiple}')
+            except PrepareError as error:
+                if not skip_bad:
+                    raise
+                summary.skipped[name] = str(error)
+                continue
+            cropped = crop_to_scale(img, multiple)
+            if cropped.shape != img.shape:
+                summary.cropped[name] = f'{img.shape[0]}x{img.shape[1]} -> {cropped.shape[0]}x{cropped.shape[1]}'
+            stem = Path(name).stem
+            kept[split].append(name)
+            if split == 'train':
+                writers.put('Train', stem, cropped)
+                continue
+            writers.put('Test_HR', stem, cropped)
+            gt = cropped.astype(np.float32) / 255.0
+            for scale, folder in zip(scales, lr_folders):
+                writers.put(folder, stem, (downsample(gt, scale, degradation) * 255.0).round().astype(np.uint8))
+    finally:
+        writers.close()
+    for split in ('train', 'test'):
+        (root / f'{split}.txt').write_text(''.join(f'{n}\n' for n in kept[split]))
+    summary.train_per_class = dict(sorted(Counter(by_name[n].class_name for n in kept['train']).items()))
+    summary.test_per_class = dict(sorted(Counter(by_name[n].class_name for n in kept['test']).items()))
+    return summary

@@ -1,0 +1,183 @@
+"""RSPairedDataset: remote-sensing SR pairs for BasicSR option files (UCMerced, AID, any HR folder or LMDB).
+
+Two modes, chosen by whether ``dataroot_lq`` is given:
+
+- LR made on the fly (no ``dataroot_lq``): HR from a folder or LMDB (optionally restricted to a split list),
+  LR = ``downsample(GT, scale, degradation)`` (MATLAB bicubic by default, or bilinear; 8-bit rounded);
+- pre-made pairs (``dataroot_lq``): LR and GT matched by file stem, as ``basicsr prepare`` writes them.
+
+In both, GT whose size is not a multiple of the scale is cropped at the bottom/right (never resized). In the
+``train`` phase a random ``gt_size`` patch is cut at an LR-aligned position and flipped/rotated together
+with its LR; other phases return full images. Items are BasicSR's dict ``lq``, ``gt`` (RGB float tensors
+``(C, H, W)`` in [0, 1], optionally normalised by ``mean``/``std``), ``lq_path``, ``gt_path``.
+"""
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+from basicsr.data.transforms import augment, paired_random_crop
+from basicsr.utils import FileClient, imfrombytes, img2tensor
+from basicsr.utils.registry import DATASET_REGISTRY
+from torch.utils import data
+from torchvision.transforms.functional import normalize
+
+from .degradations import DEGRADATIONS, crop_to_scale, downsample
+
+IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp')
+
+DATASET_KEYS = {'type', 'name', 'phase', 'scale', 'dataroot_gt', 'dataroot_lq', 'io_backend', 'split_file',
+                'degradation', 'gt_size', 'use_hflip', 'use_rot', 'mean', 'std'}
+"""The keys this dataset reads."""
+
+LOADER_KEYS = {'num_worker_per_gpu', 'batch_size_per_gpu', 'dataset_enlarge_ratio', 'prefetch_mode', 'use_shuffle',
+               'pin_memory', 'num_prefetch_queue'}
+"""Keys of BasicSR's data loader that live in the same option block."""
+
+
+def _fail(key: str, message: str) -> None:
+    raise ValueError(f'RSPairedDataset: `{key}` {message}')
+
+
+@DATASET_REGISTRY.register()
+class RSPairedDataset(data.Dataset):
+    """Paired LR/GT dataset for UCMerced/AID; ``opt`` is the dataset block of a BasicSR option file.
+
+    Keys: ``dataroot_gt`` (folder or ``.lmdb``), ``dataroot_lq`` (optional: pre-made LR of the same stems),
+    ``io_backend: {type: disk | lmdb}``, ``scale``, ``split_file`` (optional list of file names; a name's
+    stem selects the image), ``degradation`` (``bicubic`` | ``bilinear``, on-the-fly LR only), ``gt_size``,
+    ``use_hflip``, ``use_rot`` (train phase), ``mean``/``std`` (optional normalisation).
+    """
+
+    def __init__(self, opt: Dict[str, Any]) -> None:
+        super().__init__()
+        unknown = set(opt) - DATASET_KEYS - LOADER_KEYS
+        if unknown:
+            raise ValueError(f'RSPairedDataset: unknown key(s) {sorted(unknown)}; valid keys: '
+                             f'{", ".join(sorted(DATASET_KEYS))}')
+        self.opt = opt
+        self.train = opt.get('phase') == 'train'
+        self.scale = opt.get('scale')
+        if isinstance(self.scale, bool) or not isinstance(self.scale, int) or self.scale < 1:
+            _fail('scale', f'must be a positive integer, got {self.scale!r}')
+        if 'dataroot_gt' not in opt:
+            _fail('dataroot_gt', 'is required (a folder or an .lmdb of HR images)')
+        self.gt_root = str(opt['dataroot_gt'])
+        self.lq_root = None if opt.get('dataroot_lq') is None else str(opt['dataroot_lq'])
+        self.degradation = opt.get('degradation', 'bicubic')
+        if self.degradation not in DEGRADATIONS:
+            _fail('degradation', f'must be one of {DEGRADATIONS}, got {self.degradation!r}')
+        if self.lq_root is not None and 'degradation' in opt:
+            _fail('degradation', 'applies to LR made on the fly; with dataroot_lq the LR is read from disk')
+        self.gt_size = opt.get('gt_size')
+        if self.train:
+            if isinstance(self.gt_size, bool) or not isinstance(self.gt_size, int) or self.gt_size < self.scale \
+                    or self.gt_size % self.scale:
+                _fail('gt_size', f'must be a multiple of scale ({self.scale}) in the train phase, got {self.gt_size!r}')
+        self.mean, self.std = opt.get('mean'), opt.get('std')
+        io_opt = dict(opt.get('io_backend', {'type': 'disk'}))
+        self.backend = io_opt.get('type')
+        if self.backend not in ('disk', 'lmdb'):
+            _fail('io_backend.type', f"must be 'disk' or 'lmdb', got {self.backend!r}")
+        roots = [self.gt_root] + ([self.lq_root] if self.lq_root else [])
+        for root in roots:
+            if not os.path.isdir(root):
+                raise FileNotFoundError(f'RSPairedDataset: {root} is not a folder'
+                                        + (' (an .lmdb folder)' if self.backend == 'lmdb' else ''))
+            if self.backend == 'lmdb' and not root.endswith('.lmdb'):
+                _fail('io_backend.type', f'is lmdb but {root} is not an .lmdb folder')
+        io_opt.pop('type')
+        if self.backend == 'lmdb':
+            io_opt.update(db_paths=roots, client_keys=['gt'] + (['lq'] if self.lq_root else []))
+        self.io_args = io_opt
+        self.file_client: Optional[FileClient] = None
+        self.stems = self._select_stems(opt.get('split_file'))
+
+    # ------------------------------------------------------------------------------------------------------
+    def _available(self, root: str) -> Dict[str, str]:
+        """stem -> file name (disk) or key (LMDB) of the images under ``root``."""
+        if self.backend == 'lmdb':
+            meta = os.path.join(root, 'meta_info.txt')
+            if not os.path.isfile(meta):
+                raise FileNotFoundError(f'RSPairedDataset: {meta} is missing (an LMDB made by basicsr.utils.lmdb_util '
+                                        'has one)')
+            with open(meta) as f:
+                return {Path(line.split()[0]).stem: Path(line.split()[0]).stem for line in f if line.strip()}
+        return {Path(n).stem: n for n in sorted(os.listdir(root)) if n.lower().endswith(IMAGE_SUFFIXES)}
+
+    def _select_stems(self, split_file: Optional[str]) -> List[str]:
+        self.gt_files = self._available(self.gt_root)
+        self.lq_files = self._available(self.lq_root) if self.lq_root else {}
+        if split_file is not None:
+            if not os.path.isfile(split_file):
+                raise FileNotFoundError(f'RSPairedDataset: split_file {split_file} does not exist')
+            with open(split_file) as f:
+                stems = [Path(line.strip()).stem for line in f if line.strip()]
+            missing = [s for s in stems if s not in self.gt_files]
+            if missing:
+                raise FileNotFoundError(f'RSPairedDataset: {len(missing)} image(s) of {split_file} are not in '
+                                        f'{self.gt_root}, e.g. {missing[:3]}')
+        else:
+            stems = sorted(self.gt_files)
+        if not stems:
+            raise FileNotFoundError(f'RSPairedDataset: no images in {self.gt_root}')
+        if self.lq_root:
+            missing = [s for s in stems if s not in self.lq_files]
+            if missing:
+                raise FileNotFoundError(f'RSPairedDataset: {len(missing)} GT image(s) have no LR in {self.lq_root}, '
+                                        f'e.g. {missing[:3]}')
+        return stems
+
+    def _read(self, root: str, files: Dict[str, str], stem: str, client_key: str):
+        if self.backend == 'lmdb':
+            path = stem
+        else:
+            path = os.path.join(root, files[stem])
+        img_bytes = self.file_client.get(path, client_key)
+        if not img_bytes:
+            raise ValueError(f'RSPairedDataset: {root}/{files[stem]}: empty image')
+        img = imfrombytes(img_bytes, float32=True)
+        if img is None or img.ndim != 3 or img.shape[2] != 3:
+            raise ValueError(f'RSPairedDataset: {root}/{files[stem]}: expected an 8-bit RGB image')
+        return img, path if self.backend == 'disk' else f'{root}/{stem}'
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        if self.file_client is None:
+            self.file_client = FileClient(self.backend, **self.io_args)
+        stem = self.stems[index]
+        img_gt, gt_path = self._read(self.gt_root, self.gt_files, stem, 'gt')
+        if self.lq_root:
+            img_lq, lq_path = self._read(self.lq_root, self.lq_files, stem, 'lq')
+            lq_h, lq_w = img_lq.shape[:2]
+            if img_gt.shape[0] // self.scale != lq_h or img_gt.shape[1] // self.scale != lq_w:
+                raise ValueError(f'RSPairedDataset: {lq_path} is {lq_h}x{lq_w} but {gt_path} is '
+                                 f'{img_gt.shape[0]}x{img_gt.shape[1]}; expected the GT size divided by {self.scale}')
+            img_gt = img_gt[:lq_h * self.scale, :lq_w * self.scale]
+            if self.train:
+                img_gt, img_lq = paired_random_crop(img_gt, img_lq, self.gt_size, self.scale, gt_path)
+        else:
+            lq_path = gt_path
+            img_gt = crop_to_scale(img_gt, self.scale)
+            if self.train:
+                img_gt = self._random_crop(img_gt, gt_path)
+            img_lq = downsample(img_gt, self.scale, self.degradation)
+        if self.train:
+            # BasicSR's augment flips in place with cv2, which OpenCV >= 5 refuses on non-contiguous crops
+            img_gt, img_lq = augment([np.ascontiguousarray(img_gt), np.ascontiguousarray(img_lq)],
+                                     self.opt.get('use_hflip', True), self.opt.get('use_rot', True))
+        img_gt, img_lq = img2tensor([img_gt, img_lq], bgr2rgb=True, float32=True)
+        if self.mean is not None or self.std is not None:
+            normalize(img_lq, self.mean, self.std, inplace=True)
+            normalize(img_gt, self.mean, self.std, inplace=True)
+        return {'lq': img_lq, 'gt': img_gt, 'lq_path': lq_path, 'gt_path': gt_path}
+
+    def _random_crop(self, img: np.ndarray, path: str) -> np.ndarray:
+        height, width = img.shape[:2]
+        if height < self.gt_size or width < self.gt_size:
+            raise ValueError(f'RSPairedDataset: {path} is {height}x{width}, smaller than gt_size {self.gt_size}')
+        top = np.random.randint(0, (height - self.gt_size) // self.scale + 1) * self.scale
+        left = np.random.randint(0, (width - self.gt_size) // self.scale + 1) * self.scale
+        return img[top:top + self.gt_size, left:left + self.gt_size]
+
+    def __len__(self) -> int:
+        return len(self.stems)

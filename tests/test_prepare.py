@@ -1,0 +1,254 @@
+"""``basicsr prepare``: layout, split lists, cropping, LR, LMDB, atomicity, re-runs and bad inputs."""
+import hashlib
+import io
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import UCMERCED_CLASSES, make_aid_tree, make_ucmerced_tree, ucmerced_mini, write_image
+from hmoe_arch.data import prepare as prepare_module
+from hmoe_arch.data.degradations import downsample
+from hmoe_arch.data.prepare import DATASETS, DatasetSpec, PrepareError, download_archive, prepare
+
+SPLITS = Path(__file__).resolve().parents[1] / 'datasets' / 'splits'
+
+
+def read_png(path: Path) -> np.ndarray:
+    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    assert img is not None, path
+    return img
+
+
+def zip_folder(folder: Path, archive: Path) -> Path:
+    with zipfile.ZipFile(archive, 'w') as zf:
+        for path in sorted(folder.rglob('*')):
+            if path.is_file():
+                zf.write(path, path.relative_to(folder.parent).as_posix())
+    return archive
+
+
+def test_real_ucmerced_subset(tmp_path: Path) -> None:
+    out = tmp_path / 'UCMerced'
+    summary = prepare('ucmerced', ucmerced_mini(), out, lmdb=True, progress=False)
+    assert summary.train_per_class == {c: 7 for c in UCMERCED_CLASSES}
+    assert summary.test_per_class == {c: 3 for c in UCMERCED_CLASSES}
+    assert sorted(summary.cropped) == ['golfcourse04.tif', 'golfcourse05.tif', 'golfcourse06.tif', 'golfcourse07.tif',
+                                       'parkinglot09.tif']
+    assert summary.cropped['golfcourse04.tif'] == '251x256 -> 248x256'
+    assert summary.skipped == {}
+    train = (out / 'train.txt').read_text().splitlines()
+    test = (out / 'test.txt').read_text().splitlines()
+    assert len(train) == 147 and len(test) == 63 and not set(train) & set(test)
+    assert sorted(p.name for p in (out / 'Train').iterdir()) == sorted(n.replace('.tif', '.png') for n in train)
+    for name in test:
+        stem = name[:-4]
+        hr = read_png(out / 'Test_HR' / f'{stem}.png')
+        assert hr.shape[0] % 4 == 0 and hr.shape[1] % 4 == 0
+        original = cv2.imread(str(ucmerced_mini() / 'Images' / stem.rstrip('0123456789') / name))
+        np.testing.assert_array_equal(hr, original[:hr.shape[0], :hr.shape[1]])
+        for scale in (2, 4):
+            lr = read_png(out / f'Test_LR_x{scale}' / f'{stem}.png')
+            expected = downsample(hr.astype(np.float32) / 255, scale)
+            np.testing.assert_array_equal(lr, (expected * 255).round().astype(np.uint8))
+    meta = (out / 'Test_LR_x4.lmdb' / 'meta_info.txt').read_text().splitlines()
+    assert len(meta) == 63 and meta[0].endswith(' 1') and '.png (' in meta[0]
+
+
+def test_synthetic_full_ucmerced_reproduces_the_committed_split(tmp_path: Path) -> None:
+    source = make_ucmerced_tree(tmp_path / 'src', classes=UCMERCED_CLASSES, per_class=100, size=(8, 8))
+    out = tmp_path / 'out'
+    prepare('ucmerced', source, out, seed=0, progress=False)
+    assert (out / 'train.txt').read_text() == (SPLITS / 'ucmerced_train.txt').read_text()
+    assert (out / 'test.txt').read_text() == (SPLITS / 'ucmerced_test.txt').read_text()
+
+
+def test_zip_and_folder_give_the_same_dataset(tmp_path: Path) -> None:
+    source = make_ucmerced_tree(tmp_path / 'src', odd={'beach03.tif': (26, 24)})
+    archive = zip_folder(source, tmp_path / 'UCMerced_LandUse.zip')
+    a = prepare('ucmerced', source, tmp_path / 'a', scales=[2, 3], progress=False)
+    b = prepare('ucmerced', archive, tmp_path / 'b', scales=[2, 3], progress=False)
+    assert a == b and a.cropped == {'beach03.tif': '26x24 -> 24x24'}
+    files_a = sorted(p.relative_to(tmp_path / 'a') for p in (tmp_path / 'a').rglob('*.png'))
+    files_b = sorted(p.relative_to(tmp_path / 'b') for p in (tmp_path / 'b').rglob('*.png'))
+    assert files_a == files_b and any('Test_LR_x3' in str(p) for p in files_a)
+    for rel in files_a:
+        assert (tmp_path / 'a' / rel).read_bytes() == (tmp_path / 'b' / rel).read_bytes()
+
+
+def test_aid_layout_and_ratio(tmp_path: Path) -> None:
+    source = make_aid_tree(tmp_path, per_class=10)
+    summary = prepare('aid', source, tmp_path / 'AID_out', scales=[2], progress=False)
+    assert summary.train_per_class == {'Airport': 8, 'BareLand': 8}
+    assert summary.test_per_class == {'Airport': 2, 'BareLand': 2}
+    out = tmp_path / 'AID_out'
+    test = (out / 'test.txt').read_text().split()
+    train = (out / 'train.txt').read_text().split()
+    assert all(re.fullmatch(r'(airport|bareland)_\d+\.jpg', n) for n in train + test)
+    assert sorted(p.name for p in (out / 'Test_LR_x2').iterdir()) == sorted(n.replace('.jpg', '.png') for n in test)
+    assert sorted(p.name for p in (out / 'Train').iterdir()) == sorted(n.replace('.jpg', '.png') for n in train)
+
+
+def test_rerun_with_same_arguments_is_a_no_op(tmp_path: Path) -> None:
+    source = make_ucmerced_tree(tmp_path / 'src')
+    out = tmp_path / 'out'
+    first = prepare('ucmerced', source, out, progress=False)
+    stamp = (out / 'prepare.json').stat().st_mtime_ns
+    assert prepare('ucmerced', source, out, progress=False) == first
+    assert (out / 'prepare.json').stat().st_mtime_ns == stamp
+    with pytest.raises(PrepareError, match=r"already prepared with other arguments \(seed: 0 there, 3 now\)"):
+        prepare('ucmerced', source, out, seed=3, progress=False)
+    (tmp_path / 'other').mkdir()
+    with pytest.raises(PrepareError, match='exists and was not written by prepare'):
+        prepare('ucmerced', source, tmp_path / 'other', progress=False)
+
+
+def test_interrupted_run_leaves_nothing_that_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hmoe_arch.data import RSPairedDataset
+    source = make_ucmerced_tree(tmp_path / 'src')
+    out = tmp_path / 'out'
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return downsample(*args, **kwargs)
+
+    monkeypatch.setattr(prepare_module, 'downsample', interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare('ucmerced', source, out, lmdb=True, progress=False)
+    assert not out.exists() and not (tmp_path / 'out.incomplete').exists()
+    with pytest.raises(FileNotFoundError):
+        RSPairedDataset({'phase': 'val', 'scale': 4, 'dataroot_gt': str(out / 'Test_HR'),
+                         'dataroot_lq': str(out / 'Test_LR_x4')})
+    monkeypatch.undo()
+    prepare('ucmerced', source, out, lmdb=True, progress=False)
+    assert (out / 'prepare.json').is_file()
+
+
+def test_killed_run_leaves_nothing_at_the_output_and_the_next_run_recovers(tmp_path: Path) -> None:
+    source = make_ucmerced_tree(tmp_path / 'src')
+    out, marker = tmp_path / 'out', tmp_path / 'started'
+    code = '\n'.join([
+        'import sys, time',
+        'from pathlib import Path',
+        'import hmoe_arch.data.prepare as p',
+        'put = p._Writers.put',
+        'def slow(self, *args):',
+        f'    Path({str(marker)!r}).touch()',
+        '    time.sleep(0.2)',
+        '    return put(self, *args)',
+        'p._Writers.put = slow',
+        f'p.prepare("ucmerced", Path({str(source)!r}), Path({str(out)!r}), lmdb=True, progress=False)',
+    ])
+    proc = subprocess.Popen([sys.executable, '-c', code])
+    try:
+        deadline = time.time() + 120
+        while not marker.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert marker.exists(), 'the child process never started writing'
+        time.sleep(0.3)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not out.exists()
+    assert (tmp_path / 'out.incomplete').exists()
+    prepare('ucmerced', source, out, lmdb=True, progress=False)
+    assert not (tmp_path / 'out.incomplete').exists() and (out / 'prepare.json').is_file()
+
+
+@pytest.mark.parametrize('make_bad, message', [
+    (lambda p: p.write_bytes(b''), r'beach02.tif: empty file \(0 bytes\)'),
+    (lambda p: p.write_bytes(b'II*\x00garbage'), r'beach02.tif: cannot be decoded as an image'),
+    (lambda p: write_image(p, 24, 24, 0, channels=1), r'beach02.tif: grayscale image; expected an 8-bit RGB'),
+    (lambda p: write_image(p, 24, 24, 0, channels=4), r'beach02.tif: RGBA image; expected an 8-bit RGB'),
+    (lambda p: write_image(p, 24, 24, 0, dtype=np.uint16), r'beach02.tif: uint16 samples \(16-bit\); expected'),
+])
+def test_bad_inputs_are_named_and_nothing_is_written(tmp_path: Path, make_bad, message: str) -> None:
+    source = make_ucmerced_tree(tmp_path / 'src')
+    bad = source / 'Images' / 'beach' / 'beach02.tif'
+    bad.unlink()
+    make_bad(bad)
+    with pytest.raises(PrepareError, match=message):
+        prepare('ucmerced', source, tmp_path / 'out', progress=False)
+    assert not (tmp_path / 'out').exists() and not (tmp_path / 'out.incomplete').exists()
+    summary = prepare('ucmerced', source, tmp_path / 'out', skip_bad=True, progress=False)
+    assert list(summary.skipped) == ['beach02.tif'] and re.search(message, summary.skipped['beach02.tif'])
+    listed = (tmp_path / 'out' / 'train.txt').read_text() + (tmp_path / 'out' / 'test.txt').read_text()
+    assert 'beach02.tif' not in listed
+
+
+@pytest.mark.parametrize('move, message', [
+    (('beach/beach02.tif', 'beach/sand02.tif'), r'sand02.tif: wrong folder layout; expected UCMerced_LandUse/Images'),
+    (('beach/beach02.tif', 'beach02.tif'), r'beach02.tif: wrong folder layout'),
+    (('beach/beach02.tif', 'beach/beach02.png'), r'beach02.png: wrong folder layout'),
+])
+def test_wrong_layout_is_named(tmp_path: Path, move, message: str) -> None:
+    source = make_ucmerced_tree(tmp_path / 'src')
+    images = source / 'Images'
+    (images / move[0]).rename(images / move[1])
+    with pytest.raises(PrepareError, match=message):
+        prepare('ucmerced', source, tmp_path / 'out', progress=False)
+
+
+def test_missing_or_foreign_source(tmp_path: Path) -> None:
+    with pytest.raises(PrepareError, match='no such file or folder'):
+        prepare('ucmerced', tmp_path / 'nothing', tmp_path / 'out', progress=False)
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(PrepareError, match='no class folders found; expected the layout UCMerced_LandUse'):
+        prepare('ucmerced', tmp_path / 'empty', tmp_path / 'out', progress=False)
+    (tmp_path / 'file.rar').write_bytes(b'Rar!')
+    with pytest.raises(PrepareError, match=r'file.rar: expected the published .zip archive'):
+        prepare('aid', tmp_path / 'file.rar', tmp_path / 'out', progress=False)
+    aid = make_aid_tree(tmp_path / 'aid_src')
+    with pytest.raises(PrepareError, match='wrong folder layout; expected UCMerced_LandUse'):
+        prepare('ucmerced', aid, tmp_path / 'out', progress=False)
+
+
+@contextmanager
+def fake_response(data: bytes):
+    yield io.BytesIO(data)
+
+
+def test_download_verifies_the_checksum(tmp_path: Path) -> None:
+    payload = b'archive bytes'
+    spec = DatasetSpec(title='X', test_fraction=0.25, roots=('',), layout='x', file_pattern='x', url='http://x/a.zip',
+                       md5=hashlib.md5(payload).hexdigest(), archive='a.zip')
+    path = download_archive(spec, tmp_path, opener=lambda url: fake_response(payload))
+    assert path == tmp_path / 'a.zip' and path.read_bytes() == payload
+    assert download_archive(spec, tmp_path, opener=lambda url: pytest.fail('reused file must not download')) == path
+    path.unlink()
+    with pytest.raises(PrepareError, match=r'MD5 .* does not match the published'):
+        download_archive(spec, tmp_path, opener=lambda url: fake_response(b'tampered'))
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(PrepareError, match='AID has no direct download URL'):
+        download_archive(DATASETS['aid'], tmp_path)
+    assert DATASETS['ucmerced'].url.endswith('UCMerced_LandUse.zip')
+
+
+def test_cli_exit_codes_and_summary(tmp_path: Path) -> None:
+    source = make_ucmerced_tree(tmp_path / 'src', per_class=4)
+    env = {**os.environ}
+    ok = subprocess.run([sys.executable, '-m', 'hmoe_arch.cli', 'prepare', 'ucmerced', '--source', str(source),
+                         '--out', str(tmp_path / 'out'), '--scales', '2', '--no-progress'], capture_output=True,
+                        text=True, env=env, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert 'train 9 / test 3 images in 3 classes' in ok.stderr and 'files skipped: none' in ok.stderr
+    again = subprocess.run([sys.executable, '-m', 'hmoe_arch.cli', 'prepare', 'ucmerced', '--source', str(source),
+                            '--out', str(tmp_path / 'out'), '--scales', '2', '--no-progress'], capture_output=True,
+                           text=True, env=env, timeout=300)
+    assert again.returncode == 0 and 'nothing to do' in again.stderr
+    bad = subprocess.run([sys.executable, '-m', 'hmoe_arch.cli', 'prepare', 'ucmerced', '--source',
+                          str(tmp_path / 'missing'), '--out', str(tmp_path / 'o2')], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert bad.returncode == 2 and 'missing: no such file or folder' in bad.stderr

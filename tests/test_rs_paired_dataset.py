@@ -1,0 +1,126 @@
+"""RSPairedDataset: on-the-fly LR and pre-made pairs, disk and LMDB, crops, augmentation, errors."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from basicsr.data import build_dataset
+
+from conftest import make_ucmerced_tree, ucmerced_mini
+from hmoe_arch.data import RSPairedDataset
+from hmoe_arch.data.degradations import downsample
+from hmoe_arch.data.prepare import prepare
+
+
+@pytest.fixture(scope='module')
+def prepared(tmp_path_factory) -> Path:
+    """The real UCMerced subset prepared with LMDBs (x2, x4)."""
+    out = tmp_path_factory.mktemp('data') / 'UCMerced'
+    prepare('ucmerced', ucmerced_mini(), out, lmdb=True, progress=False)
+    return out
+
+
+@pytest.fixture(scope='module')
+def odd_tree(tmp_path_factory) -> Path:
+    """An HR folder with an odd-sized image (as in UCMerced: 251x256)."""
+    root = tmp_path_factory.mktemp('odd')
+    return make_ucmerced_tree(root, classes=('golfcourse',), per_class=2, size=(24, 24),
+                              odd={'golfcourse01.tif': (27, 26)}) / 'Images' / 'golfcourse'
+
+
+def chw_to_hwc_bgr(t: torch.Tensor) -> np.ndarray:
+    return t.numpy().transpose(1, 2, 0)[:, :, ::-1]
+
+
+def test_val_pairs_disk_and_lmdb_are_identical(prepared: Path) -> None:
+    disk = RSPairedDataset({'phase': 'val', 'scale': 4, 'dataroot_gt': str(prepared / 'Test_HR'),
+                            'dataroot_lq': str(prepared / 'Test_LR_x4'), 'io_backend': {'type': 'disk'}})
+    lmdb = RSPairedDataset({'phase': 'val', 'scale': 4, 'dataroot_gt': str(prepared / 'Test_HR.lmdb'),
+                            'dataroot_lq': str(prepared / 'Test_LR_x4.lmdb'), 'io_backend': {'type': 'lmdb'}})
+    assert len(disk) == len(lmdb) == 63
+    for i in range(len(disk)):
+        a, b = disk[i], lmdb[i]
+        assert torch.equal(a['gt'], b['gt']) and torch.equal(a['lq'], b['lq'])
+        assert a['gt'].shape[1] == 4 * a['lq'].shape[1] and a['gt'].shape[2] == 4 * a['lq'].shape[2]
+        assert Path(a['gt_path']).stem == Path(b['gt_path']).stem
+    assert set(disk[0]) == {'lq', 'gt', 'lq_path', 'gt_path'}
+
+
+def test_train_from_lmdb_and_split_list_equals_disk(prepared: Path) -> None:
+    common = {'phase': 'val', 'scale': 2, 'split_file': str(prepared / 'train.txt')}
+    disk = RSPairedDataset({**common, 'dataroot_gt': str(prepared / 'Train')})
+    lmdb = RSPairedDataset({**common, 'dataroot_gt': str(prepared / 'Train.lmdb'), 'io_backend': {'type': 'lmdb'}})
+    assert len(disk) == len(lmdb) == 147
+    for i in (0, 50, 146):
+        assert torch.equal(disk[i]['lq'], lmdb[i]['lq']) and torch.equal(disk[i]['gt'], lmdb[i]['gt'])
+
+
+def test_on_the_fly_lr_is_imresize_of_the_cropped_gt(odd_tree: Path) -> None:
+    for degradation in ('bicubic', 'bilinear'):
+        ds = RSPairedDataset({'phase': 'val', 'scale': 4, 'dataroot_gt': str(odd_tree), 'degradation': degradation})
+        item = ds[1]
+        assert item['gt'].shape == (3, 24, 24) and item['lq'].shape == (3, 6, 6)
+        gt = chw_to_hwc_bgr(item['gt'])
+        np.testing.assert_allclose(chw_to_hwc_bgr(item['lq']), downsample(np.ascontiguousarray(gt), 4, degradation),
+                                   atol=1e-6)
+
+
+def test_train_crops_stay_aligned_under_augmentation(prepared: Path) -> None:
+    ds = build_dataset({'type': 'RSPairedDataset', 'name': 'ucm', 'phase': 'train', 'scale': 4, 'gt_size': 32,
+                        'dataroot_gt': str(prepared / 'Train'), 'split_file': str(prepared / 'train.txt'),
+                        'use_hflip': True, 'use_rot': True, 'io_backend': {'type': 'disk'}, 'batch_size_per_gpu': 4,
+                        'num_worker_per_gpu': 0, 'dataset_enlarge_ratio': 1})
+    np.random.seed(0)
+    for i in range(20):
+        item = ds[i]
+        assert item['gt'].shape == (3, 32, 32) and item['lq'].shape == (3, 8, 8)
+        gt = np.ascontiguousarray(chw_to_hwc_bgr(item['gt']))
+        np.testing.assert_allclose(chw_to_hwc_bgr(item['lq']), downsample(gt, 4), atol=1.01 / 255)
+
+
+def test_train_crops_from_premade_pairs_are_aligned(prepared: Path) -> None:
+    ds = RSPairedDataset({'phase': 'train', 'scale': 2, 'gt_size': 16, 'dataroot_gt': str(prepared / 'Test_HR'),
+                          'dataroot_lq': str(prepared / 'Test_LR_x2')})
+    np.random.seed(1)
+    for i in range(10):
+        item = ds[i]
+        gt = np.ascontiguousarray(chw_to_hwc_bgr(item['gt']))
+        # the stored LR was made from the whole image: away from the patch border it is the patch's LR
+        np.testing.assert_allclose(chw_to_hwc_bgr(item['lq'])[2:-2, 2:-2], downsample(gt, 2)[2:-2, 2:-2],
+                                   atol=1.01 / 255)
+
+
+def test_mean_std_normalisation(odd_tree: Path) -> None:
+    plain = RSPairedDataset({'phase': 'val', 'scale': 2, 'dataroot_gt': str(odd_tree)})[0]
+    normed = RSPairedDataset({'phase': 'val', 'scale': 2, 'dataroot_gt': str(odd_tree), 'mean': [0.5, 0.5, 0.5],
+                              'std': [0.25, 0.25, 0.25]})[0]
+    torch.testing.assert_close(normed['gt'], (plain['gt'] - 0.5) / 0.25)
+
+
+@pytest.mark.parametrize('overrides, error, message', [
+    ({'colour': 'rgb'}, ValueError, r"unknown key\(s\) \['colour'\]"),
+    ({'scale': 0}, ValueError, '`scale` must be a positive integer'),
+    ({'degradation': 'nearest'}, ValueError, '`degradation` must be one of'),
+    ({'phase': 'train', 'gt_size': 30}, ValueError, r'`gt_size` must be a multiple of scale \(4\)'),
+    ({'io_backend': {'type': 'lmdb'}}, ValueError, 'is lmdb but .* is not an .lmdb folder'),
+    ({'io_backend': {'type': 'ceph'}}, ValueError, "`io_backend.type` must be 'disk' or 'lmdb'"),
+    ({'dataroot_gt': '/no/such/folder'}, FileNotFoundError, '/no/such/folder is not a folder'),
+])
+def test_option_errors_name_the_key(odd_tree: Path, overrides: dict, error, message: str) -> None:
+    opt = {'phase': 'val', 'scale': 4, 'dataroot_gt': str(odd_tree), **overrides}
+    with pytest.raises(error, match=message):
+        RSPairedDataset(opt)
+
+
+def test_split_list_naming_missing_images(odd_tree: Path, tmp_path: Path) -> None:
+    split = tmp_path / 'split.txt'
+    split.write_text('golfcourse00.tif\ngolfcourse77.tif\n')
+    with pytest.raises(FileNotFoundError, match=r"split.txt are not in .* e.g. \['golfcourse77'\]"):
+        RSPairedDataset({'phase': 'val', 'scale': 2, 'dataroot_gt': str(odd_tree), 'split_file': str(split)})
+
+
+def test_lr_of_the_wrong_size_is_named(prepared: Path) -> None:
+    ds = RSPairedDataset({'phase': 'val', 'scale': 4, 'dataroot_gt': str(prepared / 'Test_HR'),
+                          'dataroot_lq': str(prepared / 'Test_LR_x2')})
+    with pytest.raises(ValueError, match=r'Test_LR_x2/\w+\.png is 128x128 but .* expected the GT size divided by 4'):
+        ds[0]
