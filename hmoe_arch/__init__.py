@@ -4,9 +4,10 @@ from ._compat import install_functional_tensor_stand_in
 
 install_functional_tensor_stand_in()
 
-from . import archs, data  # noqa: E402  (registration needs the stand-in above)
+from . import archs, data, models  # noqa: E402  (registration needs the stand-in above)
 from .archs import MFGHMoEArch  # noqa: E402
 from .data import RSPairedDataset  # noqa: E402
+from .models import MFGHMoEModel  # noqa: E402
 
 __version__ = '0.1.0'
-__all__ = ['MFGHMoEArch', 'RSPairedDataset', '__version__']
+__all__ = ['MFGHMoEArch', 'MFGHMoEModel', 'RSPairedDataset', '__version__']

@@ -1,31 +1,236 @@
-"""The ``basicsr`` console command of the plugin: ``basicsr prepare ...``.
+"""The ``basicsr`` console command of the plugin: ``basicsr {train,test,prepare}``.
 
-Run ``basicsr -h`` or ``basicsr prepare -h`` for the flags. Exit status: 0 on success, 2 on a bad argument,
-input or output location (the message names the file and what was expected).
+``train`` and ``test`` run BasicSR's own pipelines (``basicsr.train.train_pipeline``,
+``basicsr.test.test_pipeline``) with the plugin registered and the current directory as the root
+(``experiments/``, ``tb_logger/``, ``results/`` land there). Two of BasicSR's steps are replaced, because
+they fail on current PyTorch or on CPU:
+
+- option parsing: the same flags, but ``--force_yml key:sub=value`` parses ``value`` as YAML and walks the
+  keys (BasicSR ``exec``s the string); it is applied before anything derives from the options, and the
+  options actually used are what gets copied into the experiment folder; ``--launcher pytorch`` reads
+  torchrun's environment and uses nccl on GPUs, gloo on CPU;
+- resuming: the training state is mapped to the training device (BasicSR maps it to
+  ``torch.cuda.current_device()``, which fails on CPU).
+
+Exit status: 0 on success, 2 on a bad argument, option, input or output location.
 """
 import argparse
 import logging
+import os
+import os.path as osp
+import random
 import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
-from basicsr.utils import get_root_logger
+import torch
+import torch.distributed as dist
+import yaml
+from basicsr.utils import get_root_logger, scandir, set_random_seed
+from basicsr.utils.dist_util import get_dist_info
+from basicsr.utils.misc import check_resume
+from basicsr.utils.options import ordered_yaml
 
 from .data.degradations import DEGRADATIONS
 from .data.prepare import DATASETS, PrepareError, prepare
 
 
+class OptionError(Exception):
+    """A bad option file or ``--force_yml`` entry; the message names the key."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# options
+def apply_force_yml(opt: Dict[str, Any], entry: str) -> None:
+    """Set ``opt[k1][k2]... = yaml(value)`` for ``entry = 'k1:k2=value'``; every key but the last must exist."""
+    if '=' not in entry:
+        raise OptionError(f'--force_yml {entry!r}: expected key:sub=value')
+    path, text = (part.strip() for part in entry.split('=', 1))
+    keys = path.split(':')
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise OptionError(f'--force_yml {entry!r}: the value is not valid YAML ({error})') from error
+    node = opt
+    for depth, key in enumerate(keys[:-1]):
+        if not isinstance(node, dict) or key not in node:
+            raise OptionError(f'--force_yml {entry!r}: no option {":".join(keys[:depth + 1])}')
+        node = node[key]
+    if not isinstance(node, dict):
+        raise OptionError(f'--force_yml {entry!r}: {":".join(keys[:-1])} is not a mapping')
+    node[keys[-1]] = value
+
+
+def init_distributed() -> None:
+    """Join the process group torchrun describes (nccl on GPUs, gloo on CPU)."""
+    if dist.is_initialized():
+        return
+    missing = [k for k in ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT') if k not in os.environ]
+    if missing:
+        raise OptionError(f'--launcher pytorch needs the environment torchrun sets; missing {missing} '
+                          '(run: torchrun --nproc_per_node=N -m hmoe_arch.cli train -opt X --launcher pytorch)')
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
+        dist.init_process_group(backend='nccl')
+    else:
+        dist.init_process_group(backend='gloo')
+
+
+def parse_options(args: argparse.Namespace, root_path: str, is_train: bool) -> Dict[str, Any]:
+    """BasicSR's option semantics (paths, phases, seeds, debug mode) with safe ``--force_yml``."""
+    try:
+        with open(args.opt) as f:
+            opt = yaml.load(f, Loader=ordered_yaml()[0])
+    except OSError as error:
+        raise OptionError(f'-opt {args.opt}: cannot read it ({error.strerror})') from error
+    except yaml.YAMLError as error:
+        raise OptionError(f'-opt {args.opt}: not valid YAML ({error})') from error
+    if not isinstance(opt, dict):
+        raise OptionError(f'-opt {args.opt}: expected a mapping of options')
+    for entry in args.force_yml or []:
+        apply_force_yml(opt, entry)
+    for key in ('name', 'datasets', 'path'):
+        if key not in opt:
+            raise OptionError(f'-opt {args.opt}: missing the top-level key `{key}`')
+
+    if args.launcher == 'pytorch':
+        init_distributed()
+    opt['dist'] = args.launcher == 'pytorch'
+    opt['rank'], opt['world_size'] = get_dist_info()
+    if opt.get('manual_seed') is None:
+        opt['manual_seed'] = random.randint(1, 10000)
+    set_random_seed(opt['manual_seed'] + opt['rank'])
+    opt['auto_resume'] = bool(getattr(args, 'auto_resume', False))
+    opt['is_train'] = is_train
+    if getattr(args, 'debug', False) and not opt['name'].startswith('debug'):
+        opt['name'] = 'debug_' + opt['name']
+    if opt.get('num_gpu', 'auto') == 'auto':
+        opt['num_gpu'] = torch.cuda.device_count()
+
+    for phase, dataset in opt['datasets'].items():
+        dataset['phase'] = phase.split('_')[0]
+        if 'scale' in opt:
+            dataset['scale'] = opt['scale']
+        for key in ('dataroot_gt', 'dataroot_lq'):
+            if dataset.get(key) is not None:
+                dataset[key] = osp.expanduser(dataset[key])
+    for key, value in opt['path'].items():
+        if value is not None and ('resume_state' in key or 'pretrain_network' in key):
+            opt['path'][key] = osp.expanduser(value)
+
+    if is_train:
+        root = osp.join(root_path, 'experiments', opt['name'])
+        opt['path'].update(experiments_root=root, models=osp.join(root, 'models'),
+                           training_states=osp.join(root, 'training_states'), log=root,
+                           visualization=osp.join(root, 'visualization'))
+        if 'debug' in opt['name']:
+            if 'val' in opt:
+                opt['val']['val_freq'] = 8
+            opt['logger']['print_freq'] = 1
+            opt['logger']['save_checkpoint_freq'] = 8
+    else:
+        root = osp.join(root_path, 'results', opt['name'])
+        opt['path'].update(results_root=root, log=root, visualization=osp.join(root, 'visualization'))
+    return opt
+
+
+def load_resume_state(opt: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """BasicSR's resume logic, with the state mapped to the training device (CPU included)."""
+    path = None
+    if opt['auto_resume']:
+        state_dir = osp.join('experiments', opt['name'], 'training_states')
+        if osp.isdir(state_dir):
+            states = [int(name.split('.state')[0]) for name in scandir(state_dir, suffix='state', recursive=False)]
+            if states:
+                path = osp.join(state_dir, f'{max(states)}.state')
+                opt['path']['resume_state'] = path
+    elif opt['path'].get('resume_state'):
+        path = opt['path']['resume_state']
+    if path is None:
+        return None
+    device = torch.device(f'cuda:{torch.cuda.current_device()}') if opt['num_gpu'] > 0 else torch.device('cpu')
+    state = torch.load(path, map_location=device, weights_only=True)
+    check_resume(opt, state['iter'])
+    return state
+
+
+@contextmanager
+def basicsr_pipeline(module: Any, args: argparse.Namespace, is_train: bool) -> Iterator[None]:
+    """Run a BasicSR pipeline module with this file's option parsing (and resume) in place of its own."""
+    with tempfile.TemporaryDirectory() as tmp:
+        def parse(root_path: str, is_train: bool = is_train):
+            opt = parse_options(args, root_path, is_train)
+            used = osp.join(tmp, osp.basename(args.opt))
+            with open(used, 'w') as f:
+                f.write(f'# {" ".join(sys.argv)}\n')
+                yaml.dump(_plain(opt), f, Dumper=ordered_yaml()[1], sort_keys=False)
+            return opt, argparse.Namespace(opt=used)
+
+        replaced = {'parse_options': parse}
+        if is_train:
+            replaced['load_resume_state'] = load_resume_state
+        saved = {name: getattr(module, name) for name in replaced}
+        for name, function in replaced.items():
+            setattr(module, name, function)
+        try:
+            yield
+        finally:
+            for name, function in saved.items():
+                setattr(module, name, function)
+
+
+def _plain(value: Any) -> Any:
+    """Options as plain dicts/lists for YAML output."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def run_pipeline(args: argparse.Namespace) -> None:
+    if args.command == 'train':
+        import basicsr.train as module
+        entry = module.train_pipeline
+    else:
+        import basicsr.test as module
+        entry = module.test_pipeline
+    with basicsr_pipeline(module, args, args.command == 'train'):
+        try:
+            entry(os.getcwd())
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# command line
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='basicsr', description='MFG-HMoE (hmoe_arch) commands on top of BasicSR.')
     commands = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
+    for name, help_text in (('train', 'train with a BasicSR option file (experiments/ in the current directory)'),
+                            ('test', 'evaluate with a BasicSR option file (results/ in the current directory)')):
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument('-opt', required=True, help='path to the option YAML file')
+        sub.add_argument('--launcher', choices=['none', 'pytorch'], default='none',
+                         help='pytorch: distributed data parallel under torchrun (nccl on GPUs, gloo on CPU)')
+        sub.add_argument('--force_yml', nargs='+', default=None, metavar='KEY:SUB=VALUE',
+                         help='override options; VALUE is YAML (e.g. train:total_iter=10 network_g:depths=[2,2])')
+        if name == 'train':
+            sub.add_argument('--auto_resume', action='store_true',
+                             help='continue from the latest training state of this experiment, if any')
+            sub.add_argument('--debug', action='store_true', help="BasicSR's debug mode (prefixes the name)")
+        sub.add_argument('--local_rank', '--local-rank', type=int, default=0, help=argparse.SUPPRESS)
     prep = commands.add_parser(
         'prepare', help='published UCMerced/AID archive or folder -> split lists, HR/LR PNGs and LMDBs',
         description='Split each class with the seeded rule, crop GT to a multiple of every scale, write '
                     'DIR/{train,test}.txt, DIR/Train, DIR/Test_HR, DIR/Test_LR_x{s} (and LMDBs) atomically.')
     prep.add_argument('dataset', choices=sorted(DATASETS))
-    prep.add_argument('--source', type=Path, required=True,
+    prep.add_argument('--source', type=Path, default=None,
                       help='the published .zip archive or its extracted folder (with --download: where to save '
-                           'the archive)')
+                           'the archive; default: the folder that holds --out)')
     prep.add_argument('--out', type=Path, required=True, help='output folder DIR (must not exist, or be a '
                       'finished run with the same arguments)')
     prep.add_argument('--scales', type=int, nargs='+', default=[2, 4], help='LR scales of the test split')
@@ -42,15 +247,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logger = get_root_logger()
-    logger.setLevel(logging.INFO)
-    if args.command == 'prepare':
-        try:
+    # under torchrun only rank 0 reports progress, as in BasicSR
+    logger.setLevel(logging.INFO if int(os.environ.get('RANK', 0)) == 0 else logging.ERROR)
+    try:
+        if args.command == 'prepare':
             prepare(args.dataset, args.source, args.out, scales=args.scales, seed=args.seed,
                     degradation=args.degradation, lmdb=args.lmdb, skip_bad=args.skip_bad, download=args.download,
                     progress=not args.no_progress)
-        except PrepareError as error:
-            logger.error(f'basicsr prepare: {error}')
-            return 2
+        else:
+            run_pipeline(args)
+    except (PrepareError, OptionError) as error:
+        logger.error(f'basicsr {args.command}: {error}')
+        return 2
     return 0
 
 

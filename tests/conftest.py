@@ -1,6 +1,7 @@
 """Shared fixtures: tiny configurations and the reference vectors in ../shared (skipped when absent)."""
+import logging
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 import pytest
 import torch
@@ -30,6 +31,29 @@ def tiny_hat(**overrides: Any) -> Dict[str, Any]:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+class Capture(logging.Handler):
+    """Keeps the messages of a logger."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: List[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def basicsr_log():
+    """The INFO messages BasicSR's logger emits during the test."""
+    logger = logging.getLogger('basicsr')
+    handler, level = Capture(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield handler.messages
+    logger.removeHandler(handler)
+    logger.setLevel(level)
 
 
 def reference_file(name: str) -> Path:
@@ -88,3 +112,23 @@ def make_aid_tree(root: Path, classes=('Airport', 'BareLand'), per_class: int = 
         for i in range(1, per_class + 1):
             write_image(root / 'AID' / class_name / f'{class_name.lower()}_{i}.jpg', *size, seed=c * 100 + i)
     return root / 'AID'
+
+
+TINY_TRAINING = ['network_g:embed_dim=12', 'network_g:depths=[1]', 'network_g:num_heads=[2]', 'network_g:window_size=4',
+                 'network_g:squeeze_factor=4',
+                 'network_g:expert_groups=[{kernel_size: 1, num_experts: 2}, {kernel_size: 3, num_experts: 2}]',
+                 'datasets:train:gt_size=32', 'datasets:train:batch_size_per_gpu=2',
+                 'datasets:train:num_worker_per_gpu=0', 'logger:print_freq=1']
+"""``--force_yml`` entries that turn a paper option file into a seconds-long CPU run."""
+
+
+@pytest.fixture(scope='session')
+def workdir(tmp_path_factory) -> Path:
+    """A directory with ``datasets/UCMerced`` (PNG + LMDB) and ``datasets/AID`` (PNG), x2 and x4, prepared from
+    small synthetic trees in the published layouts; run ``basicsr`` commands from it (or a copy)."""
+    from hmoe_arch.data.prepare import prepare
+    root = tmp_path_factory.mktemp('work')
+    source = make_ucmerced_tree(root / 'src', per_class=4, size=(256, 256), odd={'beach01.tif': (251, 256)})
+    prepare('ucmerced', source, root / 'datasets' / 'UCMerced', lmdb=True, progress=False)
+    prepare('aid', make_aid_tree(root / 'src', per_class=5, size=(256, 256)), root / 'datasets' / 'AID', progress=False)
+    return root

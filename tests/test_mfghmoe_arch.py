@@ -1,6 +1,5 @@
 """MFGHMoEArch: shapes, HAT-exact and authors'-exact configurations, validation, gradients, loading."""
 import json
-import logging
 from typing import Any, Dict, List
 
 import pytest
@@ -235,26 +234,6 @@ def test_default_is_the_paper_configuration() -> None:
 
 # ------------------------------------------------------------------------------------------------------
 # loading foreign checkpoints
-class Capture(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.messages: List[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
-@pytest.fixture
-def basicsr_log():
-    logger = logging.getLogger('basicsr')
-    handler, level = Capture(), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield handler.messages
-    logger.removeHandler(handler)
-    logger.setLevel(level)
-
-
 def test_hat_checkpoint_fills_the_backbone_and_reports_the_rest(tmp_path, basicsr_log) -> None:
     ref = load_reference('hat_x4.pt')
     path = tmp_path / 'net_g_hat.pth'

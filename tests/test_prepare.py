@@ -1,4 +1,5 @@
 """``basicsr prepare``: layout, split lists, cropping, LR, LMDB, atomicity, re-runs and bad inputs."""
+import dataclasses
 import hashlib
 import io
 import os
@@ -7,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -234,6 +236,21 @@ def test_download_verifies_the_checksum(tmp_path: Path) -> None:
     with pytest.raises(PrepareError, match='AID has no direct download URL'):
         download_archive(DATASETS['aid'], tmp_path)
     assert DATASETS['ucmerced'].url.endswith('UCMerced_LandUse.zip')
+
+
+def test_download_without_source_saves_next_to_the_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = make_ucmerced_tree(tmp_path / 'src', per_class=4)
+    archive = zip_folder(source, tmp_path / 'built.zip')
+    payload = archive.read_bytes()
+    monkeypatch.setitem(DATASETS, 'ucmerced', dataclasses.replace(DATASETS['ucmerced'],
+                                                                  md5=hashlib.md5(payload).hexdigest()))
+    monkeypatch.setattr(urllib.request, 'urlopen', lambda url: fake_response(payload))
+    out = tmp_path / 'datasets' / 'UCMerced'
+    summary = prepare('ucmerced', None, out, download=True, progress=False)
+    assert (tmp_path / 'datasets' / 'UCMerced_LandUse.zip').read_bytes() == payload
+    assert sum(summary.train_per_class.values()) == 9
+    with pytest.raises(PrepareError, match='--source is required'):
+        prepare('ucmerced', None, tmp_path / 'other', progress=False)
 
 
 def test_cli_exit_codes_and_summary(tmp_path: Path) -> None:

@@ -160,15 +160,17 @@ def encode_png(img: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
-def download_archive(spec: DatasetSpec, dest: Path, opener: Callable = urllib.request.urlopen) -> Path:
+def download_archive(spec: DatasetSpec, dest: Path, opener: Optional[Callable] = None) -> Path:
     """Fetch the official archive into ``dest`` (a folder or file path) and verify its MD5.
 
-    An archive already there with the right checksum is reused.
+    An archive already there with the right checksum is reused. ``opener`` defaults to ``urlopen``.
     """
+    opener = opener or urllib.request.urlopen
     if spec.url is None or spec.md5 is None:
         raise PrepareError(f'{spec.title} has no direct download URL with a published checksum; download the '
                            f'archive from its official page and pass it with --source')
     target = dest / spec.archive if dest.is_dir() else dest
+    target.parent.mkdir(parents=True, exist_ok=True)
     if target.is_file() and _md5(target) == spec.md5:
         return target
     partial = target.with_name(target.name + '.part')
@@ -252,10 +254,13 @@ def _arguments(dataset: str, source: Path, scales: Sequence[int], seed: int, deg
             'degradation': degradation, 'lmdb': lmdb, 'skip_bad': skip_bad}
 
 
-def prepare(dataset: str, source: Path, out: Path, *, scales: Sequence[int] = (2, 4), seed: int = 0,
+def prepare(dataset: str, source: Optional[Path], out: Path, *, scales: Sequence[int] = (2, 4), seed: int = 0,
             degradation: str = 'bicubic', lmdb: bool = False, skip_bad: bool = False, download: bool = False,
             progress: bool = True) -> PrepareSummary:
     """Build the dataset folder ``out`` from ``source``; see the module docstring.
+
+    With ``download``, the official archive is fetched into ``source`` (a folder or file path; default: the
+    folder that will hold ``out``) unless a verified copy is already there.
 
     Raises:
         PrepareError: for a bad argument, source layout, input file or output folder.
@@ -269,7 +274,11 @@ def prepare(dataset: str, source: Path, out: Path, *, scales: Sequence[int] = (2
         raise PrepareError(f'--degradation must be one of {DEGRADATIONS}, got {degradation!r}')
     spec = DATASETS[dataset]
     if download:
-        source = download_archive(spec, source)
+        if source is None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        source = download_archive(spec, out.parent if source is None else source)
+    elif source is None:
+        raise PrepareError('--source is required (the published archive or its folder) unless --download is given')
     arguments = _arguments(dataset, source, scales, seed, degradation, lmdb, skip_bad)
     stamp = out / 'prepare.json'
     if out.exists():

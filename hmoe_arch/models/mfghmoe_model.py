@@ -1,0 +1,174 @@
+"""MFGHMoEModel: BasicSR's SRModel with what MFG-HMoE training and evaluation need on top.
+
+Differences from ``SRModel`` (everything else is SRModel's):
+
+- ``test``: pads LR to a multiple of ``window_size`` and crops the output (HAT's behaviour); with
+  ``tile: {tile_size, tile_pad}`` it runs tile by tile (:mod:`hmoe_arch.tiling`), and errors surface; the
+  network's train/eval mode is restored afterwards;
+- ``optimize_parameters``: adds ``train.aux_loss_weight * net_g.aux_loss`` (logged as ``l_aux``) when the
+  weight is positive, and records which expert each LR pixel used;
+- ``get_current_log``: adds expert usage since the last log (``routing/group_{g}``, ``routing/expert_{e}``:
+  fractions of routed LR pixels, summed over ranks; ``routing/entropy``: entropy of the expert usage in nats,
+  ``log(num_experts)`` when balanced), which BasicSR's MessageLogger writes to the log and TensorBoard;
+- ``model_to_device``: DistributedDataParallel on CPU (gloo) as well as GPUs, with unused parameters allowed
+  (experts that no pixel of a batch selected get no gradient);
+- ``load_network``: :meth:`MFGHMoEArch.load_pretrained` (``weights_only`` loading, one report of what kept its
+  initialisation), so ``strict_load_g: false`` starts from a HAT checkpoint;
+- ``save``: in distributed training, checks that all replicas hold identical weights before writing.
+"""
+from collections import OrderedDict
+from typing import Any, Dict
+
+import torch
+import torch.distributed as dist
+from basicsr.models.sr_model import SRModel
+from basicsr.utils import get_root_logger
+from basicsr.utils.registry import MODEL_REGISTRY
+from torch.nn.parallel import DistributedDataParallel
+
+from ..archs import MFGHMoEArch
+from ..tiling import padded_forward, tiled_forward
+
+
+@MODEL_REGISTRY.register()
+class MFGHMoEModel(SRModel):
+    """SR model for MFGHMoEArch (and any BasicSR network: the MoE parts apply only where the network has them).
+
+    Option keys on top of SRModel's: ``tile: {tile_size, tile_pad}`` (top level), ``train.aux_loss_weight``
+    (default 0), ``find_unused_parameters`` (default true, distributed training).
+    """
+
+    def __init__(self, opt: Dict[str, Any]) -> None:
+        super().__init__(opt)
+        bare = self.get_bare_model(self.net_g)
+        self.window_size = int(getattr(bare, 'window_size', 1))
+        self.scale = int(opt.get('scale', 1))
+        tile = opt.get('tile')
+        if tile is not None:
+            if not isinstance(tile, dict) or set(tile) != {'tile_size', 'tile_pad'}:
+                raise ValueError(f'MFGHMoEModel: `tile` must be {{tile_size, tile_pad}}, got {tile!r}')
+            for key in ('tile_size', 'tile_pad'):
+                if isinstance(tile[key], bool) or not isinstance(tile[key], int) or tile[key] < (key == 'tile_size'):
+                    raise ValueError(f'MFGHMoEModel: `tile.{key}` must be a non-negative integer (tile_size >= 1), '
+                                     f'got {tile[key]!r}')
+        self.tile = tile
+        weight = opt.get('train', {}).get('aux_loss_weight', 0.0) if self.is_train else 0.0
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+            raise ValueError(f'MFGHMoEModel: `train.aux_loss_weight` must be a number >= 0, got {weight!r}')
+        self.aux_loss_weight = float(weight)
+        self._expert_counts = None
+        self._group_of_expert = None
+
+    # ------------------------------------------------------------------------------------------------------
+    # devices and weights
+    def model_to_device(self, net: torch.nn.Module) -> torch.nn.Module:
+        if not self.opt['dist']:
+            return super().model_to_device(net)
+        net = net.to(self.device)
+        device_ids = [torch.cuda.current_device()] if self.device.type == 'cuda' else None
+        return DistributedDataParallel(net, device_ids=device_ids,
+                                       find_unused_parameters=self.opt.get('find_unused_parameters', True))
+
+    def load_network(self, net: torch.nn.Module, load_path: str, strict: bool = True,
+                     param_key: str = 'params') -> None:
+        bare = self.get_bare_model(net)
+        if not isinstance(bare, MFGHMoEArch):
+            return super().load_network(net, load_path, strict, param_key)
+        bare.load_pretrained(load_path, param_key=param_key, strict=strict)
+
+    def save(self, epoch: int, current_iter: int) -> None:
+        if self.opt['dist']:
+            self._check_replicas_in_sync()
+        super().save(epoch, current_iter)
+
+    def _check_replicas_in_sync(self) -> None:
+        bare = self.get_bare_model(self.net_g)
+        local = torch.stack([p.detach().double().sum() for p in bare.parameters()]).to(self.device)
+        gathered = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, local)
+        if any(not torch.equal(g, gathered[0]) for g in gathered[1:]):
+            raise RuntimeError('MFGHMoEModel: the replicas of net_g differ across ranks; refusing to save')
+        get_root_logger().info(f'net_g replicas in sync across {len(gathered)} ranks '
+                               f'(weight checksum {float(gathered[0].sum()):.6e})')
+
+    # ------------------------------------------------------------------------------------------------------
+    # training
+    def optimize_parameters(self, current_iter: int) -> None:
+        self.optimizer_g.zero_grad()
+        self.output = self.net_g(self.lq)
+        bare = self.get_bare_model(self.net_g)
+        l_total = 0
+        loss_dict = OrderedDict()
+        if self.cri_pix:
+            l_pix = self.cri_pix(self.output, self.gt)
+            l_total += l_pix
+            loss_dict['l_pix'] = l_pix
+        if self.cri_perceptual:
+            l_percep, l_style = self.cri_perceptual(self.output, self.gt)
+            if l_percep is not None:
+                l_total += l_percep
+                loss_dict['l_percep'] = l_percep
+            if l_style is not None:
+                l_total += l_style
+                loss_dict['l_style'] = l_style
+        aux = getattr(bare, 'aux_loss', None)
+        if self.aux_loss_weight > 0 and aux is not None:
+            l_aux = self.aux_loss_weight * aux
+            l_total += l_aux
+            loss_dict['l_aux'] = l_aux
+        l_total.backward()
+        self.optimizer_g.step()
+        self._record_routing(bare)
+        self.log_dict = self.reduce_loss_dict(loss_dict)
+        if self.ema_decay > 0:
+            self.model_ema(decay=self.ema_decay)
+
+    def _record_routing(self, bare: torch.nn.Module) -> None:
+        maps = bare.routing_maps() if isinstance(bare, MFGHMoEArch) else None
+        if maps is None:
+            return
+        moe = bare.upsample.moe
+        if self._group_of_expert is None:
+            self._group_of_expert = torch.repeat_interleave(
+                torch.arange(len(moe.expert_groups)), torch.tensor([n for _, n in moe.expert_groups]))
+        counts = torch.bincount(maps['expert'].flatten().cpu(), minlength=len(moe.experts)).double()
+        self._expert_counts = counts if self._expert_counts is None else self._expert_counts + counts
+
+    def get_current_log(self) -> Dict[str, float]:
+        log = dict(super().get_current_log())
+        if self._expert_counts is None:
+            return log
+        counts = self._expert_counts.to(self.device)
+        if self.opt['dist']:
+            dist.all_reduce(counts)
+        self._expert_counts = None
+        share = (counts / counts.sum()).cpu()
+        groups = torch.zeros(int(self._group_of_expert[-1]) + 1, dtype=share.dtype).index_add(
+            0, self._group_of_expert, share)
+        for g, value in enumerate(groups.tolist()):
+            log[f'routing/group_{g}'] = value
+        for e, value in enumerate(share.tolist()):
+            log[f'routing/expert_{e:02d}'] = value
+        used = share[share > 0]
+        log['routing/entropy'] = abs(float(-(used * used.log()).sum()))
+        return log
+
+    # ------------------------------------------------------------------------------------------------------
+    # inference
+    def test(self) -> None:
+        net = self.net_g_ema if hasattr(self, 'net_g_ema') else self.net_g
+        was_training = net.training
+        net.eval()
+        try:
+            with torch.no_grad():
+                if self.tile is None:
+                    self.output = padded_forward(net, self.lq, self.scale, self.window_size)
+                else:
+                    self.output = tiled_forward(net, self.lq, self.scale, self.window_size,
+                                                self.tile['tile_size'], self.tile['tile_pad'])
+        finally:
+            net.train(was_training)
+
+
+MODEL_REGISTRY._do_register('MFGHMOEModel', MFGHMoEModel)
+"""The authors' registry name, so their option files (``model_type: MFGHMOEModel``) run."""

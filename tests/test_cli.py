@@ -1,0 +1,140 @@
+"""``basicsr train|test|prepare``: option handling, CPU training with checkpoints and resume, evaluation,
+two-process distributed training."""
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import List
+
+import pytest
+import torch
+
+from conftest import TINY_TRAINING
+from hmoe_arch.cli import OptionError, apply_force_yml, build_parser, main
+
+OPTIONS = Path(__file__).resolve().parents[1] / 'options'
+
+
+def basicsr(args: List[str], cwd: Path, timeout: int = 300, launcher: List[str] = None):
+    command = (launcher or [sys.executable, '-m', 'hmoe_arch.cli']) + args
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def cwd(workdir: Path, tmp_path: Path) -> Path:
+    """A fresh run directory whose datasets/ is the prepared synthetic UCMerced."""
+    (tmp_path / 'datasets').symlink_to(workdir / 'datasets')
+    return tmp_path
+
+
+# ------------------------------------------------------------------------------------------------------
+# options
+def test_force_yml_parses_yaml_values_and_never_executes() -> None:
+    opt = {'train': {'total_iter': 100, 'optim_g': {'lr': 1e-4}}, 'name': 'x'}
+    apply_force_yml(opt, 'train:total_iter=10')
+    apply_force_yml(opt, 'train:optim_g:betas=[0.9, 0.99]')
+    apply_force_yml(opt, 'train:new_key={a: 1}')
+    apply_force_yml(opt, "name=__import__('os').system('false')")
+    assert opt['train']['total_iter'] == 10 and opt['train']['optim_g']['betas'] == [0.9, 0.99]
+    assert opt['train']['new_key'] == {'a': 1}
+    assert opt['name'] == "__import__('os').system('false')"
+    with pytest.raises(OptionError, match='no option train:missing'):
+        apply_force_yml(opt, 'train:missing:lr=1')
+    with pytest.raises(OptionError, match='expected key:sub=value'):
+        apply_force_yml(opt, 'train:total_iter')
+    with pytest.raises(OptionError, match='not a mapping'):
+        apply_force_yml(opt, 'name:sub=1')
+
+
+def test_flags_are_basicsrs() -> None:
+    args = build_parser().parse_args(['train', '-opt', 'x.yml', '--launcher', 'pytorch', '--auto_resume', '--debug',
+                                      '--force_yml', 'a=1', 'b:c=2'])
+    assert (args.opt, args.launcher, args.auto_resume, args.debug, args.force_yml) == ('x.yml', 'pytorch', True, True,
+                                                                                        ['a=1', 'b:c=2'])
+    assert build_parser().parse_args(['test', '-opt', 'y.yml', '--local-rank', '1']).local_rank == 1
+
+
+def test_bad_option_file_exits_2_naming_it(tmp_path: Path, capsys) -> None:
+    assert main(['train', '-opt', str(tmp_path / 'none.yml')]) == 2
+    bad = tmp_path / 'bad.yml'
+    bad.write_text('name: [unclosed\n')
+    assert main(['test', '-opt', str(bad)]) == 2
+    assert main(['train', '-opt', str(OPTIONS / 'train_ucm_x4.yml'), '--force_yml', 'nothing:here=1']) == 2
+    assert main(['train', '-opt', str(OPTIONS / 'train_ucm_x4.yml'), '--launcher', 'pytorch']) == 2
+
+
+# ------------------------------------------------------------------------------------------------------
+# training and evaluation on CPU
+def test_train_on_cpu_with_validation_checkpoints_and_tensorboard(cwd: Path) -> None:
+    run = basicsr(['train', '-opt', str(OPTIONS / 'train_ucm_x4.yml'), '--force_yml', *TINY_TRAINING,
+                   'train:total_iter=4', 'val:val_freq=2', 'logger:save_checkpoint_freq=2'], cwd)
+    assert run.returncode == 0, run.stderr[-3000:]
+    exp = cwd / 'experiments' / 'train_MFGHMoE_UCMerced_x4'
+    assert sorted(p.name for p in (exp / 'models').iterdir()) == ['net_g_2.pth', 'net_g_4.pth', 'net_g_latest.pth']
+    assert sorted(p.name for p in (exp / 'training_states').iterdir()) == ['2.state', '4.state']
+    assert run.stderr.count('Validation UCMerced_test') == 3 and '# psnr:' in run.stderr and '# ssim:' in run.stderr
+    assert 'routing/entropy' in run.stderr and 'routing/expert_03' in run.stderr
+    assert any((cwd / 'tb_logger' / 'train_MFGHMoE_UCMerced_x4').iterdir())
+    copied = (exp / 'train_ucm_x4.yml').read_text()
+    assert 'total_iter: 4' in copied and 'embed_dim: 12' in copied
+    params = torch.load(exp / 'models' / 'net_g_latest.pth', weights_only=True)
+    assert set(params) == {'params', 'params_ema'}
+
+
+def test_train_from_lmdb(cwd: Path) -> None:
+    run = basicsr(['train', '-opt', str(OPTIONS / 'train_ucm_x4_lmdb.yml'), '--force_yml', *TINY_TRAINING,
+                   'train:total_iter=2', 'val:val_freq=2', 'logger:save_checkpoint_freq=2'], cwd)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (cwd / 'experiments' / 'train_MFGHMoE_UCMerced_x4_lmdb' / 'models' / 'net_g_2.pth').is_file()
+    assert '# psnr:' in run.stderr
+
+
+def test_killed_training_resumes_from_its_last_checkpoint(cwd: Path) -> None:
+    args = ['train', '-opt', str(OPTIONS / 'train_ucm_x2.yml'), '--force_yml', *TINY_TRAINING,
+            'val:val_freq=1000', 'logger:save_checkpoint_freq=2']
+    proc = subprocess.Popen([sys.executable, '-m', 'hmoe_arch.cli'] + args + ['train:total_iter=100000'], cwd=cwd,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    states = cwd / 'experiments' / 'train_MFGHMoE_UCMerced_x2' / 'training_states'
+    try:
+        deadline = time.time() + 240
+        while not (states / '4.state').exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert (states / '4.state').exists(), 'no checkpoint was written'
+        time.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    last = max(int(p.name.split('.')[0]) for p in states.iterdir())
+    resumed = basicsr(args + [f'train:total_iter={last + 2}', '--auto_resume'], cwd)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert re.search(rf'Resuming training from epoch: \d+, iter: {last}\.', resumed.stderr)
+    assert f'iter:{last + 1:8,d}' in resumed.stderr and f'iter:{last + 2:8,d}' in resumed.stderr
+    assert f'iter:{last:8,d}' not in resumed.stderr
+
+
+def test_basicsr_test_writes_sr_images_and_metrics(cwd: Path) -> None:
+    train = basicsr(['train', '-opt', str(OPTIONS / 'train_ucm_x2.yml'), '--force_yml', *TINY_TRAINING,
+                     'train:total_iter=1', 'val:val_freq=1000', 'logger:save_checkpoint_freq=1000'], cwd)
+    assert train.returncode == 0, train.stderr[-3000:]
+    network = [e for e in TINY_TRAINING if e.startswith('network_g')]
+    run = basicsr(['test', '-opt', str(OPTIONS / 'test_ucm_x2.yml'), '--force_yml', *network], cwd)
+    assert run.returncode == 0, run.stderr[-3000:]
+    images = sorted((cwd / 'results' / 'test_MFGHMoE_UCMerced_x2' / 'visualization' / 'UCMerced_test').iterdir())
+    test_names = (cwd / 'datasets' / 'UCMerced' / 'test.txt').read_text().split()
+    assert [p.name for p in images] == sorted(n.replace('.tif', '_test_MFGHMoE_UCMerced_x2.png') for n in test_names)
+    assert '# psnr:' in run.stderr and '# ssim:' in run.stderr
+
+
+def test_two_process_distributed_training_on_cpu(cwd: Path) -> None:
+    torchrun = shutil.which('torchrun')
+    launcher = [torchrun] if torchrun else [sys.executable, '-m', 'torch.distributed.run']
+    run = basicsr(['-m', 'hmoe_arch.cli', 'train', '-opt', str(OPTIONS / 'train_ucm_x4.yml'), '--launcher',
+                   'pytorch', '--force_yml', *TINY_TRAINING, 'name=ddp', 'train:total_iter=3', 'val:val_freq=1000',
+                   'logger:save_checkpoint_freq=2'], cwd, launcher=launcher + ['--nproc_per_node=2'])
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert 'World size (gpu number): 2' in run.stderr
+    assert run.stderr.count('net_g replicas in sync across 2 ranks') == 2  # iteration 2 and the final save
+    assert (cwd / 'experiments' / 'ddp' / 'models' / 'net_g_latest.pth').is_file()

@@ -1,0 +1,145 @@
+"""MFGHMoEModel: padding, tiling, train-mode restore, auxiliary loss, routing statistics, loading HAT weights."""
+import math
+from pathlib import Path
+from typing import Any, Dict
+
+import pytest
+import torch
+from basicsr.models import build_model
+from basicsr.utils.registry import MODEL_REGISTRY
+
+from conftest import SMALL_GROUPS, load_reference, tiny
+from hmoe_arch import MFGHMoEArch, MFGHMoEModel
+from hmoe_arch.tiling import padded_forward
+
+
+def options(tmp_path: Path, **overrides: Any) -> Dict[str, Any]:
+    opt = {
+        'name': 'unit', 'model_type': 'MFGHMoEModel', 'scale': 2, 'num_gpu': 0, 'dist': False, 'rank': 0,
+        'world_size': 1, 'is_train': True, 'manual_seed': 0,
+        'network_g': {'type': 'MFGHMoEArch', **tiny(upscale=2, expert_groups=SMALL_GROUPS)},
+        'path': {'pretrain_network_g': None, 'strict_load_g': True, 'resume_state': None,
+                 'experiments_root': str(tmp_path), 'models': str(tmp_path / 'models'),
+                 'training_states': str(tmp_path / 'states'), 'visualization': str(tmp_path / 'vis')},
+        'train': {'ema_decay': 0, 'optim_g': {'type': 'Adam', 'lr': 1e-3}, 'pixel_opt': {'type': 'L1Loss',
+                                                                                          'loss_weight': 1.0},
+                  'scheduler': {'type': 'MultiStepLR', 'milestones': [100], 'gamma': 0.5}},
+    }
+    for key, value in overrides.items():
+        opt[key] = {**opt[key], **value} if key in ('train', 'path') else value
+    return opt
+
+
+def feed(model: MFGHMoEModel, height: int = 8, width: int = 8) -> None:
+    model.feed_data({'lq': torch.rand(2, 3, height, width), 'gt': torch.rand(2, 3, 2 * height, 2 * width)})
+
+
+def test_registered_under_both_names() -> None:
+    assert MODEL_REGISTRY.get('MFGHMoEModel') is MFGHMoEModel
+    assert MODEL_REGISTRY.get('MFGHMOEModel') is MFGHMoEModel
+
+
+def test_test_pads_crops_and_restores_train_mode(tmp_path: Path) -> None:
+    model = build_model(options(tmp_path))
+    model.net_g.train()
+    model.feed_data({'lq': torch.rand(1, 3, 10, 9)})
+    model.test()
+    assert model.output.shape == (1, 3, 20, 18)
+    assert model.net_g.training
+    model.net_g.eval()
+    with torch.no_grad():
+        expected = padded_forward(model.net_g, model.lq, 2, 4)
+    model.test()
+    assert not model.net_g.training
+    torch.testing.assert_close(model.output, expected)
+
+
+def test_test_uses_ema_and_leaves_net_g_alone(tmp_path: Path) -> None:
+    model = build_model(options(tmp_path, train={'ema_decay': 0.999}))
+    model.net_g.train()
+    model.feed_data({'lq': torch.rand(1, 3, 8, 8)})
+    model.test()
+    assert model.net_g.training and not model.net_g_ema.training
+
+
+def test_tiled_test_matches_untiled(tmp_path: Path) -> None:
+    untiled = build_model(options(tmp_path))
+    tiled = build_model(options(tmp_path, tile={'tile_size': 8, 'tile_pad': 4}))
+    tiled.net_g.load_state_dict(untiled.net_g.state_dict())
+    lq = torch.rand(1, 3, 20, 17)
+    for model in (untiled, tiled):
+        model.feed_data({'lq': lq})
+        model.test()
+    assert tiled.output.shape == untiled.output.shape == (1, 3, 40, 34)
+    assert (tiled.output - untiled.output).abs().mean() < 0.02
+
+
+@pytest.mark.parametrize('tile, message', [
+    ({'tile_size': 8}, r'`tile` must be \{tile_size, tile_pad\}'),
+    ({'tile_size': 0, 'tile_pad': 2}, r'`tile.tile_size` must be'),
+    ({'tile_size': 8, 'tile_pad': -1}, r'`tile.tile_pad` must be'),
+])
+def test_tile_option_is_validated(tmp_path: Path, tile: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        build_model(options(tmp_path, tile=tile))
+
+
+def test_aux_loss_is_added_with_its_weight(tmp_path: Path) -> None:
+    model = build_model(options(tmp_path, train={'aux_loss_weight': 0.5}))
+    feed(model)
+    model.optimize_parameters(1)
+    log = model.get_current_log()
+    bare = model.get_bare_model(model.net_g)
+    assert log['l_aux'] == pytest.approx(0.5 * bare.aux_loss.item(), rel=1e-5)
+    plain = build_model(options(tmp_path))
+    feed(plain)
+    plain.optimize_parameters(1)
+    assert 'l_aux' not in plain.get_current_log()
+    with pytest.raises(ValueError, match='aux_loss_weight` must be a number >= 0'):
+        build_model(options(tmp_path, train={'aux_loss_weight': -1}))
+
+
+def test_routing_statistics_since_the_last_log(tmp_path: Path) -> None:
+    model = build_model(options(tmp_path))
+    bare = model.get_bare_model(model.net_g)
+    counts = torch.zeros(4)
+    for step in range(3):
+        feed(model)
+        model.optimize_parameters(step + 1)
+        counts += torch.bincount(bare.routing_maps()['expert'].flatten(), minlength=4)
+    log = model.get_current_log()
+    share = counts / counts.sum()
+    for e in range(4):
+        assert log[f'routing/expert_{e:02d}'] == pytest.approx(float(share[e]))
+    assert log['routing/group_0'] == pytest.approx(float(share[:2].sum()))
+    used = share[share > 0]
+    assert log['routing/entropy'] == pytest.approx(float(-(used * used.log()).sum()))
+    assert 0 <= log['routing/entropy'] <= math.log(4)
+    assert 'routing/entropy' not in model.get_current_log()
+
+
+def test_hat_checkpoint_as_pretrained_network(tmp_path: Path, basicsr_log) -> None:
+    ref = load_reference('hat_x2.pt')
+    path = tmp_path / 'HAT_SRx2.pth'
+    torch.save({'params_ema': ref['state_dict']}, path)
+    network = {'type': 'MFGHMoEArch', **ref['config']}
+    model = build_model(options(tmp_path, network_g=network, path={'pretrain_network_g': str(path),
+                                                                   'param_key_g': 'params_ema',
+                                                                   'strict_load_g': False}))
+    own = model.get_bare_model(model.net_g).state_dict()
+    assert torch.equal(own['layers.1.conv.weight'], ref['state_dict']['layers.1.conv.weight'])
+    assert sum('Kept their initialisation: mfg, aggr_conv, upsample' in m for m in basicsr_log) == 1
+    with pytest.raises(ValueError, match='strict=True'):
+        build_model(options(tmp_path, network_g=network, path={'pretrain_network_g': str(path),
+                                                                'param_key_g': 'params_ema', 'strict_load_g': True}))
+
+
+def test_other_basicsr_networks_still_work(tmp_path: Path) -> None:
+    network = {'type': 'EDSR', 'num_in_ch': 3, 'num_out_ch': 3, 'num_feat': 8, 'num_block': 1, 'upscale': 2}
+    model = build_model(options(tmp_path, network_g=network, train={'aux_loss_weight': 0.1}))
+    feed(model, 5, 7)
+    model.optimize_parameters(1)
+    assert set(model.get_current_log()) == {'l_pix'}
+    model.test()
+    assert model.output.shape == (2, 3, 10, 14)
+    assert not isinstance(model.get_bare_model(model.net_g), MFGHMoEArch)

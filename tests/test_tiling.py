@@ -1,0 +1,61 @@
+"""Padding to the window size and tiled inference."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import SMALL_GROUPS, tiny
+from hmoe_arch import MFGHMoEArch
+from hmoe_arch.tiling import pad_to_multiple, padded_forward, tiled_forward
+
+
+def test_pad_to_multiple_reflects_and_keeps_the_image() -> None:
+    x = torch.arange(30.).view(1, 1, 5, 6)
+    padded = pad_to_multiple(x, 4)
+    assert padded.shape == (1, 1, 8, 8)
+    assert torch.equal(padded[..., :5, :6], x)
+    assert torch.equal(padded[..., 5, :6], x[..., 3, :])  # reflect: row 5 mirrors row 3
+    assert pad_to_multiple(x, 1) is x
+    tiny_img = torch.rand(1, 1, 2, 2)
+    assert pad_to_multiple(tiny_img, 8).shape == (1, 1, 8, 8)  # too small to reflect: replicate
+
+
+def test_padded_forward_crops_to_the_input_size() -> None:
+    calls = []
+
+    def net(x):
+        calls.append(tuple(x.shape))
+        return F.interpolate(x, scale_factor=2, mode='nearest')
+
+    x = torch.rand(1, 3, 5, 7)
+    out = padded_forward(net, x, 2, 4)
+    assert calls == [(1, 3, 8, 8)] and out.shape == (1, 3, 10, 14)
+    torch.testing.assert_close(out, F.interpolate(x, scale_factor=2, mode='nearest'))
+
+
+def test_tiles_cover_everything_and_match_the_untiled_output() -> None:
+    net = MFGHMoEArch(**tiny(upscale=2, expert_groups=SMALL_GROUPS)).eval()
+    x = torch.rand(1, 3, 22, 19)
+    with torch.no_grad():
+        full = padded_forward(net, x, 2, 4)
+        tiled = tiled_forward(net, x, 2, 4, tile_size=8, tile_pad=4)
+    assert tiled.shape == full.shape == (1, 3, 44, 38)
+    assert (full - tiled).abs().mean() < 0.02
+    for top in range(0, 44, 16):
+        for left in range(0, 38, 16):
+            assert tiled[..., top:top + 16, left:left + 16].abs().sum() > 0
+
+
+def test_tile_of_an_identity_network_is_exact() -> None:
+    x = torch.rand(2, 3, 13, 9)
+    out = tiled_forward(lambda t: F.interpolate(t, scale_factor=3, mode='nearest'), x, 3, 1, tile_size=4, tile_pad=1)
+    torch.testing.assert_close(out, F.interpolate(x, scale_factor=3, mode='nearest'))
+
+
+def test_errors_inside_a_tile_propagate() -> None:
+    def failing(t):
+        raise RuntimeError('CUDA out of memory (simulated)')
+
+    with pytest.raises(RuntimeError, match='out of memory'):
+        tiled_forward(failing, torch.rand(1, 3, 8, 8), 2, 4, tile_size=4, tile_pad=0)
+    with pytest.raises(ValueError, match='tile_size must be >= 1'):
+        tiled_forward(failing, torch.rand(1, 3, 8, 8), 2, 4, tile_size=0, tile_pad=0)
