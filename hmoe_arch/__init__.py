@@ -4,8 +4,7 @@ from ._compat import install_functional_tensor_stand_in
 
 install_functional_tensor_stand_in()
 
-from . import archs, data, models  # noqa: E402  (registration needs the stand-in above)
-from .archs import MFGHMoEArch  # noqa: E402
+from .archs import MFGHMoEArch  # noqa: E402  (registration needs the stand-in above)
 from .data import RSPairedDataset  # noqa: E402
 from .models import MFGHMoEModel  # noqa: E402
 

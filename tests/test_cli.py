@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import TINY_TRAINING
-from hmoe_arch.cli import OptionError, apply_force_yml, build_parser, main
+from hmoe_arch.cli import build_parser, main
 
 OPTIONS = Path(__file__).resolve().parents[1] / 'options'
 
@@ -32,23 +32,6 @@ def cwd(workdir: Path, tmp_path: Path) -> Path:
 
 # ------------------------------------------------------------------------------------------------------
 # options
-def test_force_yml_parses_yaml_values_and_never_executes() -> None:
-    opt = {'train': {'total_iter': 100, 'optim_g': {'lr': 1e-4}}, 'name': 'x'}
-    apply_force_yml(opt, 'train:total_iter=10')
-    apply_force_yml(opt, 'train:optim_g:betas=[0.9, 0.99]')
-    apply_force_yml(opt, 'train:new_key={a: 1}')
-    apply_force_yml(opt, "name=__import__('os').system('false')")
-    assert opt['train']['total_iter'] == 10 and opt['train']['optim_g']['betas'] == [0.9, 0.99]
-    assert opt['train']['new_key'] == {'a': 1}
-    assert opt['name'] == "__import__('os').system('false')"
-    with pytest.raises(OptionError, match='no option train:missing'):
-        apply_force_yml(opt, 'train:missing:lr=1')
-    with pytest.raises(OptionError, match='expected key:sub=value'):
-        apply_force_yml(opt, 'train:total_iter')
-    with pytest.raises(OptionError, match='not a mapping'):
-        apply_force_yml(opt, 'name:sub=1')
-
-
 def test_flags_are_basicsrs() -> None:
     args = build_parser().parse_args(['train', '-opt', 'x.yml', '--launcher', 'pytorch', '--auto_resume', '--debug',
                                       '--force_yml', 'a=1', 'b:c=2'])

@@ -3,6 +3,7 @@ import math
 from pathlib import Path
 from typing import Any, Dict
 
+import cv2
 import pytest
 import torch
 from basicsr.models import build_model
@@ -143,3 +144,23 @@ def test_other_basicsr_networks_still_work(tmp_path: Path) -> None:
     model.test()
     assert model.output.shape == (2, 3, 10, 14)
     assert not isinstance(model.get_bare_model(model.net_g), MFGHMoEArch)
+
+
+def test_validation_saves_expert_maps_and_usage(tmp_path: Path, workdir: Path) -> None:
+    from basicsr.data import build_dataloader, build_dataset
+    dataset = build_dataset({'name': 'UCM', 'type': 'RSPairedDataset', 'phase': 'val', 'scale': 2,
+                             'dataroot_gt': str(workdir / 'datasets/UCMerced/Test_HR'),
+                             'dataroot_lq': str(workdir / 'datasets/UCMerced/Test_LR_x2')})
+    loader = build_dataloader(dataset, {'phase': 'val'}, num_gpu=0, dist=False)
+    opt = options(tmp_path, is_train=False, val={'save_img': False, 'save_expert_maps': True,
+                                                 'metrics': {'psnr': {'type': 'calculate_psnr', 'crop_border': 2,
+                                                                      'test_y_channel': True}}})
+    opt['path']['results_root'] = str(tmp_path)
+    model = build_model(opt)
+    model.validation(loader, 'unit', None, save_img=False)
+    maps = tmp_path / 'expert_maps' / 'UCM'
+    assert sorted(p.stem for p in maps.glob('*.png')) == sorted(dataset.stems)
+    assert 'psnr' in model.metric_results
+    image = cv2.imread(str(maps / f'{dataset.stems[0]}.png'))
+    assert image.shape[1] > 2 * 256
+    assert (maps / 'expert_usage.csv').read_text().count('\n') == 1 + 3

@@ -1,19 +1,39 @@
-"""Every option file in options/ parses, builds its network and datasets, and is consistent."""
+"""Option handling (safe --force_yml) and every option file in options/: parses, builds its network and
+datasets, and is consistent."""
 import argparse
 import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from basicsr.archs import build_network
 from basicsr.data import build_dataset
 
 from conftest import reference_file
-from hmoe_arch.cli import parse_options
+from hmoe_arch import MFGHMoEArch
+from hmoe_arch.options import OptionError, apply_force_yml, parse_options
 
 OPTIONS = Path(__file__).resolve().parents[1] / 'options'
 EXPERIMENT_FILES = sorted(p.name for p in OPTIONS.glob('*.yml'))
 ARCH_LAYOUTS = {'archs/mfghmoe_x4.yml': 'official_mfghmoe_x4', 'archs/hat_x4.yml': 'hat_x4'}
+
+
+def test_force_yml_parses_yaml_values_and_never_executes() -> None:
+    opt = {'train': {'total_iter': 100, 'optim_g': {'lr': 1e-4}}, 'name': 'x'}
+    apply_force_yml(opt, 'train:total_iter=10')
+    apply_force_yml(opt, 'train:optim_g:betas=[0.9, 0.99]')
+    apply_force_yml(opt, 'train:new_key={a: 1}')
+    apply_force_yml(opt, "name=__import__('os').system('false')")
+    assert opt['train']['total_iter'] == 10 and opt['train']['optim_g']['betas'] == [0.9, 0.99]
+    assert opt['train']['new_key'] == {'a': 1}
+    assert opt['name'] == "__import__('os').system('false')"
+    with pytest.raises(OptionError, match='no option train:missing'):
+        apply_force_yml(opt, 'train:missing:lr=1')
+    with pytest.raises(OptionError, match='expected key:sub=value'):
+        apply_force_yml(opt, 'train:total_iter')
+    with pytest.raises(OptionError, match='not a mapping'):
+        apply_force_yml(opt, 'name:sub=1')
 
 
 def test_the_promised_files_exist() -> None:
@@ -67,3 +87,42 @@ def test_network_blocks_build_the_published_layouts(relative: str) -> None:
     with open(reference_file('state_dict_spec_full.json')) as f:
         spec = json.load(f)[ARCH_LAYOUTS[relative]]
     assert {k: list(v.shape) for k, v in net.state_dict().items()} == spec['keys']
+
+
+BASELINES = sorted(p.name for p in (OPTIONS / 'baselines').glob('*.yml'))
+ABLATIONS = sorted(p.name for p in (OPTIONS / 'ablations').glob('*.yml'))
+
+
+def test_baselines_and_ablations_are_complete() -> None:
+    models = ('edsr', 'rrdbnet', 'rcan', 'swinir', 'hat')
+    assert BASELINES == sorted(f'train_{ds}_x{s}_{m}.yml' for ds in ('ucm', 'aid') for s in (2, 4) for m in models)
+    assert len(ABLATIONS) == 11
+
+
+def _without(opt: dict, *keys: str) -> dict:
+    return {k: v for k, v in opt.items() if k not in keys}
+
+
+@pytest.mark.parametrize('name', BASELINES)
+def test_baseline_matches_its_reference_except_the_network(name: str) -> None:
+    opt = yaml.safe_load((OPTIONS / 'baselines' / name).read_text())
+    dataset, scale = name.split('_')[1:3]
+    reference = yaml.safe_load((OPTIONS / f'train_{dataset}_{scale}.yml').read_text())
+    reference['train'].pop('aux_loss_weight')
+    assert _without(opt, 'name', 'network_g') == _without(reference, 'name', 'network_g')
+    net = build_network(dict(opt['network_g']))
+    assert opt['network_g'].get('upscale', opt['network_g'].get('scale')) == opt['scale']
+    with torch.no_grad():
+        lr = torch.rand(1, 3, 16, 16)
+        assert net.eval()(lr).shape[-1] == 16 * opt['scale']
+
+
+@pytest.mark.parametrize('name', ABLATIONS)
+def test_ablation_matches_the_paper_file_except_the_moe_keys(name: str) -> None:
+    opt = yaml.safe_load((OPTIONS / 'ablations' / name).read_text())
+    reference = yaml.safe_load((OPTIONS / 'train_ucm_x4.yml').read_text())
+    assert _without(opt, 'name', 'network_g') == _without(reference, 'name', 'network_g')
+    moe_keys = ('expert_groups', 'routing', 'mfa')
+    assert _without(opt['network_g'], *moe_keys) == _without(reference['network_g'], *moe_keys)
+    net = build_network(dict(opt['network_g']))
+    assert isinstance(net, MFGHMoEArch) and net.moe

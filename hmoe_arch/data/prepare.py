@@ -16,7 +16,6 @@ written into ``DIR.incomplete`` and renamed to ``DIR`` when complete, so an inte
 import hashlib
 import json
 import math
-import os
 import re
 import shutil
 import urllib.request

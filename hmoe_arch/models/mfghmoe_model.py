@@ -14,19 +14,23 @@ Differences from ``SRModel`` (everything else is SRModel's):
   (experts that no pixel of a batch selected get no gradient);
 - ``load_network``: :meth:`MFGHMoEArch.load_pretrained` (``weights_only`` loading, one report of what kept its
   initialisation), so ``strict_load_g: false`` starts from a HAT checkpoint;
-- ``save``: in distributed training, checks that all replicas hold identical weights before writing.
+- ``save``: in distributed training, checks that all replicas hold identical weights before writing;
+- validation with ``val.save_expert_maps: true``: per image an expert map (SR image, map, legend) in
+  ``<results or experiment>/expert_maps/<dataset>/`` and ``expert_usage.csv`` per scene class there.
 """
 from collections import OrderedDict
-from typing import Any, Dict
+from pathlib import Path
+from typing import Any, Dict, Optional
 
 import torch
 import torch.distributed as dist
 from basicsr.models.sr_model import SRModel
-from basicsr.utils import get_root_logger
+from basicsr.utils import get_root_logger, tensor2img
 from basicsr.utils.registry import MODEL_REGISTRY
 from torch.nn.parallel import DistributedDataParallel
 
 from ..archs import MFGHMoEArch
+from ..expert_maps import UsageByClass, group_sizes_of, lr_expert_map, save_expert_map
 from ..tiling import padded_forward, tiled_forward
 
 
@@ -58,6 +62,9 @@ class MFGHMoEModel(SRModel):
         self.aux_loss_weight = float(weight)
         self._expert_counts = None
         self._group_of_expert = None
+        self._maps_dir: Optional[Path] = None
+        self._usage: Optional[UsageByClass] = None
+        self._lq_path: Optional[str] = None
 
     # ------------------------------------------------------------------------------------------------------
     # devices and weights
@@ -155,6 +162,27 @@ class MFGHMoEModel(SRModel):
 
     # ------------------------------------------------------------------------------------------------------
     # inference
+    def feed_data(self, data: Dict[str, Any]) -> None:
+        super().feed_data(data)
+        paths = data.get('lq_path')
+        self._lq_path = paths[0] if isinstance(paths, (list, tuple)) else paths
+
+    def nondist_validation(self, dataloader, current_iter, tb_logger, save_img) -> None:
+        bare = self.get_bare_model(self.net_g_ema if hasattr(self, 'net_g_ema') else self.net_g)
+        wanted = self.opt.get('val', {}).get('save_expert_maps', False)
+        if not wanted or not (isinstance(bare, MFGHMoEArch) and bare.moe):
+            return super().nondist_validation(dataloader, current_iter, tb_logger, save_img)
+        if self.tile is not None:
+            raise ValueError('MFGHMoEModel: val.save_expert_maps needs untiled inference (remove `tile`)')
+        root = Path(self.opt['path']['visualization']).parent
+        self._maps_dir = root / 'expert_maps' / dataloader.dataset.opt['name']
+        self._usage = UsageByClass(len(bare.upsample.moe.experts))
+        try:
+            super().nondist_validation(dataloader, current_iter, tb_logger, save_img)
+            self._usage.write_csv(self._maps_dir / 'expert_usage.csv')
+        finally:
+            self._maps_dir, self._usage = None, None
+
     def test(self) -> None:
         net = self.net_g_ema if hasattr(self, 'net_g_ema') else self.net_g
         was_training = net.training
@@ -168,6 +196,13 @@ class MFGHMoEModel(SRModel):
                                                 self.tile['tile_size'], self.tile['tile_pad'])
         finally:
             net.train(was_training)
+        if self._maps_dir is not None:
+            bare = self.get_bare_model(net)
+            stem = Path(self._lq_path).stem
+            expert = lr_expert_map(bare, self.lq.shape[2], self.lq.shape[3])
+            self._usage.add(stem, expert)
+            save_expert_map(self._maps_dir / f'{stem}.png', tensor2img(self.output.detach().cpu()), expert,
+                            group_sizes_of(bare), self.scale)
 
 
 MODEL_REGISTRY._do_register('MFGHMOEModel', MFGHMoEModel)

@@ -1,0 +1,113 @@
+"""Option files: BasicSR's option semantics with a safe ``--force_yml`` and CPU-capable distributed setup.
+
+Used by ``basicsr train``/``test`` (in place of ``basicsr.utils.options.parse_options``) and ``basicsr bench``.
+"""
+import argparse
+import os
+import os.path as osp
+import random
+from typing import Any, Dict
+
+import torch
+import torch.distributed as dist
+import yaml
+from basicsr.utils import set_random_seed
+from basicsr.utils.dist_util import get_dist_info
+from basicsr.utils.options import ordered_yaml
+
+
+class OptionError(Exception):
+    """A bad option file or ``--force_yml`` entry; the message names the key."""
+
+
+def apply_force_yml(opt: Dict[str, Any], entry: str) -> None:
+    """Set ``opt[k1][k2]... = yaml(value)`` for ``entry = 'k1:k2=value'``; every key but the last must exist."""
+    if '=' not in entry:
+        raise OptionError(f'--force_yml {entry!r}: expected key:sub=value')
+    path, text = (part.strip() for part in entry.split('=', 1))
+    keys = path.split(':')
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise OptionError(f'--force_yml {entry!r}: the value is not valid YAML ({error})') from error
+    node = opt
+    for depth, key in enumerate(keys[:-1]):
+        if not isinstance(node, dict) or key not in node:
+            raise OptionError(f'--force_yml {entry!r}: no option {":".join(keys[:depth + 1])}')
+        node = node[key]
+    if not isinstance(node, dict):
+        raise OptionError(f'--force_yml {entry!r}: {":".join(keys[:-1])} is not a mapping')
+    node[keys[-1]] = value
+
+
+def init_distributed() -> None:
+    """Join the process group torchrun describes (nccl on GPUs, gloo on CPU)."""
+    if dist.is_initialized():
+        return
+    missing = [k for k in ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT') if k not in os.environ]
+    if missing:
+        raise OptionError(f'--launcher pytorch needs the environment torchrun sets; missing {missing} '
+                          '(run: torchrun --nproc_per_node=N -m hmoe_arch.cli train -opt X --launcher pytorch)')
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
+        dist.init_process_group(backend='nccl')
+    else:
+        dist.init_process_group(backend='gloo')
+
+
+def parse_options(args: argparse.Namespace, root_path: str, is_train: bool) -> Dict[str, Any]:
+    """BasicSR's option semantics (paths, phases, seeds, debug mode) with safe ``--force_yml``."""
+    try:
+        with open(args.opt) as f:
+            opt = yaml.load(f, Loader=ordered_yaml()[0])
+    except OSError as error:
+        raise OptionError(f'-opt {args.opt}: cannot read it ({error.strerror})') from error
+    except yaml.YAMLError as error:
+        raise OptionError(f'-opt {args.opt}: not valid YAML ({error})') from error
+    if not isinstance(opt, dict):
+        raise OptionError(f'-opt {args.opt}: expected a mapping of options')
+    for entry in args.force_yml or []:
+        apply_force_yml(opt, entry)
+    for key in ('name', 'datasets', 'path'):
+        if key not in opt:
+            raise OptionError(f'-opt {args.opt}: missing the top-level key `{key}`')
+
+    if args.launcher == 'pytorch':
+        init_distributed()
+    opt['dist'] = args.launcher == 'pytorch'
+    opt['rank'], opt['world_size'] = get_dist_info()
+    if opt.get('manual_seed') is None:
+        opt['manual_seed'] = random.randint(1, 10000)
+    set_random_seed(opt['manual_seed'] + opt['rank'])
+    opt['auto_resume'] = bool(getattr(args, 'auto_resume', False))
+    opt['is_train'] = is_train
+    if getattr(args, 'debug', False) and not opt['name'].startswith('debug'):
+        opt['name'] = 'debug_' + opt['name']
+    if opt.get('num_gpu', 'auto') == 'auto':
+        opt['num_gpu'] = torch.cuda.device_count()
+
+    for phase, dataset in opt['datasets'].items():
+        dataset['phase'] = phase.split('_')[0]
+        if 'scale' in opt:
+            dataset['scale'] = opt['scale']
+        for key in ('dataroot_gt', 'dataroot_lq'):
+            if dataset.get(key) is not None:
+                dataset[key] = osp.expanduser(dataset[key])
+    for key, value in opt['path'].items():
+        if value is not None and ('resume_state' in key or 'pretrain_network' in key):
+            opt['path'][key] = osp.expanduser(value)
+
+    if is_train:
+        root = osp.join(root_path, 'experiments', opt['name'])
+        opt['path'].update(experiments_root=root, models=osp.join(root, 'models'),
+                           training_states=osp.join(root, 'training_states'), log=root,
+                           visualization=osp.join(root, 'visualization'))
+        if 'debug' in opt['name']:
+            if 'val' in opt:
+                opt['val']['val_freq'] = 8
+            opt['logger']['print_freq'] = 1
+            opt['logger']['save_checkpoint_freq'] = 8
+    else:
+        root = osp.join(root_path, 'results', opt['name'])
+        opt['path'].update(results_root=root, log=root, visualization=osp.join(root, 'visualization'))
+    return opt

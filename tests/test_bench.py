@@ -1,0 +1,136 @@
+"""``basicsr bench``: tables on tiny trained models and bicubic, MACs at routed cost, sources and errors."""
+import csv
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from basicsr.archs import build_network
+from basicsr.data import build_dataset
+from basicsr.metrics import calculate_psnr, calculate_ssim
+from basicsr.utils import tensor2img
+from basicsr.utils.matlab_functions import imresize
+from torch.utils.flop_counter import FlopCounterMode
+
+from conftest import SMALL_GROUPS, TINY_TRAINING, tiny
+from hmoe_arch import MFGHMoEArch
+from hmoe_arch.bench import COLUMNS, count_macs, model_from_source, run_bench
+from hmoe_arch.options import OptionError
+from hmoe_arch.tiling import padded_forward
+
+OPTIONS = Path(__file__).resolve().parents[1] / 'options'
+EDSR_TINY = ['network_g:num_feat=8', 'network_g:num_block=1', 'datasets:train:gt_size=32',
+             'datasets:train:batch_size_per_gpu=2', 'datasets:train:num_worker_per_gpu=0']
+
+
+@pytest.fixture(scope='module')
+def trained(workdir: Path, tmp_path_factory) -> Path:
+    """A run directory with two tiny models trained for 2 CPU iterations: MFG-HMoE and EDSR."""
+    cwd = tmp_path_factory.mktemp('bench')
+    (cwd / 'datasets').symlink_to(workdir / 'datasets')
+    common = ['train:total_iter=2', 'val:val_freq=1000', 'logger:save_checkpoint_freq=1000']
+    for option, force in (('train_ucm_x2.yml', TINY_TRAINING), ('baselines/train_ucm_x2_edsr.yml', EDSR_TINY)):
+        run = subprocess.run([sys.executable, '-m', 'hmoe_arch.cli', 'train', '-opt', str(OPTIONS / option),
+                              '--force_yml', *force, *common], cwd=cwd, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+    return cwd
+
+
+def recompute(experiment: Path, scale: int):
+    """PSNR/SSIM of an experiment's EMA weights on its val set, recomputed with BasicSR's metrics."""
+    opt = yaml.safe_load(next(experiment.glob('*.yml')).read_text())
+    net = build_network(dict(opt['network_g']))
+    net.load_state_dict(torch.load(experiment / 'models' / 'net_g_latest.pth', weights_only=True)['params_ema'])
+    net.eval()
+    dataset = build_dataset({**opt['datasets']['val'], 'phase': 'val', 'scale': scale})
+    psnrs, ssims = [], []
+    for item in dataset:
+        with torch.no_grad():
+            sr = padded_forward(net, item['lq'].unsqueeze(0), scale, getattr(net, 'window_size', 1))
+        sr_img, gt_img = tensor2img(sr), tensor2img(item['gt'])
+        psnrs.append(calculate_psnr(sr_img, gt_img, crop_border=scale, test_y_channel=True))
+        ssims.append(calculate_ssim(sr_img, gt_img, crop_border=scale, test_y_channel=True))
+    return np.mean(psnrs), np.mean(ssims), dataset
+
+
+def test_tables_of_two_trained_models_and_bicubic(trained: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(trained)
+    experiments = [trained / 'experiments' / 'train_MFGHMoE_UCMerced_x2', trained / 'experiments' /
+                   'train_EDSR_UCMerced_x2']
+    out = trained / 'bench_out'
+    rows = run_bench(experiments, out, runs=1, per_class=True)
+    with open(out / 'bench.csv') as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0]) == COLUMNS
+    assert [r['model'] for r in table] == ['Bicubic', 'train_MFGHMoE_UCMerced_x2', 'train_EDSR_UCMerced_x2']
+    assert all(r['test_set'] == 'UCMerced_test' and r['scale'] == '2' for r in table)
+    for row, experiment in zip(table[1:], experiments):
+        psnr, ssim, dataset = recompute(experiment, 2)
+        assert float(row['psnr_y']) == pytest.approx(psnr, abs=1e-4)
+        assert float(row['ssim_y']) == pytest.approx(ssim, abs=1e-4)
+        assert row['train_iters'] == '2' and float(row['latency_ms']) > 0 and float(row['macs_g_64']) > 0
+    bicubic = [calculate_psnr(tensor2img(imresize(item['lq'], 2).clamp(0, 1)), tensor2img(item['gt']), 2,
+                              test_y_channel=True) for item in dataset]
+    assert float(table[0]['psnr_y']) == pytest.approx(np.mean(bicubic), abs=1e-4)
+    assert table[0]['params_m'] == '' and table[0]['latency_ms'] == ''
+    edsr = build_network(dict(yaml.safe_load(next(experiments[1].glob('*.yml')).read_text())['network_g']))
+    assert float(table[2]['params_m']) == pytest.approx(sum(p.numel() for p in edsr.parameters()) / 1e6, abs=1e-3)
+    markdown = (out / 'bench.md').read_text().splitlines()
+    assert len(markdown) == 2 + 3 and markdown[0].startswith('| Test set | Scale | Model | PSNR (Y)')
+    assert cv_image_size(out / 'bench_psnr_latency.png') == (560, 900)
+    with open(out / 'bench_per_class.csv') as f:
+        per_class = list(csv.DictReader(f))
+    assert {r['class'] for r in per_class} == {'agricultural', 'beach', 'golfcourse'}
+    assert len(per_class) == 9 and sum(int(r['images']) for r in per_class) == 3 * len(dataset)
+    assert len(rows) == 3
+
+
+def cv_image_size(path: Path):
+    import cv2
+    image = cv2.imread(str(path))
+    return image.shape[:2]
+
+
+def test_expert_maps_from_bench(trained: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(trained)
+    out = trained / 'bench_maps'
+    run_bench([trained / 'experiments' / 'train_MFGHMoE_UCMerced_x2'], out, runs=1, expert_maps=True)
+    maps = out / 'expert_maps' / 'train_MFGHMoE_UCMerced_x2'
+    names = (trained / 'datasets' / 'UCMerced' / 'test.txt').read_text().split()
+    assert sorted(p.name for p in maps.glob('*.png')) == sorted(n.replace('.tif', '.png') for n in names)
+    assert (maps / 'expert_usage.csv').read_text().startswith('class,lr_pixels,expert_00')
+
+
+def test_moe_macs_are_the_routed_cost() -> None:
+    net = MFGHMoEArch(**tiny(upscale=2, expert_groups=SMALL_GROUPS)).eval()
+    feat, routing = torch.randn(1, 64, 8, 8), torch.randn(1, 64, 8, 8)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        net.upsample(feat, routing)
+    maps = net.routing_maps()
+    pixels = 64
+    out_channels = 4 * 64
+    kernel = torch.tensor([1, 1, 3, 3])[maps['expert'].flatten()]
+    experts = int((kernel ** 2).sum()) * 64 * out_channels
+    routers = pixels * 64 * 2 + pixels * 64 * (2 + 2)
+    assert counter.get_total_flops() / 2 == experts + routers
+    assert count_macs(net, 8, torch.device('cpu')) > experts
+
+
+def test_test_option_file_as_source_and_errors(trained: Path, tmp_path: Path) -> None:
+    model = model_from_source(OPTIONS / 'test_ucm_x4.yml')
+    assert model.weights == 'experiments/train_MFGHMoE_UCMerced_x4/models/net_g_latest.pth'
+    assert model.param_key == 'params_ema' and model.scale == 4 and model.dataset_opt['phase'] == 'val'
+    with pytest.raises(OptionError, match='expected one option file'):
+        model_from_source(tmp_path)
+    experiment = tmp_path / 'exp'
+    experiment.mkdir()
+    shutil.copy(OPTIONS / 'train_ucm_x2.yml', experiment)
+    with pytest.raises(OptionError, match='no models/net_g_latest.pth'):
+        model_from_source(experiment)
+    with pytest.raises(OptionError, match='names no weights'):
+        model_from_source(OPTIONS / 'test_ucm_x4.yml', ['path:pretrain_network_g=null'])
