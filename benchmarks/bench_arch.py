@@ -8,15 +8,14 @@ the heads at least 20 runs):
   ``conv_before_upsample`` features; the authors' dense evaluation of the same experts is shown for reference;
 - peak memory of one forward, each model in its own subprocess: on CUDA ``max_memory_allocated``, on the CPU
   the rise of the process's peak resident set (VmHWM, reset through ``/proc/self/clear_refs``) over the
-  resident set before the forward, with glibc's mmap threshold at 64 KiB so that freed tensors leave the
-  resident set (repeatable to within 0.1 MiB).
+  resident set before the forward, with glibc's mmap threshold fixed at 64 KiB so that freed tensors leave
+  the resident set (``hmoe_arch.bench.peak_memory_mib``; repeatable to within 0.1 MiB).
 
 Usage: ``python benchmarks/bench_arch.py [--device cuda] [--size 64] [--scale 4] [--runs 5]``.
 It prints a table of times and ratios; it asserts nothing.
 """
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 
 import hmoe_arch  # noqa: F401
 from hmoe_arch import MFGHMoEArch
+from hmoe_arch.bench import fix_malloc_threshold, peak_memory_mib
 
 HAT_RGB_MEAN = [0.4488, 0.4371, 0.4040]
 
@@ -93,39 +93,19 @@ def head_inputs(net: MFGHMoEArch, x: torch.Tensor) -> Dict[str, torch.Tensor]:
 
 def memory_worker(kind: str, args: argparse.Namespace) -> Dict[str, float]:
     """Peak memory of one forward of ``kind`` in this process (MiB)."""
+    fix_malloc_threshold()
+    device = torch.device(args.device)
     net = build(kind, args.scale, args.device)
-    x = torch.rand(1, 3, args.size, args.size, device=args.device)
+    x = torch.rand(1, 3, args.size, args.size, device=device)
     with torch.no_grad():
         net(x)  # first-call allocations (thread pools, kernels) are not the network's
-        if args.device.startswith('cuda'):
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            net(x)
-            torch.cuda.synchronize()
-            return {'peak_mib': (torch.cuda.max_memory_allocated() - base) / 2**20}
-        with open('/proc/self/clear_refs', 'w') as f:
-            f.write('5')
-        base = read_status('VmRSS')
-        net(x)
-        return {'peak_mib': (read_status('VmHWM') - base) / 1024}
-
-
-def read_status(field: str) -> int:
-    with open('/proc/self/status') as f:
-        for line in f:
-            if line.startswith(field + ':'):
-                return int(line.split()[1])
-    raise RuntimeError(f'/proc/self/status has no {field}')
+        return {'peak_mib': peak_memory_mib(lambda: net(x), device)}
 
 
 def measure_memory(kind: str, args: argparse.Namespace) -> float:
     command = [sys.executable, __file__, '--memory-worker', kind, '--device', args.device, '--size',
                str(args.size), '--scale', str(args.scale)]
-    # glibc serves allocations above the threshold with mmap and returns them on free, so the resident set
-    # follows the live tensors instead of what the heap happened to keep
-    env = {**os.environ, 'MALLOC_MMAP_THRESHOLD_': '65536'}
-    result = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])['peak_mib']
 
 

@@ -19,7 +19,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import cv2
 import numpy as np
@@ -194,10 +194,12 @@ def count_macs(net: torch.nn.Module, lr_size: int, device: torch.device) -> floa
     return counter.get_total_flops() / 2
 
 
-def _fix_malloc() -> None:
+def fix_malloc_threshold() -> None:
+    """Make glibc serve allocations above 64 KiB with mmap and return them on free (no dynamic threshold), so
+    the resident set follows the live tensors."""
     try:
         ctypes.CDLL('libc.so.6').mallopt(-3, 65536)  # M_MMAP_THRESHOLD
-    except OSError:
+    except (OSError, AttributeError):
         pass
 
 
@@ -207,6 +209,27 @@ def _status_kib(field_name: str) -> int:
             if line.startswith(field_name + ':'):
                 return int(line.split()[1])
     raise RuntimeError(f'/proc/self/status has no {field_name}')
+
+
+def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float:
+    """Peak memory that one call of ``fn`` adds: CUDA ``max_memory_allocated`` above the allocation before
+    it, or on the CPU the rise of the peak resident set (VmHWM, reset via ``/proc/self/clear_refs``); NaN
+    where neither is available."""
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+        base = _status_kib('VmRSS')
+        fn()
+        return (_status_kib('VmHWM') - base) / 1024
+    except OSError:
+        return float('nan')
 
 
 def latency_and_memory(net: torch.nn.Module, lr_size: int, device: torch.device, runs: int):
@@ -224,21 +247,7 @@ def latency_and_memory(net: torch.nn.Module, lr_size: int, device: torch.device,
             if cuda:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            net(x)
-            torch.cuda.synchronize()
-            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-        else:
-            try:
-                with open('/proc/self/clear_refs', 'w') as f:
-                    f.write('5')
-                base = _status_kib('VmRSS')
-                net(x)
-                peak = (_status_kib('VmHWM') - base) / 1024
-            except OSError:
-                peak = float('nan')
+        peak = peak_memory_mib(lambda: net(x), device)
     return statistics.median(times), peak
 
 
@@ -311,7 +320,7 @@ def run_bench(sources: Sequence[Path], out: Path, *, device: str = 'cpu', lr_siz
     if device.startswith('cuda') and not torch.cuda.is_available():
         raise OptionError('--device cuda: no CUDA device is available')
     dev = torch.device(device)
-    _fix_malloc()
+    fix_malloc_threshold()
     models = [model_from_source(Path(s), force_yml) for s in sources]
     rows: List[BenchRow] = []
     seen_sets = set()
