@@ -11,7 +11,8 @@ the heads at least 20 runs):
   resident set before the forward, with glibc's mmap threshold fixed at 64 KiB so that freed tensors leave
   the resident set (``hmoe_arch.bench.peak_memory_mib``; repeatable to within 0.1 MiB).
 
-Usage: ``python benchmarks/bench_arch.py [--device cuda] [--size 64] [--scale 4] [--runs 5]``.
+Usage: ``python benchmarks/bench_arch.py [--device cuda] [--size 64] [--scale 4] [--runs 5]
+[--attention sdpa|plain]``.
 It prints a table of times and ratios; it asserts nothing.
 """
 import argparse
@@ -32,13 +33,13 @@ from hmoe_arch.bench import fix_malloc_threshold, peak_memory_mib
 HAT_RGB_MEAN = [0.4488, 0.4371, 0.4040]
 
 
-def build(kind: str, scale: int, device: str) -> MFGHMoEArch:
+def build(kind: str, scale: int, device: str, attention: str = 'sdpa') -> MFGHMoEArch:
     """The paper-size network: ``'moe'`` (defaults) or ``'hat'`` (exact HAT), same seed for the backbone."""
     torch.manual_seed(0)
     if kind == 'hat':
-        net = MFGHMoEArch(upscale=scale, moe=False, mfa=False, rgb_mean=HAT_RGB_MEAN)
+        net = MFGHMoEArch(upscale=scale, moe=False, mfa=False, rgb_mean=HAT_RGB_MEAN, attention=attention)
     else:
-        net = MFGHMoEArch(upscale=scale)
+        net = MFGHMoEArch(upscale=scale, attention=attention)
     return net.to(device).eval()
 
 
@@ -95,7 +96,7 @@ def memory_worker(kind: str, args: argparse.Namespace) -> Dict[str, float]:
     """Peak memory of one forward of ``kind`` in this process (MiB)."""
     fix_malloc_threshold()
     device = torch.device(args.device)
-    net = build(kind, args.scale, args.device)
+    net = build(kind, args.scale, args.device, args.attention)
     x = torch.rand(1, 3, args.size, args.size, device=device)
     with torch.no_grad():
         net(x)  # first-call allocations (thread pools, kernels) are not the network's
@@ -104,7 +105,7 @@ def memory_worker(kind: str, args: argparse.Namespace) -> Dict[str, float]:
 
 def measure_memory(kind: str, args: argparse.Namespace) -> float:
     command = [sys.executable, __file__, '--memory-worker', kind, '--device', args.device, '--size',
-               str(args.size), '--scale', str(args.scale)]
+               str(args.size), '--scale', str(args.scale), '--attention', args.attention]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])['peak_mib']
 
@@ -116,13 +117,15 @@ def main() -> None:
     parser.add_argument('--scale', type=int, default=4)
     parser.add_argument('--runs', type=int, default=5)
     parser.add_argument('--warmup', type=int, default=1)
+    parser.add_argument('--attention', choices=['sdpa', 'plain'], default='sdpa', help='network_g.attention of both')
     parser.add_argument('--memory-worker', choices=['moe', 'hat'], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_worker:
         print(json.dumps(memory_worker(args.memory_worker, args)))
         return
 
-    moe, hat = build('moe', args.scale, args.device), build('hat', args.scale, args.device)
+    moe = build('moe', args.scale, args.device, args.attention)
+    hat = build('hat', args.scale, args.device, args.attention)
     x = torch.rand(1, 3, args.size, args.size, device=args.device)
     with torch.no_grad():
         full = paired_medians({'moe': lambda: moe(x), 'hat': lambda: hat(x)}, args.device, args.runs, args.warmup)
@@ -142,7 +145,7 @@ def main() -> None:
     device_name = torch.cuda.get_device_name() if args.device.startswith('cuda') else \
         f'CPU, {torch.get_num_threads()} threads'
     print(f'MFGHMoEArch vs HAT: 1x3x{args.size}x{args.size}, x{args.scale}, embed 180, depths 6x6, window 16, '
-          f'eval, {device_name}, torch {torch.__version__}; median of {args.runs} runs')
+          f'attention {args.attention}, eval, {device_name}, torch {torch.__version__}; median of {args.runs} runs')
     print(f'routing of this input: {groups} pixels per group (kernel sizes '
           f'{[k for k, _ in moe.upsample.moe.expert_groups]}); dense vs sparse max |diff| {dense_gap:.2e}')
     print()

@@ -4,7 +4,7 @@ One routine, shared by the model's validation/test and later by ``bench`` and ``
 (out of memory included) propagate: no tile is ever left blank.
 """
 import math
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -30,14 +30,16 @@ def padded_forward(net: Network, x: torch.Tensor, scale: int, window_size: int) 
 
 
 def tiled_forward(net: Network, x: torch.Tensor, scale: int, window_size: int, tile_size: int,
-                  tile_pad: int) -> torch.Tensor:
+                  tile_pad: int, output_device: Optional[torch.device] = None) -> torch.Tensor:
     """Super-resolve ``x`` tile by tile.
 
     Each ``tile_size`` tile is processed with ``tile_pad`` pixels of context on every side (where the image
-    has them) and only its own area is kept, so neighbouring tiles meet without seams from zero padding.
+    has them) and only its own area is kept, so neighbouring tiles meet without seams from zero padding. The
+    working memory is that of one tile, whatever the image size; with ``output_device`` (e.g. the CPU while
+    the network runs on a GPU) the output is assembled there, so the device holds one tile at a time.
 
     Returns:
-        ``(B, C, H*scale, W*scale)``.
+        ``(B, C, H*scale, W*scale)`` on ``output_device`` (default: the device of the network's output).
     """
     if tile_size < 1 or tile_pad < 0:
         raise ValueError(f'tile_size must be >= 1 and tile_pad >= 0, got {tile_size} and {tile_pad}')
@@ -51,7 +53,8 @@ def tiled_forward(net: Network, x: torch.Tensor, scale: int, window_size: int, t
             ctx_bottom, ctx_right = min(bottom + tile_pad, height), min(right + tile_pad, width)
             sr = padded_forward(net, x[..., ctx_top:ctx_bottom, ctx_left:ctx_right], scale, window_size)
             if out is None:
-                out = sr.new_empty(batch, sr.shape[1], height * scale, width * scale)
+                out = torch.empty(batch, sr.shape[1], height * scale, width * scale, dtype=sr.dtype,
+                                  device=output_device or sr.device)
             out[..., top * scale:bottom * scale, left * scale:right * scale] = sr[
                 ..., (top - ctx_top) * scale:(bottom - ctx_top) * scale,
                 (left - ctx_left) * scale:(right - ctx_left) * scale]

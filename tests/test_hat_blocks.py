@@ -1,11 +1,13 @@
 """HAT building blocks against brute-force computations of the same definitions."""
+import pytest
 import torch
 import torch.nn.functional as F
 
 from hmoe_arch.archs.hat_blocks import (OverlappingCrossAttentionBlock, PatchEmbed, PatchUnEmbed,
                                         ResidualHybridAttentionGroup, WindowAttention, image_to_tokens,
                                         relative_position_index_overlap, relative_position_index_self,
-                                        shifted_window_mask, tokens_to_image, window_partition, window_reverse)
+                                        scaled_attention, shifted_window_mask, tokens_to_image, window_partition,
+                                        window_reverse)
 
 
 def test_window_partition_layout_and_round_trip() -> None:
@@ -104,3 +106,29 @@ def test_residual_group_is_a_residual() -> None:
     torch.nn.init.zeros_(group.conv.bias)
     assert torch.equal(group(x, (4, 4), relative_position_index_self(2), relative_position_index_overlap(2, 4),
                              shifted_window_mask(4, 4, 2, 1)), x)
+
+
+@pytest.mark.parametrize('head_dim', [30, 32])
+def test_fused_attention_equals_the_plain_path_in_values_and_gradients(head_dim: int) -> None:
+    tensors = [torch.randn(6, 3, 16, head_dim, requires_grad=True) for _ in range(3)]
+    bias = torch.randn(1, 3, 16, 16, requires_grad=True)
+    mask = torch.zeros(6, 1, 16, 16)
+    mask[::2, :, :, 8:] = -100.0
+    results = {}
+    for fused in (False, True):
+        out = scaled_attention(*tensors, bias + mask, head_dim ** -0.5, 0.0, fused)
+        upstream = torch.linspace(-1, 1, out.numel()).view_as(out)
+        grads = torch.autograd.grad((out * upstream).sum(), tensors + [bias])
+        results[fused] = (out, grads)
+    torch.testing.assert_close(results[True][0], results[False][0], atol=1e-5, rtol=1e-5)
+    for fused_grad, plain_grad in zip(results[True][1], results[False][1]):
+        torch.testing.assert_close(fused_grad, plain_grad, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_dropout_only_in_training() -> None:
+    attn = WindowAttention(dim=8, window_size=2, num_heads=2, attn_drop=0.5)
+    x, rpi = torch.rand(4, 4, 8), relative_position_index_self(2)
+    attn.train()
+    assert not torch.allclose(attn(x, rpi), attn(x, rpi))
+    attn.eval()
+    assert torch.equal(attn(x, rpi), attn(x, rpi))

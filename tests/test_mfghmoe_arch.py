@@ -109,6 +109,21 @@ def test_use_checkpoint_recomputes_instead_of_storing() -> None:
         torch.testing.assert_close(ckpt_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_fused_and_plain_attention_give_the_same_training_step() -> None:
+    x = torch.rand(2, 3, 16, 16)
+    results = []
+    for attention in ('plain', 'sdpa'):
+        torch.manual_seed(0)
+        net = MFGHMoEArch(**tiny(expert_groups=SMALL_GROUPS, drop_path_rate=0.0, attention=attention)).train()
+        out = net(x)
+        out.abs().mean().backward()
+        results.append((out.detach(), {n: p.grad for n, p in net.named_parameters() if p.grad is not None}))
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-4, rtol=1e-4)
+    assert results[1][1].keys() == results[0][1].keys()
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, atol=1e-5, rtol=1e-3, msg=name)
+
+
 def test_drop_path_and_dropout_act_in_training_only() -> None:
     net = MFGHMoEArch(**tiny_hat(drop_path_rate=0.5, drop_rate=0.3, attn_drop_rate=0.3))
     x = torch.rand(1, 3, 8, 8)
@@ -183,10 +198,11 @@ def test_every_parameter_gets_a_gradient_with_moe_and_mfa() -> None:
 
 # ------------------------------------------------------------------------------------------------------
 # reference vectors
+@pytest.mark.parametrize('attention', ['sdpa', 'plain'])
 @pytest.mark.parametrize('name', ['hat_x2', 'hat_x4'])
-def test_hat_reference_vectors(name: str) -> None:
+def test_hat_reference_vectors(name: str, attention: str) -> None:
     ref = load_reference(f'{name}.pt')
-    net = MFGHMoEArch(**ref['config'], moe=False, mfa=False, rgb_mean=HAT_RGB_MEAN).eval()
+    net = MFGHMoEArch(**ref['config'], moe=False, mfa=False, rgb_mean=HAT_RGB_MEAN, attention=attention).eval()
     net.load_state_dict(ref['state_dict'], strict=True)
     with torch.no_grad():
         out = net(ref['input'])
@@ -194,10 +210,11 @@ def test_hat_reference_vectors(name: str) -> None:
     assert (out - ref['output']).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize('attention', ['sdpa', 'plain'])
 @pytest.mark.parametrize('name', ['official_mfghmoe_x2', 'official_mfghmoe_x4'])
-def test_authors_reference_vectors(name: str) -> None:
+def test_authors_reference_vectors(name: str, attention: str) -> None:
     ref = load_reference(f'{name}.pt')
-    net = MFGHMoEArch(**ref['config']).eval()
+    net = MFGHMoEArch(**ref['config'], attention=attention).eval()
     net.load_state_dict(ref['state_dict'], strict=True)
     with torch.no_grad():
         out = net(ref['input'])
@@ -299,6 +316,7 @@ def test_shape_mismatch_is_reported_not_loaded(basicsr_log) -> None:
     (dict(upsampler='pixelshuffledirect'), r'`upsampler` must be one of'),
     (dict(resi_connection='3conv'), r'`resi_connection` must be one of'),
     (dict(routing='triple'), r'`routing` must be one of'),
+    (dict(attention='flash'), r'`attention` must be one of'),
     (dict(window_size=0), r'`window_size` must be an integer >= 1'),
     (dict(depths=[1, 0]), r'`depths\[1\]` must be an integer >= 1'),
     (dict(img_size=2), r'`img_size` must be at least window_size'),

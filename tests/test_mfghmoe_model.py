@@ -164,3 +164,46 @@ def test_validation_saves_expert_maps_and_usage(tmp_path: Path, workdir: Path) -
     image = cv2.imread(str(maps / f'{dataset.stems[0]}.png'))
     assert image.shape[1] > 2 * 256
     assert (maps / 'expert_usage.csv').read_text().count('\n') == 1 + 3
+
+
+def test_bf16_training_and_inference_keep_routing_in_fp32(tmp_path: Path) -> None:
+    fp32 = build_model(options(tmp_path))
+    bf16 = build_model(options(tmp_path, use_amp='bf16'))
+    bf16.net_g.load_state_dict(fp32.net_g.state_dict())
+    lq = torch.rand(1, 3, 8, 8)
+    for model in (fp32, bf16):
+        model.feed_data({'lq': lq})
+        model.test()
+    assert bf16.output.dtype == torch.float32
+    assert (bf16.output - fp32.output).abs().mean() < 0.05
+    bare = bf16.get_bare_model(bf16.net_g)
+    routing = bare.upsample.moe.last_routing
+    assert routing.group_probs.dtype == torch.float32 and routing.weight.dtype == torch.float32
+    feed(bf16)
+    bf16.optimize_parameters(1)
+    assert math.isfinite(bf16.get_current_log()['l_pix'])
+    assert all(p.dtype == torch.float32 for p in bare.parameters())
+    assert bare.upsample.moe.gate.w_group_gate.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="`use_amp` must be false or 'bf16'"):
+        build_model(options(tmp_path, use_amp='fp16'))
+
+
+def test_compiled_training_and_inference_match_eager(tmp_path: Path) -> None:
+    eager = build_model(options(tmp_path, train={'ema_decay': 0.5}))
+    compiled = build_model(options(tmp_path, train={'ema_decay': 0.5}, compile=True))
+    compiled.get_bare_model(compiled.net_g).load_state_dict(eager.net_g.state_dict())
+    compiled.get_bare_model(compiled.net_g_ema).load_state_dict(eager.net_g_ema.state_dict())
+    torch.manual_seed(3)
+    data = {'lq': torch.rand(2, 3, 8, 8), 'gt': torch.rand(2, 3, 16, 16)}
+    for model in (eager, compiled):
+        model.feed_data(data)
+        model.optimize_parameters(1)
+        model.test()
+    assert compiled.get_current_log()['l_pix'] == pytest.approx(eager.get_current_log()['l_pix'], rel=1e-4)
+    torch.testing.assert_close(compiled.output, eager.output, atol=1e-4, rtol=1e-4)
+    (tmp_path / 'models').mkdir()
+    (tmp_path / 'states').mkdir()
+    compiled.save(0, 1)
+    saved = torch.load(tmp_path / 'models' / 'net_g_1.pth', weights_only=True)
+    assert not any('_orig_mod' in key for key in saved['params'])
+    assert set(saved['params']) == set(eager.net_g.state_dict())

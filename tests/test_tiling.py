@@ -59,3 +59,10 @@ def test_errors_inside_a_tile_propagate() -> None:
         tiled_forward(failing, torch.rand(1, 3, 8, 8), 2, 4, tile_size=4, tile_pad=0)
     with pytest.raises(ValueError, match='tile_size must be >= 1'):
         tiled_forward(failing, torch.rand(1, 3, 8, 8), 2, 4, tile_size=0, tile_pad=0)
+
+
+def test_output_can_be_assembled_on_another_device() -> None:
+    x = torch.rand(1, 3, 9, 9)
+    out = tiled_forward(lambda t: t.repeat_interleave(2, -1).repeat_interleave(2, -2), x, 2, 1, 4, 1,
+                        output_device=torch.device('meta'))
+    assert out.device.type == 'meta' and out.shape == (1, 3, 18, 18)

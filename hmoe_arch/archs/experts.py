@@ -57,17 +57,19 @@ class _GroupedExpertLinear(torch.autograd.Function):
     """``out[s] = w[s] * (rows[s] @ W_e.T + b_e)`` for consecutive slices of slots, one expert per slice.
 
     ``rows`` come per group (a group's experts share the row width ``C*k*k``); all slices are written into
-    one ``(S, O)`` buffer in slot order. Where every weight is exactly 1 (top-1 routing, whose
-    straight-through weights have value 1) the scaling is skipped in forward. Backward is one matmul per
+    one ``(S, O)`` buffer in slot order. All inputs share one dtype (the caller casts expert parameters and
+    weights to the features' dtype under autocast). With ``unit`` (top-1 routing, whose straight-through
+    weights have value exactly 1) the scaling is skipped in forward. Backward is one matmul per
     expert for each of the gradients of ``rows``, the expert weight and bias, plus a row-wise dot product for
     ``w``.
     """
 
     @staticmethod
-    def forward(ctx, slot_weight: torch.Tensor, counts: List[List[int]], *tensors: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, slot_weight: torch.Tensor, unit: bool, counts: List[List[int]], *tensors: torch.Tensor
+                ) -> torch.Tensor:
         num_groups = len(counts)
         group_rows, params = tensors[:num_groups], tensors[num_groups:]
-        out = slot_weight.new_empty(slot_weight.shape[0], params[0].shape[0])
+        out = group_rows[0].new_empty(slot_weight.shape[0], params[0].shape[0])
         start, param = 0, 0
         for rows, group_counts in zip(group_rows, counts):
             row = 0
@@ -75,7 +77,7 @@ class _GroupedExpertLinear(torch.autograd.Function):
                 torch.addmm(params[param + 1], rows[row:row + count], params[param].t(),
                             out=out[start:start + count])
                 start, row, param = start + count, row + count, param + 2
-        ctx.counts, ctx.unit = counts, bool((slot_weight == 1).all())
+        ctx.counts, ctx.unit = counts, unit
         ctx.save_for_backward(slot_weight, out if ctx.needs_input_grad[0] else None, *tensors)
         return out if ctx.unit else out * slot_weight.unsqueeze(1)
 
@@ -89,7 +91,7 @@ class _GroupedExpertLinear(torch.autograd.Function):
         grad_rows, grad_params = [], []
         start, param = 0, 0
         for g, (rows, group_counts) in enumerate(zip(group_rows, ctx.counts)):
-            needs_rows = ctx.needs_input_grad[2 + g]
+            needs_rows = ctx.needs_input_grad[3 + g]
             grad_group = rows.new_empty(rows.shape) if needs_rows else None
             row = 0
             for count in group_counts:
@@ -99,7 +101,7 @@ class _GroupedExpertLinear(torch.autograd.Function):
                 grad_params += [part.t() @ rows[row:row + count], part.sum(0)]
                 start, row, param = start + count, row + count, param + 2
             grad_rows.append(grad_group)
-        return (grad_weight, None, *grad_rows, *grad_params)
+        return (grad_weight, None, None, *grad_rows, *grad_params)
 
 
 class HeterogeneousMoE(nn.Module):
@@ -153,7 +155,9 @@ class HeterogeneousMoE(nn.Module):
             :meth:`aux_loss` computes its load-balancing loss on demand.
         """
         batch, _, height, width = x.shape
-        routing = self.gate(rearrange(routing_features, 'b c h w -> (b h w) c'))
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            # routing decisions in fp32 whatever the autocast precision of the rest
+            routing = self.gate(rearrange(routing_features, 'b c h w -> (b h w) c').float())
         self.last_routing = routing.detach()
         self._routing_with_graph = routing
         self.last_grid = (batch, height, width)
@@ -196,9 +200,10 @@ class HeterogeneousMoE(nn.Module):
             group_rows.append(gather_neighbourhoods(x, slots_pixel[cursor:cursor + size], kernel_size))
             group_counts.append([counts[index] for index in used])
             for index in used:
-                params += [self.experts[index].weight.view(self.out_channels, -1), self.experts[index].bias]
+                expert = self.experts[index]
+                params += [expert.weight.view(self.out_channels, -1).to(x.dtype), expert.bias.to(x.dtype)]
             cursor += size
-        values = _GroupedExpertLinear.apply(slots_weight, group_counts, *group_rows, *params)
+        values = _GroupedExpertLinear.apply(slots_weight.to(x.dtype), top_k == 1, group_counts, *group_rows, *params)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
         values = values.index_select(0, inverse)

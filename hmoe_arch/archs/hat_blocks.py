@@ -40,6 +40,32 @@ def window_reverse(windows: torch.Tensor, window_size: int, height: int, width: 
                      nw=width // window_size, wh=window_size, ww=window_size)
 
 
+def scaled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float,
+                     dropout_p: float, fused: bool) -> torch.Tensor:
+    """``dropout(softmax(scale * q @ k^T + bias)) @ v``.
+
+    Args:
+        q: ``(B, h, Nq, d)``; k, v: ``(B, h, Nk, d)``.
+        bias: Additive bias broadcastable to ``(B, h, Nq, Nk)`` (relative position bias, shift mask).
+        fused: Use ``F.scaled_dot_product_attention`` (a fused kernel where the device has one; the head
+            dimension is zero-padded to a multiple of 8, which fused kernels need and which leaves the result
+            unchanged); otherwise HAT's explicit computation, which stores the probabilities for backward.
+
+    Returns:
+        ``(B, h, Nq, d)``.
+    """
+    if not fused:
+        attn = ((q * scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1)
+        return F.dropout(attn, dropout_p, training=dropout_p > 0) @ v
+    head_dim = q.shape[-1]
+    pad = (-head_dim) % 8
+    if pad:
+        q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
+    mask = bias.to(q.dtype).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    return out[..., :head_dim] if pad else out
+
+
 def relative_position_index_self(window_size: int) -> torch.Tensor:
     """Index into a ``(2w-1)^2`` bias table for every (query, key) pair of a ``w x w`` window.
 
@@ -99,11 +125,14 @@ class WindowAttention(nn.Module):
         qk_scale: Query scale; ``None`` means ``head_dim ** -0.5``.
         attn_drop: Dropout on the attention probabilities.
         proj_drop: Dropout after the output projection.
+        fused: Compute attention with ``scaled_dot_product_attention`` (see :func:`scaled_attention`).
     """
 
     def __init__(self, dim: int, window_size: int, num_heads: int, qkv_bias: bool = True,
-                 qk_scale: Optional[float] = None, attn_drop: float = 0.0, proj_drop: float = 0.0) -> None:
+                 qk_scale: Optional[float] = None, attn_drop: float = 0.0, proj_drop: float = 0.0,
+                 fused: bool = True) -> None:
         super().__init__()
+        self.fused = fused
         self.dim = dim
         self.window_size = window_size
         self.num_heads = num_heads
@@ -127,15 +156,12 @@ class WindowAttention(nn.Module):
         """
         n = x.shape[1]
         q, k, v = rearrange(self.qkv(x), 'b n (three h d) -> three b h n d', three=3, h=self.num_heads)
-        attn = (q * self.scale) @ k.transpose(-2, -1)
-        bias = self.relative_position_bias_table[rpi.reshape(-1)].reshape(n, n, -1).permute(2, 0, 1)
-        attn = attn + bias.unsqueeze(0)
+        bias = self.relative_position_bias_table[rpi.reshape(-1)].reshape(n, n, -1).permute(2, 0, 1).unsqueeze(0)
         if mask is not None:
             num_windows = mask.shape[0]
-            attn = attn.view(-1, num_windows, self.num_heads, n, n) + mask.unsqueeze(1).unsqueeze(0)
-            attn = attn.view(-1, self.num_heads, n, n)
-        attn = self.attn_drop(attn.softmax(dim=-1))
-        x = rearrange(attn @ v, 'b h n d -> b n (h d)')
+            bias = (bias + mask.unsqueeze(1)).repeat(x.shape[0] // num_windows, 1, 1, 1)
+        dropout = self.attn_drop.p if self.training else 0.0
+        x = rearrange(scaled_attention(q, k, v, bias, self.scale, dropout, self.fused), 'b h n d -> b n (h d)')
         return self.proj_drop(self.proj(x))
 
 
@@ -183,13 +209,14 @@ class HybridAttentionBlock(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, window_size: int, shift_size: int, compress_ratio: int,
                  squeeze_factor: int, conv_scale: float, mlp_ratio: float, qkv_bias: bool,
-                 qk_scale: Optional[float], drop: float, attn_drop: float, drop_path: float) -> None:
+                 qk_scale: Optional[float], drop: float, attn_drop: float, drop_path: float,
+                 fused_attention: bool = True) -> None:
         super().__init__()
         self.window_size = window_size
         self.shift_size = shift_size
         self.conv_scale = conv_scale
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = WindowAttention(dim, window_size, num_heads, qkv_bias, qk_scale, attn_drop, drop)
+        self.attn = WindowAttention(dim, window_size, num_heads, qkv_bias, qk_scale, attn_drop, drop, fused_attention)
         self.conv_block = ChannelAttentionBlock(dim, compress_ratio, squeeze_factor)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
@@ -228,8 +255,9 @@ class OverlappingCrossAttentionBlock(nn.Module):
     ``o x o`` windows (``o = w + int(overlap_ratio * w)``) centred on them, then an MLP."""
 
     def __init__(self, dim: int, window_size: int, overlap_ratio: float, num_heads: int, qkv_bias: bool,
-                 qk_scale: Optional[float], mlp_ratio: float) -> None:
+                 qk_scale: Optional[float], mlp_ratio: float, fused_attention: bool = True) -> None:
         super().__init__()
+        self.fused = fused_attention
         self.dim = dim
         self.window_size = window_size
         self.num_heads = num_heads
@@ -263,10 +291,9 @@ class OverlappingCrossAttentionBlock(nn.Module):
         kv = rearrange(torch.cat((k, v), dim=-1), 'b h w c -> b c h w')
         kv = F.unfold(kv, kernel_size=ows, stride=ws, padding=(ows - ws) // 2)
         k, v = rearrange(kv, 'b (two h d ow) nw -> two (b nw) h ow d', two=2, h=self.num_heads, ow=ows * ows)
-        attn = (q * self.scale) @ k.transpose(-2, -1)
         bias = self.relative_position_bias_table[rpi.reshape(-1)].reshape(ws * ws, ows * ows, -1)
-        attn = (attn + bias.permute(2, 0, 1).unsqueeze(0)).softmax(dim=-1)
-        x = window_reverse(rearrange(attn @ v, 'b h n d -> b n (h d)'), ws, height, width)
+        out = scaled_attention(q, k, v, bias.permute(2, 0, 1).unsqueeze(0), self.scale, 0.0, self.fused)
+        x = window_reverse(rearrange(out, 'b h n d -> b n (h d)'), ws, height, width)
         x = self.proj(x.flatten(1, 2)) + shortcut
         return x + self.mlp(self.norm2(x))
 
@@ -279,16 +306,16 @@ class HybridAttentionGroupBody(nn.Module):
     def __init__(self, dim: int, depth: int, num_heads: int, window_size: int, shift_size: int,
                  compress_ratio: int, squeeze_factor: int, conv_scale: float, overlap_ratio: float,
                  mlp_ratio: float, qkv_bias: bool, qk_scale: Optional[float], drop: float, attn_drop: float,
-                 drop_path: Tuple[float, ...], use_checkpoint: bool) -> None:
+                 drop_path: Tuple[float, ...], use_checkpoint: bool, fused_attention: bool = True) -> None:
         super().__init__()
         self.use_checkpoint = use_checkpoint
         self.blocks = nn.ModuleList([
             HybridAttentionBlock(dim, num_heads, window_size, 0 if i % 2 == 0 else shift_size, compress_ratio,
                                  squeeze_factor, conv_scale, mlp_ratio, qkv_bias, qk_scale, drop, attn_drop,
-                                 drop_path[i]) for i in range(depth)
+                                 drop_path[i], fused_attention) for i in range(depth)
         ])
         self.overlap_attn = OverlappingCrossAttentionBlock(dim, window_size, overlap_ratio, num_heads, qkv_bias,
-                                                           qk_scale, mlp_ratio)
+                                                           qk_scale, mlp_ratio, fused_attention)
 
     def _run(self, block: nn.Module, *args) -> torch.Tensor:
         if self.use_checkpoint and self.training and torch.is_grad_enabled():
@@ -310,11 +337,13 @@ class ResidualHybridAttentionGroup(nn.Module):
     def __init__(self, dim: int, depth: int, num_heads: int, window_size: int, shift_size: int,
                  compress_ratio: int, squeeze_factor: int, conv_scale: float, overlap_ratio: float,
                  mlp_ratio: float, qkv_bias: bool, qk_scale: Optional[float], drop: float, attn_drop: float,
-                 drop_path: Tuple[float, ...], use_checkpoint: bool, resi_connection: str) -> None:
+                 drop_path: Tuple[float, ...], use_checkpoint: bool, resi_connection: str,
+                 fused_attention: bool = True) -> None:
         super().__init__()
         self.residual_group = HybridAttentionGroupBody(
             dim, depth, num_heads, window_size, shift_size, compress_ratio, squeeze_factor, conv_scale,
-            overlap_ratio, mlp_ratio, qkv_bias, qk_scale, drop, attn_drop, drop_path, use_checkpoint)
+            overlap_ratio, mlp_ratio, qkv_bias, qk_scale, drop, attn_drop, drop_path, use_checkpoint,
+            fused_attention)
         self.conv = nn.Conv2d(dim, dim, 3, 1, 1) if resi_connection == '1conv' else nn.Identity()
 
     def forward(self, x: torch.Tensor, x_size: Size2D, rpi_sa: torch.Tensor, rpi_oca: torch.Tensor,

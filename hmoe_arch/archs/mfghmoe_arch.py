@@ -35,6 +35,7 @@ HAT_RGB_MEAN = (0.4488, 0.4371, 0.4040)
 UPSAMPLERS = ('pixelshuffle',)
 RESI_CONNECTIONS = ('1conv', 'identity')
 ROUTINGS = ('dual', 'single')
+ATTENTIONS = ('sdpa', 'plain')
 PAPER_EXPERT_GROUPS = ({'kernel_size': 1, 'num_experts': 8}, {'kernel_size': 3, 'num_experts': 8})
 
 
@@ -106,7 +107,7 @@ class MFGHMoEArch(nn.Module):
                  upsampler: str = 'pixelshuffle', resi_connection: str = '1conv',
                  rgb_mean: Optional[Sequence[float]] = None, mfa: bool = True, moe: bool = True,
                  expert_groups: Sequence[Mapping] = PAPER_EXPERT_GROUPS, top_k: int = 1, routing: str = 'dual',
-                 **unknown: Any) -> None:
+                 attention: str = 'sdpa', **unknown: Any) -> None:
         super().__init__()
         if unknown:
             valid = [name for name in inspect.signature(MFGHMoEArch.__init__).parameters if name not in
@@ -162,6 +163,8 @@ class MFGHMoEArch(nn.Module):
             _fail('resi_connection', f'one of {RESI_CONNECTIONS}', resi_connection)
         if routing not in ROUTINGS:
             _fail('routing', f'one of {ROUTINGS}', routing)
+        if attention not in ATTENTIONS:
+            _fail('attention', f'one of {ATTENTIONS}', attention)
         if rgb_mean is not None and (isinstance(rgb_mean, (str, Mapping)) or not isinstance(rgb_mean, Sequence)
                                      or len(rgb_mean) != in_chans):
             _fail('rgb_mean', f'null or a list of in_chans ({in_chans}) numbers', rgb_mean)
@@ -210,7 +213,7 @@ class MFGHMoEArch(nn.Module):
             self.layers.append(ResidualHybridAttentionGroup(
                 embed_dim, depth, heads, window_size, self.shift_size, compress_ratio, squeeze_factor, conv_scale,
                 overlap_ratio, mlp_ratio, qkv_bias, qk_scale, drop_rate, attn_drop_rate,
-                tuple(drop_path[start:start + depth]), use_checkpoint, resi_connection))
+                tuple(drop_path[start:start + depth]), use_checkpoint, resi_connection, attention == 'sdpa'))
         self.norm = nn.LayerNorm(embed_dim)
         if mfa:
             self.mfg = MultiLevelFeatureAggregation(len(depths), embed_dim, NUM_FEAT)

@@ -2,6 +2,12 @@
 
 Differences from ``SRModel`` (everything else is SRModel's):
 
+- ``use_amp: bf16`` (top level): training forward and inference under bf16 autocast (the MoE routing stays
+  fp32; outputs and losses are fp32);
+- ``compile: true`` (top level): ``torch.compile`` of net_g (and of its EMA copy for inference); checkpoints
+  keep plain keys.
+  The sparse MoE dispatch splits the graph where it reads the per-expert pixel counts (one graph break);
+
 - ``test``: pads LR to a multiple of ``window_size`` and crops the output (HAT's behaviour); with
   ``tile: {tile_size, tile_pad}`` it runs tile by tile (:mod:`hmoe_arch.tiling`), and errors surface; the
   network's train/eval mode is restored afterwards;
@@ -38,8 +44,8 @@ from ..tiling import padded_forward, tiled_forward
 class MFGHMoEModel(SRModel):
     """SR model for MFGHMoEArch (and any BasicSR network: the MoE parts apply only where the network has them).
 
-    Option keys on top of SRModel's: ``tile: {tile_size, tile_pad}`` (top level), ``train.aux_loss_weight``
-    (default 0), ``find_unused_parameters`` (default true, distributed training).
+    Option keys on top of SRModel's: ``tile: {tile_size, tile_pad}``, ``use_amp: bf16``, ``compile`` (top level),
+    ``train.aux_loss_weight`` (default 0), ``find_unused_parameters`` (default true, distributed training).
     """
 
     def __init__(self, opt: Dict[str, Any]) -> None:
@@ -60,6 +66,19 @@ class MFGHMoEModel(SRModel):
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
             raise ValueError(f'MFGHMoEModel: `train.aux_loss_weight` must be a number >= 0, got {weight!r}')
         self.aux_loss_weight = float(weight)
+        amp = opt.get('use_amp', False)
+        if amp not in (False, None, 'bf16'):
+            raise ValueError(f"MFGHMoEModel: `use_amp` must be false or 'bf16', got {amp!r}")
+        self.amp_dtype = torch.bfloat16 if amp == 'bf16' else None
+        compiled = opt.get('compile', False)
+        if not isinstance(compiled, bool):
+            raise ValueError(f'MFGHMoEModel: `compile` must be true or false, got {compiled!r}')
+        self._inference_net = None
+        if compiled:
+            self.net_g = torch.compile(self.net_g)
+            if hasattr(self, 'net_g_ema'):
+                # a compiled view of the same module: BasicSR's EMA update walks net_g_ema's own parameters
+                self._inference_net = torch.compile(self.net_g_ema)
         self._expert_counts = None
         self._group_of_expert = None
         self._maps_dir: Optional[Path] = None
@@ -68,6 +87,11 @@ class MFGHMoEModel(SRModel):
 
     # ------------------------------------------------------------------------------------------------------
     # devices and weights
+    def get_bare_model(self, net: torch.nn.Module) -> torch.nn.Module:
+        """The network inside DataParallel/DistributedDataParallel and ``torch.compile`` wrappers."""
+        net = super().get_bare_model(getattr(net, '_orig_mod', net))
+        return getattr(net, '_orig_mod', net)
+
     def model_to_device(self, net: torch.nn.Module) -> torch.nn.Module:
         if not self.opt['dist']:
             return super().model_to_device(net)
@@ -100,9 +124,15 @@ class MFGHMoEModel(SRModel):
 
     # ------------------------------------------------------------------------------------------------------
     # training
+    def _autocast(self):
+        """bf16 autocast when ``use_amp: bf16`` (no loss scaling is needed for bf16), else a no-op context."""
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
     def optimize_parameters(self, current_iter: int) -> None:
         self.optimizer_g.zero_grad()
-        self.output = self.net_g(self.lq)
+        with self._autocast():
+            self.output = self.net_g(self.lq)
+        self.output = self.output.float()
         bare = self.get_bare_model(self.net_g)
         l_total = 0
         loss_dict = OrderedDict()
@@ -185,15 +215,17 @@ class MFGHMoEModel(SRModel):
 
     def test(self) -> None:
         net = self.net_g_ema if hasattr(self, 'net_g_ema') else self.net_g
+        runner = net if self._inference_net is None else self._inference_net
         was_training = net.training
         net.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), self._autocast():
                 if self.tile is None:
-                    self.output = padded_forward(net, self.lq, self.scale, self.window_size)
+                    self.output = padded_forward(runner, self.lq, self.scale, self.window_size)
                 else:
-                    self.output = tiled_forward(net, self.lq, self.scale, self.window_size,
+                    self.output = tiled_forward(runner, self.lq, self.scale, self.window_size,
                                                 self.tile['tile_size'], self.tile['tile_pad'])
+            self.output = self.output.float()
         finally:
             net.train(was_training)
         if self._maps_dir is not None:

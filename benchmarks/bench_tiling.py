@@ -1,0 +1,105 @@
+"""Bounded-memory inference: peak memory of tiled x4 inference against the LR size, and the seam error.
+
+For each LR size (default 256, 512, 1024), one subprocess runs ``hmoe_arch.tiling.tiled_forward`` with a
+fixed tile and reports its peak memory: on CUDA the device's ``max_memory_allocated`` above the model, with
+the output assembled on the CPU, so only tiles live on the device; on the CPU the rise of the peak resident
+set, shown with the output's own size subtracted (the working memory). Then, in this process, the seam
+error: tiled vs whole-image output on an image that fits.
+
+Usage: ``python benchmarks/bench_tiling.py [--device cuda] [--sizes 256 512 1024] [--tile 64]
+[--tile-pad 16] [--tiny]``. ``--tiny`` (the default on CPU) uses a small network (embed 60, depths [2, 2],
+window 8) so that 1024^2 LR finishes in minutes; on CUDA the default is the paper-size network. It asserts
+nothing.
+"""
+import argparse
+import json
+import subprocess
+import sys
+
+import torch
+
+import hmoe_arch  # noqa: F401
+from hmoe_arch import MFGHMoEArch
+from hmoe_arch.bench import fix_malloc_threshold, peak_memory_mib
+from hmoe_arch.tiling import padded_forward, tiled_forward
+
+TINY = dict(embed_dim=60, depths=[2, 2], num_heads=[6, 6], window_size=8, squeeze_factor=10)
+
+
+def build(args: argparse.Namespace) -> MFGHMoEArch:
+    torch.manual_seed(0)
+    net = MFGHMoEArch(upscale=args.scale, **(TINY if args.tiny else {}))
+    return net.to(args.device).eval()
+
+
+def worker(args: argparse.Namespace) -> dict:
+    fix_malloc_threshold()
+    device = torch.device(args.device)
+    net = build(args)
+    x = torch.rand(1, 3, args.worker_size, args.worker_size, device=device)
+    output_device = torch.device('cpu')
+
+    def run() -> None:
+        with torch.no_grad():
+            tiled_forward(net, x, args.scale, net.window_size, args.tile, args.tile_pad, output_device)
+
+    run_small = torch.rand(1, 3, args.tile, args.tile, device=device)
+    with torch.no_grad():
+        net(run_small)  # first-call allocations are not the tiling's
+    peak = peak_memory_mib(run, device)
+    output_mib = 3 * (args.worker_size * args.scale) ** 2 * 4 / 2**20
+    return {'peak_mib': peak, 'output_mib': output_mib}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--scale', type=int, default=4)
+    parser.add_argument('--sizes', type=int, nargs='+', default=[256, 512, 1024])
+    parser.add_argument('--tile', type=int, default=64)
+    parser.add_argument('--tile-pad', type=int, default=16)
+    parser.add_argument('--tiny', action=argparse.BooleanOptionalAction, default=None,
+                        help='small network (default on CPU)')
+    parser.add_argument('--seam-size', type=int, default=128, help='LR side of the seam-error image')
+    parser.add_argument('--worker-size', type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.tiny is None:
+        args.tiny = not args.device.startswith('cuda')
+    if args.worker_size:
+        print(json.dumps(worker(args)))
+        return
+
+    rows = []
+    for size in args.sizes:
+        command = [sys.executable, __file__, '--device', args.device, '--scale', str(args.scale), '--tile',
+                   str(args.tile), '--tile-pad', str(args.tile_pad), '--worker-size', str(size),
+                   '--tiny' if args.tiny else '--no-tiny']
+        result = subprocess.run(command, capture_output=True, text=True, check=True)
+        rows.append((size, json.loads(result.stdout.strip().splitlines()[-1])))
+
+    net = build(args)
+    x = torch.rand(1, 3, args.seam_size, args.seam_size, device=args.device)
+    with torch.no_grad():
+        whole = padded_forward(net, x, args.scale, net.window_size)
+        tiled = tiled_forward(net, x, args.scale, net.window_size, args.tile, args.tile_pad)
+    gap = (whole - tiled).abs()
+
+    device = torch.cuda.get_device_name() if args.device.startswith('cuda') else \
+        f'CPU, {torch.get_num_threads()} threads'
+    network = 'tiny (embed 60, depths [2, 2], window 8)' if args.tiny else 'paper size (embed 180, 6x6, window 16)'
+    print(f'tiled x{args.scale} inference, tile {args.tile} + pad {args.tile_pad}, {network}, {device}, '
+          f'torch {torch.__version__}')
+    print()
+    print('| LR size | peak (MiB) | output (MiB) | peak - output (MiB) |')
+    print('| --- | --- | --- | --- |')
+    for size, row in rows:
+        on_host = not args.device.startswith('cuda')
+        working = row['peak_mib'] - row['output_mib'] if on_host else row['peak_mib']
+        print(f'| {size}x{size} | {row["peak_mib"]:.1f} | {row["output_mib"]:.1f} | {working:.1f} |')
+    print()
+    print(f'seam error on {args.seam_size}x{args.seam_size} LR (tiled vs whole image, values in [0, 1]): mean '
+          f'{gap.mean().item():.2e}, max {gap.max().item():.2e}')
+
+
+if __name__ == '__main__':
+    main()
