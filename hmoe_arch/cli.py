@@ -18,6 +18,7 @@ import argparse
 import logging
 import os
 import os.path as osp
+import pickle
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -38,21 +39,34 @@ from .options import OptionError, parse_options
 
 
 def load_resume_state(opt: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-    """BasicSR's resume logic, with the state mapped to the training device (CPU included)."""
-    path = None
+    """BasicSR's resume logic, with the state mapped to the training device (CPU included).
+
+    With ``--auto_resume`` the newest training state that loads is used: BasicSR writes states in place, so a
+    run killed while writing one leaves it truncated; such a file is reported and the previous one is used.
+    """
+    device = torch.device(f'cuda:{torch.cuda.current_device()}') if opt['num_gpu'] > 0 else torch.device('cpu')
+    state, path = None, None
     if opt['auto_resume']:
         state_dir = osp.join('experiments', opt['name'], 'training_states')
-        if osp.isdir(state_dir):
-            states = [int(name.split('.state')[0]) for name in scandir(state_dir, suffix='state', recursive=False)]
-            if states:
-                path = osp.join(state_dir, f'{max(states)}.state')
-                opt['path']['resume_state'] = path
+        names = sorted(scandir(state_dir, suffix='state', recursive=False), key=lambda n: int(n.split('.state')[0]),
+                       reverse=True) if osp.isdir(state_dir) else []
+        for name in names:
+            candidate = osp.join(state_dir, name)
+            try:
+                state = torch.load(candidate, map_location=device, weights_only=True)
+            except (EOFError, RuntimeError, pickle.UnpicklingError) as error:
+                get_root_logger().warning(f'auto_resume: {candidate} cannot be read ({type(error).__name__}: '
+                                          f'{error}); it was probably being written when the run stopped. '
+                                          'Trying the previous state.')
+                continue
+            path = candidate
+            opt['path']['resume_state'] = path
+            break
     elif opt['path'].get('resume_state'):
         path = opt['path']['resume_state']
-    if path is None:
+        state = torch.load(path, map_location=device, weights_only=True)
+    if state is None:
         return None
-    device = torch.device(f'cuda:{torch.cuda.current_device()}') if opt['num_gpu'] > 0 else torch.device('cpu')
-    state = torch.load(path, map_location=device, weights_only=True)
     check_resume(opt, state['iter'])
     return state
 

@@ -75,6 +75,27 @@ def test_train_from_lmdb(cwd: Path) -> None:
     assert '# psnr:' in run.stderr
 
 
+def readable(path: Path) -> bool:
+    try:
+        torch.load(path, weights_only=True)
+    except (EOFError, RuntimeError):
+        return False
+    return True
+
+
+def test_truncated_state_is_reported_and_the_previous_one_used(cwd: Path) -> None:
+    args = ['train', '-opt', str(OPTIONS / 'train_ucm_x2.yml'), '--force_yml', *TINY_TRAINING, 'name=trunc',
+            'val:val_freq=1000', 'logger:save_checkpoint_freq=2']
+    first = basicsr(args + ['train:total_iter=4'], cwd)
+    assert first.returncode == 0, first.stderr[-3000:]
+    state = cwd / 'experiments' / 'trunc' / 'training_states' / '4.state'
+    state.write_bytes(state.read_bytes()[:100])
+    resumed = basicsr(args + ['train:total_iter=5', '--auto_resume'], cwd)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert '4.state cannot be read' in resumed.stderr
+    assert re.search(r'Resuming training from epoch: \d+, iter: 2\.', resumed.stderr)
+
+
 def test_killed_training_resumes_from_its_last_checkpoint(cwd: Path) -> None:
     args = ['train', '-opt', str(OPTIONS / 'train_ucm_x2.yml'), '--force_yml', *TINY_TRAINING,
             'val:val_freq=1000', 'logger:save_checkpoint_freq=2']
@@ -90,7 +111,8 @@ def test_killed_training_resumes_from_its_last_checkpoint(cwd: Path) -> None:
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    last = max(int(p.name.split('.')[0]) for p in states.iterdir())
+    iterations = sorted((int(p.name.split('.')[0]) for p in states.iterdir()), reverse=True)
+    last = next(i for i in iterations if readable(states / f'{i}.state'))
     resumed = basicsr(args + [f'train:total_iter={last + 2}', '--auto_resume'], cwd)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert re.search(rf'Resuming training from epoch: \d+, iter: {last}\.', resumed.stderr)
