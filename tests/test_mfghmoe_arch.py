@@ -340,8 +340,9 @@ def test_invalid_configurations_raise_value_error_naming_the_key(overrides: dict
 
 
 def test_unknown_keyword_is_named() -> None:
-    with pytest.raises(ValueError, match=r"unknown keyword\(s\) \['num_expert'\]; valid keys: img_size"):
-        MFGHMoEArch(**tiny(num_expert=16))
+    with pytest.raises(ValueError, match=r"unknown keyword\(s\) \['embed_dims'\] \(did you mean: embed_dims -> "
+                                         r"embed_dim\?\); valid keys: img_size"):
+        MFGHMoEArch(**tiny(embed_dims=16))
 
 
 def test_constructor_is_keyword_only() -> None:

@@ -9,6 +9,7 @@ Configurations:
 ``forward(x)`` returns only the SR image, as HAT's does; the auxiliary load-balancing loss and the routing of
 the last forward are attributes (:attr:`MFGHMoEArch.aux_loss`, :meth:`MFGHMoEArch.routing_maps`).
 """
+import difflib
 import inspect
 import math
 import os
@@ -112,7 +113,11 @@ class MFGHMoEArch(nn.Module):
         if unknown:
             valid = [name for name in inspect.signature(MFGHMoEArch.__init__).parameters if name not in
                      ('self', 'unknown')]
-            raise ValueError(f'MFGHMoEArch: unknown keyword(s) {sorted(unknown)}; valid keys: {", ".join(valid)}')
+            hints = [f'{key} -> {match[0]}?' for key in sorted(unknown)
+                     if (match := difflib.get_close_matches(key, valid, n=1))]
+            hint = f' (did you mean: {", ".join(hints)})' if hints else ''
+            raise ValueError(f'MFGHMoEArch: unknown keyword(s) {sorted(unknown)}{hint}; valid keys: '
+                             f'{", ".join(valid)}')
         for key, value, minimum in (('img_size', img_size, 1), ('patch_size', patch_size, 1),
                                     ('in_chans', in_chans, 1), ('embed_dim', embed_dim, 1),
                                     ('window_size', window_size, 1), ('compress_ratio', compress_ratio, 1),
