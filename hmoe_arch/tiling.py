@@ -1,13 +1,17 @@
-"""Inference on inputs of any size: padding to the window size and tiled inference with overlap.
+"""Inference on inputs of any size: padding to the window size and tiled inference.
 
-One routine, shared by the model's validation/test and later by ``bench`` and ``infer``. Errors inside a tile
-(out of memory included) propagate: no tile is ever left blank.
+Two tilings: :func:`tiled_forward` (each tile computed with surrounding context, only its own area kept;
+used by the model's validation/test and ``bench``) and :func:`blended_tiled_forward` (overlapping tiles
+averaged with feather weights; used by ``infer``). Errors inside a tile (out of memory included) propagate:
+no tile is ever left blank.
 """
 import math
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 Network = Callable[[torch.Tensor], torch.Tensor]
 
@@ -59,3 +63,57 @@ def tiled_forward(net: Network, x: torch.Tensor, scale: int, window_size: int, t
                 ..., (top - ctx_top) * scale:(bottom - ctx_top) * scale,
                 (left - ctx_left) * scale:(right - ctx_left) * scale]
     return out
+
+
+def feather(length: int, ramp_before: int, ramp_after: int) -> torch.Tensor:
+    """1D weights: rising over ``ramp_before`` samples, falling over ``ramp_after``, 1 in between (> 0)."""
+    weights = torch.ones(length)
+    if ramp_before:
+        weights[:ramp_before] = torch.arange(1, ramp_before + 1) / (ramp_before + 1)
+    if ramp_after:
+        weights[length - ramp_after:] = torch.minimum(weights[length - ramp_after:],
+                                                      torch.arange(ramp_after, 0, -1) / (ramp_after + 1))
+    return weights
+
+
+def tile_starts(size: int, tile: int, overlap: int) -> List[int]:
+    """Start offsets of tiles of ``tile`` samples overlapping by ``overlap`` that cover ``size`` samples."""
+    if size <= tile:
+        return [0]
+    stride = tile - overlap
+    starts = list(range(0, size - tile, stride))
+    return starts + [size - tile]
+
+
+def blended_tiled_forward(net: Network, x: torch.Tensor, scale: int, window_size: int, tile: int,
+                          overlap: int, progress: bool = False,
+                          expert_map: Optional[np.ndarray] = None) -> torch.Tensor:
+    """SR of ``x`` ``(1, C, H, W)`` from overlapping tiles averaged with feather weights; returns
+    ``(1, C, H*scale, W*scale)`` on the CPU (the network's device holds one tile at a time). With
+    ``expert_map`` (an ``(H, W)`` integer array, MoE networks) each LR pixel's expert is recorded there (in
+    overlaps, from the later tile)."""
+    if tile < 1 or not 0 <= overlap < tile:
+        raise ValueError(f'tile must be >= 1 and 0 <= overlap < tile, got {tile} and {overlap}')
+    _, channels, height, width = x.shape
+    out = torch.zeros(1, channels, height * scale, width * scale)
+    total = torch.zeros(1, 1, height * scale, width * scale)
+    rows, cols = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
+    with tqdm(total=len(rows) * len(cols), unit='tile', disable=not progress, leave=False) as bar:
+        for top in rows:
+            for left in cols:
+                bottom, right = min(top + tile, height), min(left + tile, width)
+                piece = x[..., top:bottom, left:right]
+                sr = net(pad_to_multiple(piece, window_size))[..., :(bottom - top) * scale, :(right - left) * scale]
+                if expert_map is not None:
+                    routed = net.routing_maps()['expert'][0, :bottom - top, :right - left, 0]
+                    expert_map[top:bottom, left:right] = routed.cpu().numpy()
+                ramp_v = feather((bottom - top) * scale, overlap * scale if top > 0 else 0,
+                                 overlap * scale if bottom < height else 0)
+                ramp_h = feather((right - left) * scale, overlap * scale if left > 0 else 0,
+                                 overlap * scale if right < width else 0)
+                weight = (ramp_v[:, None] * ramp_h[None, :])[None, None]
+                region = (..., slice(top * scale, bottom * scale), slice(left * scale, right * scale))
+                out[region] += sr.float().cpu() * weight
+                total[region] += weight
+                bar.update()
+    return out / total

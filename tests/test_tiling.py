@@ -1,11 +1,13 @@
 """Padding to the window size and tiled inference."""
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import SMALL_GROUPS, tiny
 from hmoe_arch import MFGHMoEArch
-from hmoe_arch.tiling import pad_to_multiple, padded_forward, tiled_forward
+from hmoe_arch.tiling import (blended_tiled_forward, feather, pad_to_multiple, padded_forward, tile_starts,
+                              tiled_forward)
 
 
 def test_pad_to_multiple_reflects_and_keeps_the_image() -> None:
@@ -66,3 +68,26 @@ def test_output_can_be_assembled_on_another_device() -> None:
     out = tiled_forward(lambda t: t.repeat_interleave(2, -1).repeat_interleave(2, -2), x, 2, 1, 4, 1,
                         output_device=torch.device('meta'))
     assert out.device.type == 'meta' and out.shape == (1, 3, 18, 18)
+
+
+def test_feather_and_tile_layout() -> None:
+    torch.testing.assert_close(feather(6, 2, 0), torch.tensor([1 / 3, 2 / 3, 1, 1, 1, 1]))
+    torch.testing.assert_close(feather(5, 0, 2), torch.tensor([1, 1, 1, 2 / 3, 1 / 3]))
+    assert tile_starts(10, 16, 4) == [0]
+    assert tile_starts(40, 16, 4) == [0, 12, 24]
+    assert tile_starts(41, 16, 4) == [0, 12, 24, 25]
+
+
+def test_blended_tiles_match_the_whole_image() -> None:
+    net = MFGHMoEArch(**tiny(upscale=2, expert_groups=SMALL_GROUPS)).eval()
+    x = torch.rand(1, 3, 30, 27)
+    experts = np.full((30, 27), -1)
+    with torch.no_grad():
+        whole = padded_forward(net, x, 2, 4)
+        tiled = blended_tiled_forward(net, x, 2, 4, tile=20, overlap=8, expert_map=experts)
+    assert tiled.shape == whole.shape
+    # HAT's channel attention pools over its whole input, so tiles cannot equal the whole image exactly
+    assert (tiled - whole).abs().mean() < 0.3 * whole.abs().mean()
+    assert experts.min() >= 0 and experts.max() <= 3
+    identity = blended_tiled_forward(lambda t: t.repeat_interleave(2, -1).repeat_interleave(2, -2), x, 2, 1, 8, 3)
+    torch.testing.assert_close(identity, x.repeat_interleave(2, -1).repeat_interleave(2, -2))

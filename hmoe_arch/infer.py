@@ -1,0 +1,148 @@
+"""``basicsr infer``: super-resolve image files and folders with any trained network of this project, the
+authors' released weights or HAT's, with feathered tiled inference (:func:`hmoe_arch.tiling.blended_tiled_forward`).
+"""
+import math
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import cv2
+import numpy as np
+import torch
+import yaml
+from basicsr.archs import build_network
+from basicsr.utils import get_root_logger, img2tensor, tensor2img
+from basicsr.utils.options import ordered_yaml
+from tqdm import tqdm
+
+from .archs import MFGHMoEArch
+from .archs.mfghmoe_arch import checkpoint_filter_fn
+from .expert_maps import save_expert_map
+from .options import OptionError, apply_force_yml
+from .tiling import blended_tiled_forward
+
+IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp')
+
+
+# ----------------------------------------------------------------------------------------------------------
+# network
+def checkpoint_scale(state: Dict[str, torch.Tensor]) -> Optional[int]:
+    """The upscaling factor a state_dict was trained for, read from its upsampler's shapes (None if unknown)."""
+    experts = state.get('upsample.0.experts.0.weight')
+    if experts is not None:
+        return round(math.sqrt(experts.shape[0] / experts.shape[1]))
+    convs = [state[k] for k in sorted(state) if k.startswith('upsample.') and k.endswith('.weight')
+             and state[k].dim() == 4]
+    if convs and all(c.shape[0] == 4 * c.shape[1] for c in convs):
+        return 2 ** len(convs)
+    if len(convs) == 1 and convs[0].shape[0] == 9 * convs[0].shape[1]:
+        return 3
+    return None
+
+
+def network_options(opt_path: Optional[Path], arch_args: Sequence[str]) -> Dict[str, Any]:
+    """``network_g`` of an option file (default: MFGHMoEArch's defaults) with ``key=value`` overrides (YAML)."""
+    network: Dict[str, Any] = {'type': 'MFGHMoEArch'}
+    if opt_path is not None:
+        try:
+            with open(opt_path) as f:
+                opt = yaml.load(f, Loader=ordered_yaml()[0])
+        except (OSError, yaml.YAMLError) as error:
+            raise OptionError(f'-opt {opt_path}: cannot read the option file ({error})') from error
+        if not isinstance(opt, dict) or 'network_g' not in opt:
+            raise OptionError(f'-opt {opt_path}: no network_g block')
+        network = dict(opt['network_g'])
+    holder = {'network_g': network}
+    for entry in arch_args:
+        apply_force_yml(holder, f'network_g:{entry}')
+    return holder['network_g']
+
+
+def load_network(weights: Path, network: Dict[str, Any], device: torch.device) -> torch.nn.Module:
+    """Build ``network`` and load ``weights`` strictly (``params_ema``, else ``params``, else the file itself)."""
+    if not weights.is_file():
+        raise OptionError(f'--weights {weights}: no such file')
+    try:
+        checkpoint = torch.load(weights, map_location='cpu', weights_only=True)
+    except Exception as error:
+        raise OptionError(f'--weights {weights}: not a checkpoint torch.load(weights_only=True) can read '
+                          f'({error})') from error
+    key = 'params_ema' if isinstance(checkpoint, dict) and 'params_ema' in checkpoint else 'params'
+    try:
+        state = checkpoint_filter_fn(checkpoint, key, str(weights))
+        net = build_network(dict(network))
+    except ValueError as error:
+        raise OptionError(str(error)) from error
+    scale, trained = getattr(net, 'upscale', None), checkpoint_scale(state)
+    if scale is not None and trained is not None and scale != trained:
+        raise OptionError(f'--weights {weights}: trained for x{trained}, but the network is x{scale} '
+                          f'(use --arch-args upscale={trained})')
+    try:
+        if isinstance(net, MFGHMoEArch):
+            net.load_pretrained(state, strict=True)
+        else:
+            net.load_state_dict(state, strict=True)
+    except (ValueError, RuntimeError) as error:
+        raise OptionError(f'--weights {weights}: does not fit the network: {error}') from error
+    return net.to(device).eval()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# files
+def input_files(path: Path) -> List[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise OptionError(f'--input {path}: no images ({", ".join(IMAGE_SUFFIXES)}) in this folder')
+        return files
+    if path.is_file():
+        return [path]
+    raise OptionError(f'--input {path}: no such file or folder')
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """An 8-bit RGB image as float32 BGR in [0, 1]."""
+    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise OptionError(f'{path}: cannot be read as an image')
+    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+        raise OptionError(f'{path}: {img.dtype} image with shape {img.shape}; expected 8-bit RGB (GeoTIFFs and '
+                          '16-bit scenes are not supported yet)')
+    return img.astype(np.float32) / 255.0
+
+
+def output_paths(inputs: List[Path], output: Path) -> Iterator[Tuple[Path, Path]]:
+    single = len(inputs) == 1 and output.suffix.lower() in IMAGE_SUFFIXES
+    for path in inputs:
+        yield path, output if single else output / f'{path.stem}_SR.png'
+
+
+def infer(weights: Path, input_path: Path, output: Path, *, opt_path: Optional[Path] = None,
+          arch_args: Sequence[str] = (), tile: int = 256, tile_pad: int = 32, device: str = 'cpu',
+          expert_map: bool = False, progress: bool = True) -> List[Path]:
+    """Super-resolve every input; returns the written SR paths."""
+    if device.startswith('cuda') and not torch.cuda.is_available():
+        raise OptionError('--device cuda: no CUDA device is available')
+    if tile < 1 or not 0 <= tile_pad < tile:
+        raise OptionError(f'--tile must be >= 1 and 0 <= --tile-pad < --tile, got {tile} and {tile_pad}')
+    inputs = input_files(input_path)
+    net = load_network(weights, network_options(opt_path, arch_args), torch.device(device))
+    scale = int(getattr(net, 'upscale', getattr(net, 'scale', 1)))
+    window = int(getattr(net, 'window_size', 1))
+    if expert_map and not (isinstance(net, MFGHMoEArch) and net.moe):
+        raise OptionError('--expert-map needs an MFGHMoEArch with its MoE upsampler')
+    written = []
+    for source, target in tqdm(list(output_paths(inputs, output)), unit='image', disable=not progress):
+        lq = img2tensor(read_rgb(source), bgr2rgb=True, float32=True).unsqueeze(0).to(device)
+        experts = np.zeros(lq.shape[2:], np.int64) if expert_map else None
+        with torch.no_grad():
+            sr = blended_tiled_forward(net, lq, scale, window, tile, tile_pad, progress, experts)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        sr_img = tensor2img(sr)
+        if not cv2.imwrite(str(target), sr_img):
+            raise OptionError(f'--output {target}: cannot write it')
+        written.append(target)
+        if experts is not None:
+            save_expert_map(target.with_name(f'{target.stem}_experts.png'), sr_img, experts,
+                            [n for _, n in net.upsample.moe.expert_groups], scale)
+    get_root_logger().info(f'infer: {len(written)} image(s) written to {output}')
+    return written
