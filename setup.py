@@ -34,7 +34,7 @@ setup(
         'numpy',
         'pyyaml',
     ],
-    extras_require={'test': ['pytest>=7']},
+    extras_require={'test': ['pytest>=7', 'rasterio>=1.3'], 'geo': ['rasterio>=1.3']},
     entry_points={'console_scripts': ['basicsr = hmoe_arch.cli:main']},
     classifiers=[
         'Programming Language :: Python :: 3',

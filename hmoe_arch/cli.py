@@ -173,20 +173,24 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument('--force_yml', nargs='+', default=(), metavar='KEY:SUB=VALUE',
                        help='override options of every source (VALUE is YAML)')
     inf = commands.add_parser(
-        'infer', help='super-resolve image files or folders (tiled, feathered blending)',
-        description='Super-resolve an image or every image of a folder with tiled inference.')
+        'infer', help='super-resolve images, folders and GeoTIFFs (tiled, feathered blending)',
+        description='Super-resolve an image, a GeoTIFF or every one of a folder with tiled inference.')
     inf.add_argument('--weights', type=Path, required=True, help='checkpoint (this project, the authors\' release '
                      'or HAT with the exact HAT network); params_ema is used when present')
     inf.add_argument('-opt', type=Path, default=None, help='option file whose network_g builds the network '
                      '(default: MFGHMoEArch defaults, the paper x4 model)')
     inf.add_argument('--arch-args', nargs='+', default=(), metavar='KEY=VALUE',
                      help='network_g overrides, VALUE is YAML (e.g. upscale=2 moe=false)')
-    inf.add_argument('--input', type=Path, required=True, help='an image file or a folder of images')
+    inf.add_argument('--input', type=Path, required=True, help='an image or GeoTIFF, or a folder of them')
     inf.add_argument('--output', type=Path, required=True, help='output image file (single input) or folder')
     inf.add_argument('--tile', type=int, default=256, help='LR tile side')
     inf.add_argument('--tile-pad', type=int, default=32, help='LR overlap between tiles, blended with feathering')
     inf.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    inf.add_argument('--expert-map', action='store_true', help='also write <name>_experts.png (MoE networks)')
+    inf.add_argument('--expert-map', action='store_true', help='also write <name>_experts.png (or a '
+                     'georeferenced <name>_experts.tif for GeoTIFFs; MoE networks)')
+    inf.add_argument('--bands', type=lambda text: [int(b) for b in text.split(',')], default=None,
+                     metavar='R,G,B', help='GeoTIFF bands (1-based) to use as RGB, e.g. 3,2,1')
+    inf.add_argument('--block', type=int, default=1024, help='GeoTIFF block side in LR pixels (bounds memory)')
     inf.add_argument('--no-progress', action='store_true')
     return parser
 
@@ -203,8 +207,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     progress=not args.no_progress)
         elif args.command == 'infer':
             infer(args.weights, args.input, args.output, opt_path=args.opt, arch_args=args.arch_args, tile=args.tile,
-                  tile_pad=args.tile_pad, device=args.device, expert_map=args.expert_map,
-                  progress=not args.no_progress)
+                  tile_pad=args.tile_pad, device=args.device, expert_map=args.expert_map, bands=args.bands,
+                  block=args.block, progress=not args.no_progress)
         elif args.command == 'bench':
             run_bench(args.sources, args.out, device=args.device, lr_size=args.lr_size, runs=args.runs,
                       per_class=args.per_class, expert_maps=args.expert_maps, force_yml=args.force_yml)

@@ -1,5 +1,6 @@
-"""``basicsr infer``: super-resolve image files and folders with any trained network of this project, the
-authors' released weights or HAT's, with feathered tiled inference (:func:`hmoe_arch.tiling.blended_tiled_forward`).
+"""``basicsr infer``: super-resolve image files, folders and GeoTIFFs with any trained network of this project,
+the authors' released weights or HAT's, with feathered tiled inference
+(:func:`hmoe_arch.tiling.blended_tiled_forward`; GeoTIFFs in bounded-memory blocks, :mod:`hmoe_arch.geotiff`).
 """
 import math
 from pathlib import Path
@@ -17,6 +18,7 @@ from tqdm import tqdm
 from .archs import MFGHMoEArch
 from .archs.mfghmoe_arch import checkpoint_filter_fn
 from .expert_maps import save_expert_map
+from .geotiff import is_georeferenced, super_resolve_geotiff
 from .options import OptionError, apply_force_yml
 from .tiling import blended_tiled_forward
 
@@ -105,25 +107,30 @@ def read_rgb(path: Path) -> np.ndarray:
     if img is None:
         raise OptionError(f'{path}: cannot be read as an image')
     if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
-        raise OptionError(f'{path}: {img.dtype} image with shape {img.shape}; expected 8-bit RGB (GeoTIFFs and '
-                          '16-bit scenes are not supported yet)')
+        raise OptionError(f'{path}: {img.dtype} image with shape {img.shape}; expected 8-bit RGB (16-bit and '
+                          'multi-band scenes are read as GeoTIFFs with a CRS)')
     return img.astype(np.float32) / 255.0
 
 
 def output_paths(inputs: List[Path], output: Path) -> Iterator[Tuple[Path, Path]]:
     single = len(inputs) == 1 and output.suffix.lower() in IMAGE_SUFFIXES
     for path in inputs:
-        yield path, output if single else output / f'{path.stem}_SR.png'
+        suffix = '.tif' if is_georeferenced(path) else '.png'
+        yield path, output if single else output / f'{path.stem}_SR{suffix}'
 
 
 def infer(weights: Path, input_path: Path, output: Path, *, opt_path: Optional[Path] = None,
           arch_args: Sequence[str] = (), tile: int = 256, tile_pad: int = 32, device: str = 'cpu',
-          expert_map: bool = False, progress: bool = True) -> List[Path]:
-    """Super-resolve every input; returns the written SR paths."""
+          expert_map: bool = False, bands: Optional[Sequence[int]] = None, block: int = 1024,
+          progress: bool = True) -> List[Path]:
+    """Super-resolve every input (images, or GeoTIFFs with a CRS through :mod:`hmoe_arch.geotiff`); returns
+    the written SR paths."""
     if device.startswith('cuda') and not torch.cuda.is_available():
         raise OptionError('--device cuda: no CUDA device is available')
     if tile < 1 or not 0 <= tile_pad < tile:
         raise OptionError(f'--tile must be >= 1 and 0 <= --tile-pad < --tile, got {tile} and {tile_pad}')
+    if block < tile:
+        raise OptionError(f'--block ({block}) must be at least --tile ({tile})')
     inputs = input_files(input_path)
     net = load_network(weights, network_options(opt_path, arch_args), torch.device(device))
     scale = int(getattr(net, 'upscale', getattr(net, 'scale', 1)))
@@ -132,6 +139,15 @@ def infer(weights: Path, input_path: Path, output: Path, *, opt_path: Optional[P
         raise OptionError('--expert-map needs an MFGHMoEArch with its MoE upsampler')
     written = []
     for source, target in tqdm(list(output_paths(inputs, output)), unit='image', disable=not progress):
+        if is_georeferenced(source):
+            maps = target.with_name(f'{target.stem}_experts.tif') if expert_map else None
+            super_resolve_geotiff(net, source, target, scale=scale, window_size=window, tile=tile, tile_pad=tile_pad,
+                                  bands=bands, block=block, device=torch.device(device), expert_map=maps,
+                                  progress=progress)
+            written.append(target)
+            continue
+        if bands is not None:
+            raise OptionError(f'--bands applies to GeoTIFFs; {source} is not georeferenced')
         lq = img2tensor(read_rgb(source), bgr2rgb=True, float32=True).unsqueeze(0).to(device)
         experts = np.zeros(lq.shape[2:], np.int64) if expert_map else None
         with torch.no_grad():

@@ -1,0 +1,131 @@
+"""Super-resolution of georeferenced rasters (GeoTIFF) of any size, with rasterio (``pip install -e .[geo]``).
+
+The scene is processed in blocks of ``block`` LR pixels, each read with ``tile_pad`` pixels of context and
+super-resolved with feathered tiles (:func:`hmoe_arch.tiling.blended_tiled_forward`); only the block's own
+area is written, so memory is bounded by the block size whatever the scene size. The output keeps the CRS,
+divides the affine transform's pixel size by the scale, keeps the dtype and nodata (an output pixel is
+nodata where its LR pixel is nodata in any used band). Values are scaled to [0, 1] by the dtype's maximum
+(uint8) or, for uint16, by each band's real maximum over valid pixels (one extra windowed pass), and back.
+"""
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .options import OptionError
+from .tiling import blended_tiled_forward
+
+SUPPORTED_DTYPES = ('uint8', 'uint16')
+
+
+def _rasterio():
+    try:
+        import rasterio
+    except ImportError as error:
+        raise OptionError('GeoTIFF input needs rasterio: pip install -e .[geo]') from error
+    return rasterio
+
+
+def is_georeferenced(path: Path) -> bool:
+    """True for a TIFF that rasterio reads with a CRS (plain TIFFs go through the image path)."""
+    if path.suffix.lower() not in ('.tif', '.tiff'):
+        return False
+    try:
+        rasterio = _rasterio()
+    except OptionError:
+        return False
+    with rasterio.open(path) as src:
+        return src.crs is not None
+
+
+def _blocks(size: int, block: int) -> List[int]:
+    return list(range(0, size, block))
+
+
+def _band_scale(src, bands: Sequence[int], dtype: str, block: int) -> np.ndarray:
+    """Per-band divisor mapping values to [0, 1]."""
+    if dtype == 'uint8':
+        return np.full(len(bands), 255.0, np.float32)
+    from rasterio.windows import Window
+    peak = np.zeros(len(bands), np.float64)
+    for top in _blocks(src.height, block):
+        for left in _blocks(src.width, block):
+            window = Window(left, top, min(block, src.width - left), min(block, src.height - top))
+            data = src.read(list(bands), window=window)
+            valid = np.ones(data.shape[1:], bool) if src.nodata is None else np.all(data != src.nodata, axis=0)
+            if valid.any():
+                peak = np.maximum(peak, data[:, valid].max(axis=1))
+    return np.maximum(peak, 1).astype(np.float32)
+
+
+def super_resolve_geotiff(net: torch.nn.Module, source: Path, target: Path, *, scale: int, window_size: int,
+                          tile: int, tile_pad: int, bands: Optional[Sequence[int]] = None, block: int = 1024,
+                          device: torch.device = torch.device('cpu'), expert_map: Optional[Path] = None,
+                          progress: bool = False) -> None:
+    """Write the x``scale`` SR of the GeoTIFF ``source`` to ``target`` (see the module docstring). With
+    ``expert_map``, the expert of every LR pixel is written there as a uint8 GeoTIFF on the input's grid."""
+    rasterio = _rasterio()
+    from affine import Affine
+    from rasterio.windows import Window
+    with rasterio.open(source) as src:
+        if bands is None:
+            if src.count != 3:
+                raise OptionError(f'{source}: {src.count} bands; expected 3 (RGB), or choose three with --bands '
+                                  '(e.g. --bands 3,2,1)')
+            bands = [1, 2, 3]
+        if len(bands) != 3 or any(not 1 <= b <= src.count for b in bands):
+            raise OptionError(f'--bands {",".join(map(str, bands))}: expected three band numbers in 1..{src.count}')
+        dtypes = {src.dtypes[b - 1] for b in bands}
+        if len(dtypes) != 1 or next(iter(dtypes)) not in SUPPORTED_DTYPES:
+            raise OptionError(f'{source}: bands of type {sorted(dtypes)}; supported: {", ".join(SUPPORTED_DTYPES)}')
+        dtype = next(iter(dtypes))
+        divisor = _band_scale(src, bands, dtype, block)
+        nodata = src.nodata
+        profile = src.profile.copy()
+        profile.update(driver='GTiff', width=src.width * scale, height=src.height * scale, count=3, dtype=dtype,
+                       transform=src.transform @ Affine.scale(1 / scale), tiled=True, blockxsize=256,
+                       blockysize=256)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        map_dst = None
+        if expert_map is not None:
+            map_profile = src.profile.copy()
+            map_profile.update(driver='GTiff', count=1, dtype='uint8', nodata=255)
+            map_dst = rasterio.open(expert_map, 'w', **map_profile)
+        try:
+            positions = [(top, left) for top in _blocks(src.height, block) for left in _blocks(src.width, block)]
+            with rasterio.open(target, 'w', **profile) as dst:
+                for top, left in tqdm(positions, unit='block', desc=source.name, disable=not progress, leave=False):
+                    bottom, right = min(top + block, src.height), min(left + block, src.width)
+                    ctx_top, ctx_left = max(top - tile_pad, 0), max(left - tile_pad, 0)
+                    ctx_bottom, ctx_right = min(bottom + tile_pad, src.height), min(right + tile_pad, src.width)
+                    window = Window(ctx_left, ctx_top, ctx_right - ctx_left, ctx_bottom - ctx_top)
+                    data = src.read(list(bands), window=window).astype(np.float32)
+                    invalid = np.zeros(data.shape[1:], bool) if nodata is None else np.any(
+                        data == nodata, axis=0)
+                    x = np.where(invalid, 0.0, np.clip(data / divisor[:, None, None], 0, 1))
+                    experts = np.zeros(x.shape[1:], np.int64) if map_dst is not None else None
+                    with torch.no_grad():
+                        sr = blended_tiled_forward(net, torch.from_numpy(x).unsqueeze(0).to(device), scale,
+                                                   window_size, tile, tile_pad, expert_map=experts)[0].numpy()
+                    rows = slice((top - ctx_top) * scale, (bottom - ctx_top) * scale)
+                    cols = slice((left - ctx_left) * scale, (right - ctx_left) * scale)
+                    values = np.round(np.clip(sr[:, rows, cols], 0, 1) * divisor[:, None, None])
+                    values = values.astype(dtype)
+                    if nodata is not None:
+                        hr_invalid = invalid.repeat(scale, 0).repeat(scale, 1)[rows, cols]
+                        # a valid pixel must not come out as nodata
+                        clash = (values == nodata) & ~hr_invalid[None]
+                        values[clash] = nodata + 1 if nodata < np.iinfo(dtype).max else nodata - 1
+                        values[:, hr_invalid] = nodata
+                    dst.write(values, window=Window(left * scale, top * scale, (right - left) * scale,
+                                                    (bottom - top) * scale))
+                    if map_dst is not None:
+                        core = experts[top - ctx_top:bottom - ctx_top, left - ctx_left:right - ctx_left]
+                        core = np.where(invalid[top - ctx_top:bottom - ctx_top, left - ctx_left:right - ctx_left],
+                                        255, core).astype(np.uint8)
+                        map_dst.write(core[None], window=Window(left, top, right - left, bottom - top))
+        finally:
+            if map_dst is not None:
+                map_dst.close()

@@ -1,0 +1,102 @@
+"""GeoTIFF super-resolution: georeferencing, dtype, nodata, bands, blocks."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SMALL_GROUPS, tiny
+from hmoe_arch import MFGHMoEArch
+from hmoe_arch.geotiff import is_georeferenced, super_resolve_geotiff
+from hmoe_arch.infer import infer
+from hmoe_arch.options import OptionError
+
+rasterio = pytest.importorskip('rasterio', reason='GeoTIFF support needs rasterio (pip install -e .[geo])')
+from rasterio.transform import from_origin  # noqa: E402
+
+TINY_ARGS = ['embed_dim=24', 'depths=[1, 1]', 'num_heads=[2, 2]', 'window_size=4', 'img_size=16',
+             'squeeze_factor=6', 'expert_groups=[{kernel_size: 1, num_experts: 2}, {kernel_size: 3, num_experts: 2}]',
+             'upscale=2']
+
+
+def write_scene(path: Path, bands: int = 3, height: int = 21, width: int = 26, dtype: str = 'uint16') -> np.ndarray:
+    rng = np.random.default_rng(0)
+    data = rng.integers(1, 4096, (bands, height, width)).astype(dtype)
+    data[:, 3:6, 4:9] = 0
+    with rasterio.open(path, 'w', driver='GTiff', width=width, height=height, count=bands, dtype=dtype,
+                       crs='EPSG:32633', transform=from_origin(500000.0, 4200000.0, 0.5, 0.5), nodata=0) as dst:
+        dst.write(data)
+    return data
+
+
+@pytest.fixture
+def net() -> MFGHMoEArch:
+    return MFGHMoEArch(**tiny(upscale=2, expert_groups=SMALL_GROUPS)).eval()
+
+
+@pytest.mark.parametrize('block', [64, 8])
+def test_round_trip_keeps_georeferencing_dtype_and_nodata(tmp_path: Path, net: MFGHMoEArch, block: int) -> None:
+    source, target = tmp_path / 'scene.tif', tmp_path / 'scene_SR.tif'
+    data = write_scene(source)
+    maps = tmp_path / 'experts.tif'
+    super_resolve_geotiff(net, source, target, scale=2, window_size=4, tile=8, tile_pad=2, block=block,
+                          expert_map=maps)
+    with rasterio.open(source) as src, rasterio.open(target) as out:
+        assert (out.width, out.height, out.count) == (52, 42, 3)
+        assert out.crs == src.crs and out.dtypes == ('uint16',) * 3 and out.nodata == 0
+        assert out.transform == from_origin(500000.0, 4200000.0, 0.25, 0.25)
+        sr = out.read()
+    invalid = np.any(data == 0, axis=0).repeat(2, 0).repeat(2, 1)
+    assert np.all(sr[:, invalid] == 0)
+    assert np.all(sr[:, ~invalid] != 0)
+    with rasterio.open(maps) as expert_map:
+        assert expert_map.transform == from_origin(500000.0, 4200000.0, 0.5, 0.5)
+        experts = expert_map.read(1)
+    assert np.all(experts[3:6, 4:9] == 255) and experts[0, 0] <= 3
+
+
+def test_blocks_agree_with_one_block(tmp_path: Path, net: MFGHMoEArch) -> None:
+    source = tmp_path / 'scene.tif'
+    write_scene(source, height=24, width=24)
+    outputs = []
+    for block in (64, 12):
+        target = tmp_path / f'out_{block}.tif'
+        super_resolve_geotiff(net, source, target, scale=2, window_size=4, tile=12, tile_pad=4, block=block)
+        with rasterio.open(target) as out:
+            outputs.append(out.read().astype(np.int64))
+    # blocks overlap by tile_pad pixels of context; HAT's global channel pooling makes them differ slightly
+    assert np.abs(outputs[0] - outputs[1]).mean() < 0.3 * outputs[0].mean()
+
+
+def test_band_selection_and_errors(tmp_path: Path, net: MFGHMoEArch) -> None:
+    source = tmp_path / 'four.tif'
+    write_scene(source, bands=4, dtype='uint8')
+    with pytest.raises(OptionError, match=r'four.tif: 4 bands; expected 3 \(RGB\), or choose three with --bands'):
+        super_resolve_geotiff(net, source, tmp_path / 'x.tif', scale=2, window_size=4, tile=8, tile_pad=2)
+    with pytest.raises(OptionError, match=r'--bands 1,5,2: expected three band numbers in 1..4'):
+        super_resolve_geotiff(net, source, tmp_path / 'x.tif', scale=2, window_size=4, tile=8, tile_pad=2,
+                              bands=[1, 5, 2])
+    super_resolve_geotiff(net, source, tmp_path / 'x.tif', scale=2, window_size=4, tile=8, tile_pad=2,
+                          bands=[3, 2, 1])
+    with rasterio.open(tmp_path / 'x.tif') as out:
+        assert out.count == 3 and out.dtypes[0] == 'uint8'
+    floats = tmp_path / 'float.tif'
+    with rasterio.open(floats, 'w', driver='GTiff', width=8, height=8, count=3, dtype='float32', crs='EPSG:4326',
+                       transform=from_origin(10, 50, 1, 1)) as dst:
+        dst.write(np.zeros((3, 8, 8), np.float32))
+    with pytest.raises(OptionError, match=r"bands of type \['float32'\]; supported: uint8, uint16"):
+        super_resolve_geotiff(net, floats, tmp_path / 'y.tif', scale=2, window_size=4, tile=8, tile_pad=2)
+
+
+def test_infer_command_routes_geotiffs(tmp_path: Path) -> None:
+    weights = tmp_path / 'w.pth'
+    torch.save({'params': MFGHMoEArch(**tiny(upscale=2, expert_groups=SMALL_GROUPS)).state_dict()}, weights)
+    folder = tmp_path / 'scenes'
+    folder.mkdir()
+    write_scene(folder / 'a.tif')
+    assert is_georeferenced(folder / 'a.tif')
+    written = infer(weights, folder, tmp_path / 'out', arch_args=TINY_ARGS, tile=8, tile_pad=2, block=16,
+                    progress=False)
+    assert [p.name for p in written] == ['a_SR.tif']
+    with rasterio.open(written[0]) as out:
+        assert out.crs.to_epsg() == 32633 and out.width == 52
