@@ -12,7 +12,8 @@ they fail on current PyTorch or on CPU:
 - resuming: the training state is mapped to the training device (BasicSR maps it to
   ``torch.cuda.current_device()``, which fails on CPU).
 
-Exit status: 0 on success, 2 on a bad argument, option, input or output location.
+Exit status: 0 on success, 2 on a bad argument, option, input or output location, 3 when training stopped
+on a non-finite loss or gradient.
 """
 import argparse
 import logging
@@ -34,6 +35,7 @@ from basicsr.utils.options import ordered_yaml
 
 from .bench import run_bench
 from .infer import infer
+from .models import NonFiniteLossError
 from .data.degradations import DEGRADATIONS
 from .data.prepare import DATASETS, PrepareError, prepare
 from .options import OptionError, parse_options
@@ -217,6 +219,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (PrepareError, OptionError) as error:
         logger.error(f'basicsr {args.command}: {error}')
         return 2
+    except NonFiniteLossError as error:
+        logger.error(f'basicsr {args.command}: {error}')
+        return 3
     return 0
 
 

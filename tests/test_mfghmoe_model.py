@@ -207,3 +207,50 @@ def test_compiled_training_and_inference_match_eager(tmp_path: Path) -> None:
     saved = torch.load(tmp_path / 'models' / 'net_g_1.pth', weights_only=True)
     assert not any('_orig_mod' in key for key in saved['params'])
     assert set(saved['params']) == set(eager.net_g.state_dict())
+
+
+def test_non_finite_loss_stops_before_the_step(tmp_path: Path) -> None:
+    from hmoe_arch.models import NonFiniteLossError
+    model = build_model(options(tmp_path))
+    before = {k: v.clone() for k, v in model.net_g.state_dict().items()}
+    model.feed_data({'lq': torch.rand(2, 3, 8, 8), 'gt': torch.full((2, 3, 16, 16), float('nan'))})
+    with pytest.raises(NonFiniteLossError, match=r'iteration 7: non-finite l_pix; training stopped before the '
+                                                 r'optimizer step'):
+        model.optimize_parameters(7)
+    assert all(torch.equal(v, before[k]) for k, v in model.net_g.state_dict().items())
+
+
+def test_non_finite_gradient_is_named_and_can_be_skipped(tmp_path: Path, basicsr_log) -> None:
+    model = build_model(options(tmp_path, train={'skip_nonfinite': 1}))
+    bare = model.get_bare_model(model.net_g)
+    before = {k: v.clone() for k, v in bare.state_dict().items()}
+    handle = bare.conv_last.weight.register_hook(lambda grad: grad * float('inf'))
+    feed(model)
+    model.optimize_parameters(3)
+    assert any('iteration 3: non-finite gradient of conv_last.weight; step skipped (1 of train.skip_nonfinite=1)'
+               in m for m in basicsr_log)
+    assert all(torch.equal(v, before[k]) for k, v in bare.state_dict().items())
+    from hmoe_arch.models import NonFiniteLossError
+    with pytest.raises(NonFiniteLossError, match='iteration 4: non-finite gradient of conv_last.weight'):
+        model.optimize_parameters(4)
+    handle.remove()
+    model.optimize_parameters(5)
+    assert not torch.equal(bare.conv_last.weight, before['conv_last.weight'])
+
+
+def test_checkpoints_are_written_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = build_model(options(tmp_path))
+    model.save(0, 2)
+    assert sorted(p.name for p in (tmp_path / 'models').iterdir()) == ['net_g_2.pth']
+    assert sorted(p.name for p in (tmp_path / 'states').iterdir()) == ['2.state']
+
+    def interrupted(obj, path, *args, **kwargs):
+        with open(path, 'wb') as f:
+            f.write(b'half a checkpoint')
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, 'save', interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        model.save(0, 4)
+    assert sorted(p.name for p in (tmp_path / 'models').iterdir()) == ['net_g_2.pth']
+    assert torch.load(tmp_path / 'models' / 'net_g_2.pth', weights_only=True)['params']

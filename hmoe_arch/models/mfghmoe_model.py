@@ -20,13 +20,20 @@ Differences from ``SRModel`` (everything else is SRModel's):
   (experts that no pixel of a batch selected get no gradient);
 - ``load_network``: :meth:`MFGHMoEArch.load_pretrained` (``weights_only`` loading, one report of what kept its
   initialisation), so ``strict_load_g: false`` starts from a HAT checkpoint;
-- ``save``: in distributed training, checks that all replicas hold identical weights before writing;
+- ``save``: in distributed training, checks that all replicas hold identical weights before writing; every
+  checkpoint and training state is written into a temporary file in its folder, flushed and renamed, so a
+  run killed while saving never leaves a truncated file;
+- non-finite losses or gradients stop training before the optimizer step (:class:`NonFiniteLossError`
+  names the iteration and the term), or with ``train.skip_nonfinite: N`` skip up to N such steps with a
+  warning each;
 - validation with ``val.save_expert_maps: true``: per image an expert map (SR image, map, legend) in
   ``<results or experiment>/expert_maps/<dataset>/`` and ``expert_usage.csv`` per scene class there.
 """
+import os
+import tempfile
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 import torch.distributed as dist
@@ -40,12 +47,17 @@ from ..expert_maps import UsageByClass, group_sizes_of, lr_expert_map, save_expe
 from ..tiling import padded_forward, tiled_forward
 
 
+class NonFiniteLossError(RuntimeError):
+    """A loss or gradient became NaN/Inf; raised before the optimizer step, so no weight changed."""
+
+
 @MODEL_REGISTRY.register()
 class MFGHMoEModel(SRModel):
     """SR model for MFGHMoEArch (and any BasicSR network: the MoE parts apply only where the network has them).
 
     Option keys on top of SRModel's: ``tile: {tile_size, tile_pad}``, ``use_amp: bf16``, ``compile`` (top level),
-    ``train.aux_loss_weight`` (default 0), ``find_unused_parameters`` (default true, distributed training).
+    ``train.aux_loss_weight`` (default 0), ``train.skip_nonfinite`` (default 0), ``find_unused_parameters``
+    (default true, distributed training).
     """
 
     def __init__(self, opt: Dict[str, Any]) -> None:
@@ -66,6 +78,11 @@ class MFGHMoEModel(SRModel):
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
             raise ValueError(f'MFGHMoEModel: `train.aux_loss_weight` must be a number >= 0, got {weight!r}')
         self.aux_loss_weight = float(weight)
+        skip = opt.get('train', {}).get('skip_nonfinite', 0) if self.is_train else 0
+        if isinstance(skip, bool) or not isinstance(skip, int) or skip < 0:
+            raise ValueError(f'MFGHMoEModel: `train.skip_nonfinite` must be an integer >= 0, got {skip!r}')
+        self.skip_nonfinite = skip
+        self.skipped_steps = 0
         amp = opt.get('use_amp', False)
         if amp not in (False, None, 'bf16'):
             raise ValueError(f"MFGHMoEModel: `use_amp` must be false or 'bf16', got {amp!r}")
@@ -112,6 +129,31 @@ class MFGHMoEModel(SRModel):
             self._check_replicas_in_sync()
         super().save(epoch, current_iter)
 
+    def save_network(self, net, net_label, current_iter, param_key='params') -> None:
+        self._atomically('models', lambda: super(MFGHMoEModel, self).save_network(net, net_label, current_iter,
+                                                                                  param_key))
+
+    def save_training_state(self, epoch, current_iter) -> None:
+        self._atomically('training_states',
+                         lambda: super(MFGHMoEModel, self).save_training_state(epoch, current_iter))
+
+    def _atomically(self, folder_key: str, write: Callable[[], None]) -> None:
+        """Run BasicSR's writer into a temporary folder beside the target, then fsync and rename each file."""
+        if self.opt.get('rank', 0) != 0:
+            return
+        final = self.opt['path'][folder_key]
+        os.makedirs(final, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=final, prefix='.partial-') as partial:
+            self.opt['path'][folder_key] = partial
+            try:
+                write()
+            finally:
+                self.opt['path'][folder_key] = final
+            for name in os.listdir(partial):
+                with open(os.path.join(partial, name), 'rb') as f:
+                    os.fsync(f.fileno())
+                os.replace(os.path.join(partial, name), os.path.join(final, name))
+
     def _check_replicas_in_sync(self) -> None:
         bare = self.get_bare_model(self.net_g)
         local = torch.stack([p.detach().double().sum() for p in bare.parameters()]).to(self.device)
@@ -153,12 +195,33 @@ class MFGHMoEModel(SRModel):
             l_aux = self.aux_loss_weight * aux
             l_total += l_aux
             loss_dict['l_aux'] = l_aux
-        l_total.backward()
+        bad = [name for name, value in loss_dict.items() if not torch.isfinite(value).all()]
+        if not bad:
+            l_total.backward()
+            grads = [p.grad for p in bare.parameters() if p.grad is not None]
+            if grads and not torch.isfinite(torch.stack(torch._foreach_norm(grads))).all():
+                bad = [f'gradient of {name}' for name, p in bare.named_parameters()
+                       if p.grad is not None and not torch.isfinite(p.grad).all()][:3]
+        if bad:
+            self._non_finite(current_iter, bad)
+            return
         self.optimizer_g.step()
         self._record_routing(bare)
         self.log_dict = self.reduce_loss_dict(loss_dict)
         if self.ema_decay > 0:
             self.model_ema(decay=self.ema_decay)
+
+    def _non_finite(self, current_iter: int, terms) -> None:
+        """Stop (or, within ``train.skip_nonfinite``, skip) a step whose loss or gradient is NaN/Inf."""
+        self.optimizer_g.zero_grad()
+        message = f'iteration {current_iter}: non-finite {", ".join(terms)}'
+        if self.skipped_steps >= self.skip_nonfinite:
+            raise NonFiniteLossError(f'{message}; training stopped before the optimizer step, the newest checkpoint '
+                                     'is the last one saved (train.skip_nonfinite allows skipping such steps)')
+        self.skipped_steps += 1
+        get_root_logger().warning(f'{message}; step skipped ({self.skipped_steps} of '
+                                  f'train.skip_nonfinite={self.skip_nonfinite})')
+        self.log_dict = OrderedDict()
 
     def _record_routing(self, bare: torch.nn.Module) -> None:
         maps = bare.routing_maps() if isinstance(bare, MFGHMoEArch) else None
