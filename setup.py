@@ -25,8 +25,8 @@ setup(
     packages=find_packages(include=['hmoe_arch', 'hmoe_arch.*']),
     install_requires=[
         'basicsr==1.4.2',
-        'torch>=2.1',
-        'torchvision>=0.16',
+        'torch>=2.6',
+        'torchvision>=0.21',
         'timm>=0.9',
         'einops>=0.6',
         'opencv-python',

@@ -6,7 +6,7 @@ import argparse
 import os
 import os.path as osp
 import random
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 import torch.distributed as dist
@@ -110,4 +110,61 @@ def parse_options(args: argparse.Namespace, root_path: str, is_train: bool) -> D
     else:
         root = osp.join(root_path, 'results', opt['name'])
         opt['path'].update(results_root=root, log=root, visualization=osp.join(root, 'visualization'))
+    validate_options(opt)
     return opt
+
+
+IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp')
+
+
+def _count_images(dataset: Dict[str, Any]) -> Optional[int]:
+    """Images a training dataset block selects (split list, LMDB meta_info or folder), if it can be told."""
+    for key in ('split_file', 'meta_info_file'):
+        if dataset.get(key):
+            with open(dataset[key]) as f:
+                return sum(1 for line in f if line.strip())
+    root = dataset.get('dataroot_gt')
+    if not root or not osp.isdir(root):
+        return None
+    meta = osp.join(root, 'meta_info.txt')
+    if root.endswith('.lmdb') and osp.isfile(meta):
+        with open(meta) as f:
+            return sum(1 for line in f if line.strip())
+    return sum(1 for name in os.listdir(root) if name.lower().endswith(IMAGE_SUFFIXES))
+
+
+def validate_options(opt: Dict[str, Any]) -> None:
+    """Checks that would otherwise fail deep inside BasicSR, or silently train the wrong thing; each raises
+    :class:`OptionError` naming the key or path."""
+    from basicsr.archs import build_network
+
+    if 'network_g' in opt:
+        try:
+            with torch.device('meta'):
+                build_network(dict(opt['network_g']))
+        except (ValueError, TypeError, KeyError) as error:
+            raise OptionError(f'network_g: {error}') from error
+        network = opt['network_g']
+        upscale = network.get('upscale', network.get('scale'))
+        if 'scale' in opt and upscale is not None and upscale != opt['scale']:
+            raise OptionError(f'network_g.upscale is {upscale} but scale is {opt["scale"]}')
+    for name, metric in (opt.get('val') or {}).get('metrics', {}).items():
+        if 'crop_border' in metric and 'scale' in opt and metric['crop_border'] != opt['scale']:
+            raise OptionError(f'val.metrics.{name}.crop_border is {metric["crop_border"]} but scale is {opt["scale"]} '
+                              '(the paper protocol crops `scale` pixels)')
+    for phase, dataset in opt['datasets'].items():
+        for key in ('dataroot_gt', 'dataroot_lq', 'split_file', 'meta_info_file'):
+            if dataset.get(key) is not None and not osp.exists(dataset[key]):
+                raise OptionError(f'datasets.{phase}.{key}: {dataset[key]} does not exist')
+        if dataset.get('phase') != 'train':
+            continue
+        window = int((opt.get('network_g') or {}).get('window_size', 1))
+        gt_size, scale = dataset.get('gt_size'), opt.get('scale', 1)
+        if gt_size is not None and gt_size % (scale * window):
+            raise OptionError(f'datasets.{phase}.gt_size ({gt_size}) must be a multiple of scale x window_size '
+                              f'({scale} x {window} = {scale * window})')
+        count = _count_images(dataset)
+        batch = dataset.get('batch_size_per_gpu', 1) * opt.get('world_size', 1)
+        if count is not None and batch > count:
+            raise OptionError(f'datasets.{phase}.batch_size_per_gpu: a batch of {batch} (x world size) is larger '
+                              f'than the training set ({count} images)')

@@ -1,5 +1,6 @@
 """MFGHMoEArch: shapes, HAT-exact and authors'-exact configurations, validation, gradients, loading."""
 import json
+from pathlib import Path
 from typing import Any, Dict, List
 
 import pytest
@@ -425,3 +426,28 @@ def test_use_checkpoint_with_moe_gives_the_same_gradients() -> None:
     for name, grad in plain_grads.items():
         if grad is not None:
             torch.testing.assert_close(ckpt_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+class CodeOnLoad:
+    """Unpickling this runs a shell command (what a malicious checkpoint would do)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return os.system, (f'touch {self.marker}',)
+
+
+def test_checkpoints_that_need_arbitrary_unpickling_are_refused(tmp_path) -> None:
+    marker = tmp_path / 'code_ran'
+    path = tmp_path / 'evil.pth'
+    torch.save({'params': CodeOnLoad(marker)}, path)
+    net = MFGHMoEArch(**tiny_hat())
+    with pytest.raises(ValueError, match=r'evil.pth: not a checkpoint that torch.load\(weights_only=True\) can read'):
+        net.load_pretrained(path)
+    from hmoe_arch.infer import load_network
+    from hmoe_arch.options import OptionError
+    with pytest.raises(OptionError, match=r'weights_only=True'):
+        load_network(path, {'type': 'MFGHMoEArch', **tiny_hat()}, torch.device('cpu'))
+    assert not marker.exists()

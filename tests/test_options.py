@@ -126,3 +126,24 @@ def test_ablation_matches_the_paper_file_except_the_moe_keys(name: str) -> None:
     assert _without(opt['network_g'], *moe_keys) == _without(reference['network_g'], *moe_keys)
     net = build_network(dict(opt['network_g']))
     assert isinstance(net, MFGHMoEArch) and net.moe
+
+
+@pytest.mark.parametrize('force, message', [
+    (['network_g:embed_dims=60'], r'network_g: MFGHMoEArch: unknown keyword\(s\) \[.embed_dims.\] \(did you mean: '
+                                  r'embed_dims -> embed_dim\?\)'),
+    (['network_g:upscale=2'], r'network_g.upscale is 2 but scale is 4'),
+    (['val:metrics:psnr:crop_border=2'], r'val.metrics.psnr.crop_border is 2 but scale is 4'),
+    (['datasets:train:dataroot_gt=datasets/nowhere'], r'datasets.train.dataroot_gt: datasets/nowhere does not exist'),
+    (['datasets:train:split_file=datasets/none.txt'], r'datasets.train.split_file: datasets/none.txt does not exist'),
+    (['datasets:train:gt_size=200'], r'datasets.train.gt_size \(200\) must be a multiple of scale x window_size '
+                                     r'\(4 x 16 = 64\)'),
+    (['datasets:train:batch_size_per_gpu=64'], r'datasets.train.batch_size_per_gpu: a batch of 64 .* larger than '
+                                               r'the training set \(9 images\)'),
+])
+def test_options_are_validated_before_training(force: list, message: str, workdir: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(workdir)
+    args = argparse.Namespace(opt=str(OPTIONS / 'train_ucm_x4.yml'), force_yml=force, launcher='none',
+                              auto_resume=False, debug=False)
+    with pytest.raises(OptionError, match=message):
+        parse_options(args, str(workdir), True)

@@ -211,7 +211,7 @@ class MFGHMoEArch(nn.Module):
             self.absolute_pos_embed = nn.Parameter(torch.zeros(1, self.num_pixels, embed_dim))
             trunc_normal_(self.absolute_pos_embed, std=0.02)
         self.pos_drop = nn.Dropout(drop_rate)
-        drop_path = [float(r) for r in torch.linspace(0, drop_path_rate, sum(depths))]
+        drop_path = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist()
         self.layers = nn.ModuleList()
         for i, (depth, heads) in enumerate(zip(depths, num_heads)):
             start = sum(depths[:i])
