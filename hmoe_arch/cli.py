@@ -38,6 +38,7 @@ from .infer import infer
 from .models import NonFiniteLossError
 from .data.degradations import DEGRADATIONS
 from .data.prepare import DATASETS, PrepareError, prepare
+from .data.rs_paired_dataset import DatasetError
 from .options import OptionError, parse_options
 
 
@@ -216,7 +217,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                       per_class=args.per_class, expert_maps=args.expert_maps, force_yml=args.force_yml)
         else:
             run_pipeline(args)
-    except (PrepareError, OptionError) as error:
+    except (PrepareError, OptionError, DatasetError) as error:
         logger.error(f'basicsr {args.command}: {error}')
         return 2
     except NonFiniteLossError as error:

@@ -11,6 +11,7 @@ from basicsr.utils.registry import MODEL_REGISTRY
 
 from conftest import SMALL_GROUPS, load_reference, tiny
 from hmoe_arch import MFGHMoEArch, MFGHMoEModel
+from hmoe_arch.options import OptionError
 from hmoe_arch.tiling import padded_forward
 
 
@@ -130,7 +131,7 @@ def test_hat_checkpoint_as_pretrained_network(tmp_path: Path, basicsr_log) -> No
     own = model.get_bare_model(model.net_g).state_dict()
     assert torch.equal(own['layers.1.conv.weight'], ref['state_dict']['layers.1.conv.weight'])
     assert sum('Kept their initialisation: mfg, aggr_conv, upsample' in m for m in basicsr_log) == 1
-    with pytest.raises(ValueError, match='strict=True'):
+    with pytest.raises(OptionError, match=r'path.pretrain_network_g .*HAT_SRx2.pth: .*strict=True'):
         build_model(options(tmp_path, network_g=network, path={'pretrain_network_g': str(path),
                                                                 'param_key_g': 'params_ema', 'strict_load_g': True}))
 

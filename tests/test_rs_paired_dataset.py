@@ -8,6 +8,7 @@ from basicsr.data import build_dataset
 
 from conftest import make_ucmerced_tree, ucmerced_mini
 from hmoe_arch.data import RSPairedDataset
+from hmoe_arch.data.rs_paired_dataset import DatasetError
 from hmoe_arch.data.degradations import downsample
 from hmoe_arch.data.prepare import prepare
 
@@ -119,8 +120,25 @@ def test_split_list_naming_missing_images(odd_tree: Path, tmp_path: Path) -> Non
         RSPairedDataset({'phase': 'val', 'scale': 2, 'dataroot_gt': str(odd_tree), 'split_file': str(split)})
 
 
-def test_lr_of_the_wrong_size_is_named(prepared: Path) -> None:
-    ds = RSPairedDataset({'phase': 'val', 'scale': 4, 'dataroot_gt': str(prepared / 'Test_HR'),
-                          'dataroot_lq': str(prepared / 'Test_LR_x2')})
-    with pytest.raises(ValueError, match=r'Test_LR_x2/\w+\.png is 128x128 but .* expected the GT size divided by 4'):
+@pytest.mark.parametrize('backend', ['disk', 'lmdb'])
+def test_lr_of_the_wrong_size_is_named_at_construction(prepared: Path, backend: str) -> None:
+    ext = '.lmdb' if backend == 'lmdb' else ''
+    with pytest.raises(DatasetError, match=r'Test_LR_x2.*/\w+(\.png)? is 128x128 but .* expected the GT size '
+                                           r'divided by 4'):
+        RSPairedDataset({'phase': 'val', 'scale': 4, 'dataroot_gt': str(prepared / f'Test_HR{ext}'),
+                         'dataroot_lq': str(prepared / f'Test_LR_x2{ext}'), 'io_backend': {'type': backend}})
+
+
+def test_gt_smaller_than_gt_size_is_named_at_construction(prepared: Path) -> None:
+    with pytest.raises(DatasetError, match=r'golfcourse0[4-7].png is 248x256, smaller than gt_size 256'):
+        RSPairedDataset({'phase': 'train', 'scale': 4, 'gt_size': 256, 'dataroot_gt': str(prepared / 'Train')})
+
+
+def test_cmyk_and_16_bit_images_are_refused_when_read(tmp_path: Path) -> None:
+    from PIL import Image
+    folder = tmp_path / 'hr'
+    folder.mkdir()
+    Image.fromarray(np.zeros((8, 8, 4), np.uint8), mode='CMYK').save(folder / 'cmyk.jpg')
+    ds = RSPairedDataset({'phase': 'val', 'scale': 2, 'dataroot_gt': str(folder)})
+    with pytest.raises(DatasetError, match=r'cmyk.jpg: CMYK image; expected an 8-bit RGB image'):
         ds[0]

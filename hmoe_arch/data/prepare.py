@@ -14,6 +14,7 @@ written into ``DIR.incomplete`` and renamed to ``DIR`` when complete, so an inte
 (the next run removes the stale ``DIR.incomplete``). Re-running with the same arguments does nothing.
 """
 import hashlib
+import io
 import json
 import math
 import re
@@ -29,6 +30,7 @@ import cv2
 import numpy as np
 from basicsr.utils import get_root_logger
 from basicsr.utils.lmdb_util import LmdbMaker
+from PIL import Image
 from tqdm import tqdm
 
 from .degradations import DEGRADATIONS, crop_to_scale, downsample
@@ -135,10 +137,16 @@ def decode_rgb(data: bytes, location: str) -> np.ndarray:
     """Decode an 8-bit RGB image (returned in OpenCV's BGR order, ``(H, W, 3)`` uint8).
 
     Raises:
-        PrepareError: naming ``location`` for empty, undecodable, grayscale, RGBA or 16-bit files.
+        PrepareError: naming ``location`` for empty, undecodable, grayscale, RGBA, CMYK or 16-bit files.
     """
     if not data:
         raise PrepareError(f'{location}: empty file (0 bytes); expected an 8-bit RGB image')
+    try:
+        mode = Image.open(io.BytesIO(data)).mode
+    except (OSError, ValueError):
+        mode = None
+    if mode == 'CMYK':  # OpenCV would silently convert a CMYK JPEG to BGR
+        raise PrepareError(f'{location}: CMYK image; expected an 8-bit RGB image')
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if img is None:
         raise PrepareError(f'{location}: cannot be decoded as an image; expected an 8-bit RGB image')

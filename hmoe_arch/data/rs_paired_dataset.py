@@ -17,12 +17,14 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 from basicsr.data.transforms import augment, paired_random_crop
-from basicsr.utils import FileClient, imfrombytes, img2tensor
+from basicsr.utils import FileClient, img2tensor
 from basicsr.utils.registry import DATASET_REGISTRY
+from PIL import Image
 from torch.utils import data
 from torchvision.transforms.functional import normalize
 
 from .degradations import DEGRADATIONS, crop_to_scale, downsample
+from .prepare import PrepareError, decode_rgb
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp')
 
@@ -35,8 +37,16 @@ LOADER_KEYS = {'num_worker_per_gpu', 'batch_size_per_gpu', 'dataset_enlarge_rati
 """Keys of BasicSR's data loader that live in the same option block."""
 
 
+class DatasetError(ValueError):
+    """A bad dataset option or image; the message names the key or the file."""
+
+
+class DatasetNotFoundError(DatasetError, FileNotFoundError):
+    """A folder, LMDB, split list or image the options name does not exist."""
+
+
 def _fail(key: str, message: str) -> None:
-    raise ValueError(f'RSPairedDataset: `{key}` {message}')
+    raise DatasetError(f'RSPairedDataset: `{key}` {message}')
 
 
 @DATASET_REGISTRY.register()
@@ -53,7 +63,7 @@ class RSPairedDataset(data.Dataset):
         super().__init__()
         unknown = set(opt) - DATASET_KEYS - LOADER_KEYS
         if unknown:
-            raise ValueError(f'RSPairedDataset: unknown key(s) {sorted(unknown)}; valid keys: '
+            raise DatasetError(f'RSPairedDataset: unknown key(s) {sorted(unknown)}; valid keys: '
                              f'{", ".join(sorted(DATASET_KEYS))}')
         self.opt = opt
         self.train = opt.get('phase') == 'train'
@@ -82,7 +92,7 @@ class RSPairedDataset(data.Dataset):
         roots = [self.gt_root] + ([self.lq_root] if self.lq_root else [])
         for root in roots:
             if not os.path.isdir(root):
-                raise FileNotFoundError(f'RSPairedDataset: {root} is not a folder'
+                raise DatasetNotFoundError(f'RSPairedDataset: {root} is not a folder'
                                         + (' (an .lmdb folder)' if self.backend == 'lmdb' else ''))
             if self.backend == 'lmdb' and not root.endswith('.lmdb'):
                 _fail('io_backend.type', f'is lmdb but {root} is not an .lmdb folder')
@@ -92,6 +102,7 @@ class RSPairedDataset(data.Dataset):
         self.io_args = io_opt
         self.file_client: Optional[FileClient] = None
         self.stems = self._select_stems(opt.get('split_file'))
+        self._check_sizes()
 
     # ------------------------------------------------------------------------------------------------------
     def _available(self, root: str) -> Dict[str, str]:
@@ -99,8 +110,8 @@ class RSPairedDataset(data.Dataset):
         if self.backend == 'lmdb':
             meta = os.path.join(root, 'meta_info.txt')
             if not os.path.isfile(meta):
-                raise FileNotFoundError(f'RSPairedDataset: {meta} is missing (an LMDB made by basicsr.utils.lmdb_util '
-                                        'has one)')
+                raise DatasetNotFoundError(f'RSPairedDataset: {meta} is missing (an LMDB made by '
+                                           'basicsr.utils.lmdb_util has one)')
             with open(meta) as f:
                 return {Path(line.split()[0]).stem: Path(line.split()[0]).stem for line in f if line.strip()}
         return {Path(n).stem: n for n in sorted(os.listdir(root)) if n.lower().endswith(IMAGE_SUFFIXES)}
@@ -110,36 +121,66 @@ class RSPairedDataset(data.Dataset):
         self.lq_files = self._available(self.lq_root) if self.lq_root else {}
         if split_file is not None:
             if not os.path.isfile(split_file):
-                raise FileNotFoundError(f'RSPairedDataset: split_file {split_file} does not exist')
+                raise DatasetNotFoundError(f'RSPairedDataset: split_file {split_file} does not exist')
             with open(split_file) as f:
                 stems = [Path(line.strip()).stem for line in f if line.strip()]
             missing = [s for s in stems if s not in self.gt_files]
             if missing:
-                raise FileNotFoundError(f'RSPairedDataset: {len(missing)} image(s) of {split_file} are not in '
+                raise DatasetNotFoundError(f'RSPairedDataset: {len(missing)} image(s) of {split_file} are not in '
                                         f'{self.gt_root}, e.g. {missing[:3]}')
         else:
             stems = sorted(self.gt_files)
         if not stems:
-            raise FileNotFoundError(f'RSPairedDataset: no images in {self.gt_root}')
+            raise DatasetNotFoundError(f'RSPairedDataset: no images in {self.gt_root}')
         if self.lq_root:
             missing = [s for s in stems if s not in self.lq_files]
             if missing:
-                raise FileNotFoundError(f'RSPairedDataset: {len(missing)} GT image(s) have no LR in {self.lq_root}, '
+                raise DatasetNotFoundError(f'RSPairedDataset: {len(missing)} GT image(s) have no LR in {self.lq_root}, '
                                         f'e.g. {missing[:3]}')
         return stems
+
+    def _sizes(self, root: str, files: Dict[str, str]) -> Dict[str, tuple]:
+        """(height, width) of every selected image, from LMDB meta_info or the image headers (no decoding)."""
+        if self.backend == 'lmdb':
+            with open(os.path.join(root, 'meta_info.txt')) as f:
+                shapes = {Path(line.split()[0]).stem: line.split()[1] for line in f if line.strip()}
+            return {s: tuple(int(v) for v in shapes[s].strip('()').split(',')[:2]) for s in self.stems}
+        sizes = {}
+        for stem in self.stems:
+            path = os.path.join(root, files[stem])
+            try:
+                with Image.open(path) as img:
+                    sizes[stem] = (img.height, img.width)
+            except (OSError, ValueError) as error:
+                raise DatasetError(f'RSPairedDataset: {path}: cannot be read as an image ({error})') from error
+        return sizes
+
+    def _check_sizes(self) -> None:
+        """Fail at construction, naming the file, for GT smaller than gt_size or LR not GT / scale."""
+        if not (self.train and self.gt_size) and not self.lq_root:
+            return
+        gt_sizes = self._sizes(self.gt_root, self.gt_files)
+        lq_sizes = self._sizes(self.lq_root, self.lq_files) if self.lq_root else {}
+        for stem, (height, width) in gt_sizes.items():
+            if self.train and min(height, width) < self.gt_size:
+                raise DatasetError(f'RSPairedDataset: {self.gt_root}/{self.gt_files[stem]} is {height}x{width}, '
+                                   f'smaller than gt_size {self.gt_size}')
+            if stem in lq_sizes and lq_sizes[stem] != (height // self.scale, width // self.scale):
+                raise DatasetError(f'RSPairedDataset: {self.lq_root}/{self.lq_files[stem]} is '
+                                   f'{lq_sizes[stem][0]}x{lq_sizes[stem][1]} but {self.gt_root}/{self.gt_files[stem]} '
+                                   f'is {height}x{width}; expected the GT size divided by {self.scale}')
 
     def _read(self, root: str, files: Dict[str, str], stem: str, client_key: str):
         if self.backend == 'lmdb':
             path = stem
         else:
             path = os.path.join(root, files[stem])
-        img_bytes = self.file_client.get(path, client_key)
-        if not img_bytes:
-            raise ValueError(f'RSPairedDataset: {root}/{files[stem]}: empty image')
-        img = imfrombytes(img_bytes, float32=True)
-        if img is None or img.ndim != 3 or img.shape[2] != 3:
-            raise ValueError(f'RSPairedDataset: {root}/{files[stem]}: expected an 8-bit RGB image')
-        return img, path if self.backend == 'disk' else f'{root}/{stem}'
+        where = path if self.backend == 'disk' else f'{root}/{stem}'
+        try:
+            img = decode_rgb(self.file_client.get(path, client_key), where)
+        except PrepareError as error:
+            raise DatasetError(f'RSPairedDataset: {error}') from error
+        return img.astype(np.float32) / 255.0, where
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
         if self.file_client is None:
@@ -150,7 +191,7 @@ class RSPairedDataset(data.Dataset):
             img_lq, lq_path = self._read(self.lq_root, self.lq_files, stem, 'lq')
             lq_h, lq_w = img_lq.shape[:2]
             if img_gt.shape[0] // self.scale != lq_h or img_gt.shape[1] // self.scale != lq_w:
-                raise ValueError(f'RSPairedDataset: {lq_path} is {lq_h}x{lq_w} but {gt_path} is '
+                raise DatasetError(f'RSPairedDataset: {lq_path} is {lq_h}x{lq_w} but {gt_path} is '
                                  f'{img_gt.shape[0]}x{img_gt.shape[1]}; expected the GT size divided by {self.scale}')
             img_gt = img_gt[:lq_h * self.scale, :lq_w * self.scale]
             if self.train:
@@ -174,7 +215,7 @@ class RSPairedDataset(data.Dataset):
     def _random_crop(self, img: np.ndarray, path: str) -> np.ndarray:
         height, width = img.shape[:2]
         if height < self.gt_size or width < self.gt_size:
-            raise ValueError(f'RSPairedDataset: {path} is {height}x{width}, smaller than gt_size {self.gt_size}')
+            raise DatasetError(f'RSPairedDataset: {path} is {height}x{width}, smaller than gt_size {self.gt_size}')
         top = np.random.randint(0, (height - self.gt_size) // self.scale + 1) * self.scale
         left = np.random.randint(0, (width - self.gt_size) // self.scale + 1) * self.scale
         return img[top:top + self.gt_size, left:left + self.gt_size]

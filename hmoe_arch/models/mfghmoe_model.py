@@ -43,6 +43,7 @@ from basicsr.utils.registry import MODEL_REGISTRY
 from torch.nn.parallel import DistributedDataParallel
 
 from ..archs import MFGHMoEArch
+from ..options import OptionError
 from ..expert_maps import UsageByClass, group_sizes_of, lr_expert_map, save_expert_map
 from ..tiling import padded_forward, tiled_forward
 
@@ -120,9 +121,12 @@ class MFGHMoEModel(SRModel):
     def load_network(self, net: torch.nn.Module, load_path: str, strict: bool = True,
                      param_key: str = 'params') -> None:
         bare = self.get_bare_model(net)
-        if not isinstance(bare, MFGHMoEArch):
-            return super().load_network(net, load_path, strict, param_key)
-        bare.load_pretrained(load_path, param_key=param_key, strict=strict)
+        try:
+            if not isinstance(bare, MFGHMoEArch):
+                return super().load_network(net, load_path, strict, param_key)
+            bare.load_pretrained(load_path, param_key=param_key, strict=strict)
+        except (ValueError, FileNotFoundError, RuntimeError, KeyError) as error:
+            raise OptionError(f'path.pretrain_network_g {load_path}: {error}') from error
 
     def save(self, epoch: int, current_iter: int) -> None:
         if self.opt['dist']:
