@@ -1,0 +1,146 @@
+"""The bad-input matrix of the README's troubleshooting section: one test per row, each checking the message,
+the exit status, and that nothing written before was lost."""
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import List
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TINY_TRAINING, make_ucmerced_tree, write_image
+from hmoe_arch.cli import main
+
+OPTIONS = Path(__file__).resolve().parents[1] / 'options'
+NETWORK = [e for e in TINY_TRAINING if e.startswith('network_g')]
+
+
+def cli(args: List[str], cwd: Path):
+    return subprocess.run([sys.executable, '-m', 'hmoe_arch.cli'] + args, cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+
+
+# ------------------------------------------------------------------------------------------------------
+# images given to `basicsr prepare`
+def truncate(path: Path) -> None:
+    write_image(path.with_suffix('.png'), 24, 24, 0)
+    path.write_bytes(path.with_suffix('.png').read_bytes()[:60])
+    path.with_suffix('.png').unlink()
+
+
+ROWS = {
+    'missing file': (lambda p: p.unlink(), 'no such file', None),
+    'zero-byte file': (lambda p: p.write_bytes(b''), 'empty file (0 bytes)', None),
+    'truncated file': (truncate, 'cannot be decoded as an image', None),
+    'non-image file': (lambda p: p.write_text('plain text, not an image'), 'cannot be decoded as an image', None),
+    'grayscale image': (lambda p: write_image(p, 24, 24, 0, channels=1), 'grayscale image', None),
+    'RGBA image': (lambda p: write_image(p, 24, 24, 0, channels=4), 'RGBA image', None),
+    '16-bit image': (lambda p: write_image(p, 24, 24, 0, dtype=np.uint16), 'uint16 samples (16-bit)', None),
+    'CMYK image': (lambda p: Image.fromarray(np.zeros((24, 24, 4), np.uint8), mode='CMYK').save(p, format='TIFF'),
+                   'CMYK image', None),
+}
+
+
+@pytest.mark.parametrize('row', [r for r in ROWS if r != 'missing file'])
+def test_prepare_rejects_bad_images(row: str, tmp_path: Path, basicsr_log) -> None:
+    source = make_ucmerced_tree(tmp_path / 'src', per_class=4)
+    previous = tmp_path / 'previous'
+    assert main(['prepare', 'ucmerced', '--source', str(source), '--out', str(previous), '--no-progress']) == 0
+    before = sorted(p.relative_to(previous) for p in previous.rglob('*'))
+    bad = source / 'Images' / 'beach' / 'beach02.tif'
+    ROWS[row][0](bad)
+    assert main(['prepare', 'ucmerced', '--source', str(source), '--out', str(tmp_path / 'out'), '--no-progress']) == 2
+    assert any('beach02.tif' in m and ROWS[row][1] in m for m in basicsr_log), basicsr_log[-1]
+    assert not (tmp_path / 'out').exists()
+    assert sorted(p.relative_to(previous) for p in previous.rglob('*')) == before
+
+
+def test_prepare_missing_source(tmp_path: Path, basicsr_log) -> None:
+    assert main(['prepare', 'ucmerced', '--source', str(tmp_path / 'gone.zip'), '--out', str(tmp_path / 'o'),
+                 '--no-progress']) == 2
+    assert 'gone.zip: no such file or folder' in basicsr_log[-1]
+
+
+# ------------------------------------------------------------------------------------------------------
+# training and evaluation
+@pytest.fixture
+def run_dir(workdir: Path, tmp_path: Path) -> Path:
+    """A run directory with its own copy of the prepared data and a finished tiny x4 experiment."""
+    shutil.copytree(workdir / 'datasets', tmp_path / 'datasets')
+    done = cli(['train', '-opt', str(OPTIONS / 'train_ucm_x4.yml'), '--force_yml', *TINY_TRAINING, 'name=previous',
+                'train:total_iter=2', 'val:val_freq=1000', 'logger:save_checkpoint_freq=2'], tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return tmp_path
+
+
+def snapshot(folder: Path):
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob('*') if p.is_file() and p.suffix != '.log'}
+
+
+def test_training_image_smaller_than_gt_size(run_dir: Path) -> None:
+    before = snapshot(run_dir / 'experiments' / 'previous')
+    run = cli(['train', '-opt', str(OPTIONS / 'train_ucm_x4.yml'), '--force_yml', *TINY_TRAINING, 'name=big',
+               'datasets:train:gt_size=320', 'train:total_iter=2'], run_dir)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert re.search(r'Train/\w+\.png is 256x256, smaller than gt_size 320', run.stderr.splitlines()[-1])
+    assert snapshot(run_dir / 'experiments' / 'previous') == before
+
+
+def test_missing_training_image(run_dir: Path) -> None:
+    (run_dir / 'datasets' / 'UCMerced' / 'Train' / 'beach00.png').unlink()
+    run = cli(['train', '-opt', str(OPTIONS / 'train_ucm_x4.yml'), '--force_yml', *TINY_TRAINING, 'name=gap',
+               'train:total_iter=2'], run_dir)
+    assert run.returncode == 2 and "are not in datasets/UCMerced/Train, e.g. ['beach00']" in run.stderr
+
+
+def test_lr_gt_size_mismatch_in_test_pairs(run_dir: Path) -> None:
+    run = cli(['test', '-opt', str(OPTIONS / 'test_ucm_x4.yml'), '--force_yml', *NETWORK,
+               'datasets:test_1:dataroot_lq=datasets/UCMerced/Test_LR_x2',
+               'path:pretrain_network_g=experiments/previous/models/net_g_latest.pth'], run_dir)
+    assert run.returncode == 2 and 'expected the GT size divided by 4' in run.stderr.splitlines()[-1]
+    assert not list((run_dir / 'results').rglob('*.png'))
+
+
+@pytest.mark.parametrize('row', ['other scale', 'other architecture', 'truncated checkpoint'])
+def test_unusable_checkpoint(row: str, run_dir: Path) -> None:
+    weights = run_dir / 'experiments' / 'previous' / 'models' / 'net_g_latest.pth'
+    force = [*NETWORK, f'path:pretrain_network_g={weights}']
+    expected = {'other scale': 'upsample.0.experts.0.weight [1024, 64, 1, 1] (network has [256, 64, 1, 1])',
+                'other architecture': 'mfg', 'truncated checkpoint': 'not a checkpoint'}[row]
+    option = 'test_ucm_x2.yml' if row == 'other scale' else 'test_ucm_x4.yml'
+    if row == 'other architecture':
+        force = [e for e in force if 'expert_groups' not in e] + ['network_g:mfa=false']
+    if row == 'truncated checkpoint':
+        broken = run_dir / 'broken.pth'
+        broken.write_bytes(weights.read_bytes()[:1000])
+        force[-1] = f'path:pretrain_network_g={broken}'
+    before = weights.read_bytes()
+    run = cli(['test', '-opt', str(OPTIONS / option), '--force_yml', *force], run_dir)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert 'path.pretrain_network_g' in run.stderr and expected in run.stderr
+    assert weights.read_bytes() == before
+
+
+def test_checkpoint_write_interrupted_keeps_the_previous_one(run_dir: Path) -> None:
+    models = run_dir / 'experiments' / 'previous' / 'models'
+    code = '\n'.join([
+        'import sys, torch',
+        'def killed(*args, **kwargs):',
+        '    raise SystemExit(9)',
+        'torch.save = killed',
+        'from hmoe_arch.cli import main',
+        'sys.exit(main(sys.argv[1:]))',
+    ])
+    run = subprocess.run([sys.executable, '-c', code, 'train', '-opt', str(OPTIONS / 'train_ucm_x4.yml'),
+                          '--auto_resume', '--force_yml', *TINY_TRAINING, 'name=previous', 'train:total_iter=4',
+                          'val:val_freq=1000', 'logger:save_checkpoint_freq=2'], cwd=run_dir, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 9, run.stderr[-2000:]
+    assert 'Resuming training from' in run.stderr
+    assert sorted(p.name for p in models.iterdir() if not p.name.startswith('.')) == ['net_g_2.pth',
+                                                                                     'net_g_latest.pth']
+    assert torch.load(models / 'net_g_2.pth', weights_only=True)['params']
