@@ -144,3 +144,23 @@ def test_checkpoint_write_interrupted_keeps_the_previous_one(run_dir: Path) -> N
     assert sorted(p.name for p in models.iterdir() if not p.name.startswith('.')) == ['net_g_2.pth',
                                                                                      'net_g_latest.pth']
     assert torch.load(models / 'net_g_2.pth', weights_only=True)['params']
+
+
+def test_wrong_option_is_one_line_before_anything_is_built(run_dir: Path) -> None:
+    before = snapshot(run_dir / 'experiments' / 'previous')
+    run = cli(['train', '-opt', str(OPTIONS / 'train_ucm_x4.yml'), '--force_yml', *TINY_TRAINING, 'name=previous',
+               'network_g:num_expert=4'], run_dir)
+    assert run.returncode == 2
+    assert "network_g: MFGHMoEArch: unknown keyword(s) ['num_expert']" in run.stderr.splitlines()[-1]
+    assert snapshot(run_dir / 'experiments' / 'previous') == before
+
+
+def test_non_finite_loss_stops_training_with_status_3(run_dir: Path) -> None:
+    before = snapshot(run_dir / 'experiments' / 'previous')
+    run = cli(['train', '-opt', str(OPTIONS / 'train_ucm_x4.yml'), '--auto_resume', '--force_yml', *TINY_TRAINING,
+               'name=previous', 'train:total_iter=4', 'datasets:train:mean=[0, 0, 0]',
+               'datasets:train:std=[1.0e-45, 1.0e-45, 1.0e-45]'], run_dir)
+    assert run.returncode == 3, run.stderr[-2000:]
+    assert 'iteration 3: non-finite l_pix; training stopped before the optimizer step' in run.stderr.splitlines()[-1]
+    assert snapshot(run_dir / 'experiments' / 'previous' / 'models') == {
+        k.relative_to('models'): v for k, v in before.items() if k.parts[0] == 'models'}

@@ -105,6 +105,8 @@ def test_mean_std_normalisation(odd_tree: Path) -> None:
     ({'phase': 'train', 'gt_size': 30}, ValueError, r'`gt_size` must be a multiple of scale \(4\)'),
     ({'io_backend': {'type': 'lmdb'}}, ValueError, 'is lmdb but .* is not an .lmdb folder'),
     ({'io_backend': {'type': 'ceph'}}, ValueError, "`io_backend.type` must be 'disk' or 'lmdb'"),
+    ({'std': [0.5, 0, 0.5]}, ValueError, r'`std` must be positive'),
+    ({'mean': [0.5, 0.5]}, ValueError, r'`mean` must be a list of 3 numbers'),
     ({'dataroot_gt': '/no/such/folder'}, FileNotFoundError, '/no/such/folder is not a folder'),
 ])
 def test_option_errors_name_the_key(odd_tree: Path, overrides: dict, error, message: str) -> None:

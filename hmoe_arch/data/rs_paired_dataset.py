@@ -85,6 +85,12 @@ class RSPairedDataset(data.Dataset):
                     or self.gt_size % self.scale:
                 _fail('gt_size', f'must be a multiple of scale ({self.scale}) in the train phase, got {self.gt_size!r}')
         self.mean, self.std = opt.get('mean'), opt.get('std')
+        for key, value in (('mean', self.mean), ('std', self.std)):
+            if value is not None and (not isinstance(value, (list, tuple)) or len(value) != 3 or any(
+                    isinstance(v, bool) or not isinstance(v, (int, float)) for v in value)):
+                _fail(key, f'must be a list of 3 numbers (RGB), got {value!r}')
+        if self.std is not None and any(v <= 0 for v in self.std):
+            _fail('std', f'must be positive, got {self.std!r}')
         io_opt = dict(opt.get('io_backend', {'type': 'disk'}))
         self.backend = io_opt.get('type')
         if self.backend not in ('disk', 'lmdb'):
