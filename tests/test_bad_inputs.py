@@ -2,8 +2,10 @@
 the exit status, and that nothing written before was lost."""
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import List
 
@@ -125,25 +127,42 @@ def test_unusable_checkpoint(row: str, run_dir: Path) -> None:
     assert weights.read_bytes() == before
 
 
-def test_checkpoint_write_interrupted_keeps_the_previous_one(run_dir: Path) -> None:
+def test_sigkill_during_a_checkpoint_write_keeps_the_previous_ones(run_dir: Path) -> None:
     models = run_dir / 'experiments' / 'previous' / 'models'
+    marker = run_dir / 'writing'
     code = '\n'.join([
-        'import sys, torch',
-        'def killed(*args, **kwargs):',
-        '    raise SystemExit(9)',
-        'torch.save = killed',
+        'import sys, time, torch',
+        'def slow_save(obj, path, *args, **kwargs):',
+        '    with open(path, "wb") as f:',
+        '        f.write(b"half a checkpoint")',
+        '        f.flush()',
+        f'        open({str(marker)!r}, "w").close()',
+        '        time.sleep(60)',
+        'torch.save = slow_save',
         'from hmoe_arch.cli import main',
         'sys.exit(main(sys.argv[1:]))',
     ])
-    run = subprocess.run([sys.executable, '-c', code, 'train', '-opt', str(OPTIONS / 'train_ucm_x4.yml'),
-                          '--auto_resume', '--force_yml', *TINY_TRAINING, 'name=previous', 'train:total_iter=4',
-                          'val:val_freq=1000', 'logger:save_checkpoint_freq=2'], cwd=run_dir, capture_output=True,
-                         text=True, timeout=300)
-    assert run.returncode == 9, run.stderr[-2000:]
-    assert 'Resuming training from' in run.stderr
-    assert sorted(p.name for p in models.iterdir() if not p.name.startswith('.')) == ['net_g_2.pth',
-                                                                                     'net_g_latest.pth']
+    before = snapshot(models)
+    proc = subprocess.Popen([sys.executable, '-c', code, 'train', '-opt', str(OPTIONS / 'train_ucm_x4.yml'),
+                             '--auto_resume', '--force_yml', *TINY_TRAINING, 'name=previous', 'train:total_iter=4',
+                             'val:val_freq=1000', 'logger:save_checkpoint_freq=2'], cwd=run_dir,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not marker.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), 'the run never reached its checkpoint write'
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    after = {k: v for k, v in snapshot(models).items() if not k.parts[0].startswith('.partial-')}
+    assert after == before
     assert torch.load(models / 'net_g_2.pth', weights_only=True)['params']
+    resumed = cli(['train', '-opt', str(OPTIONS / 'train_ucm_x4.yml'), '--auto_resume', '--force_yml', *TINY_TRAINING,
+                   'name=previous', 'train:total_iter=4', 'val:val_freq=1000', 'logger:save_checkpoint_freq=2'],
+                  run_dir)
+    assert resumed.returncode == 0 and (models / 'net_g_4.pth').is_file()
+    assert not [p for p in models.iterdir() if p.name.startswith('.partial-')]
 
 
 def test_wrong_option_is_one_line_before_anything_is_built(run_dir: Path) -> None:

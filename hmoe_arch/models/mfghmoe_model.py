@@ -30,6 +30,7 @@ Differences from ``SRModel`` (everything else is SRModel's):
   ``<results or experiment>/expert_maps/<dataset>/`` and ``expert_usage.csv`` per scene class there.
 """
 import os
+import shutil
 import tempfile
 from collections import OrderedDict
 from pathlib import Path
@@ -147,6 +148,9 @@ class MFGHMoEModel(SRModel):
             return
         final = self.opt['path'][folder_key]
         os.makedirs(final, exist_ok=True)
+        for stale in os.listdir(final):  # left by a run killed while writing
+            if stale.startswith('.partial-'):
+                shutil.rmtree(os.path.join(final, stale), ignore_errors=True)
         with tempfile.TemporaryDirectory(dir=final, prefix='.partial-') as partial:
             self.opt['path'][folder_key] = partial
             try:
