@@ -34,8 +34,8 @@ from basicsr.utils.options import ordered_yaml
 from torch.utils.flop_counter import FlopCounterMode
 
 from .archs import MFGHMoEArch
-from .options import OptionError, apply_force_yml
 from .expert_maps import UsageByClass, group_sizes_of, lr_expert_map, save_expert_map, scene_class
+from .options import OptionError, apply_force_yml
 from .tiling import padded_forward, tiled_forward
 
 COLUMNS = ['test_set', 'scale', 'model', 'psnr_y', 'ssim_y', 'params_m', 'macs_g_64', 'latency_ms', 'peak_mib',

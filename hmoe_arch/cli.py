@@ -34,11 +34,11 @@ from basicsr.utils.misc import check_resume
 from basicsr.utils.options import ordered_yaml
 
 from .bench import run_bench
-from .infer import infer
-from .models import NonFiniteLossError
 from .data.degradations import DEGRADATIONS
 from .data.prepare import DATASETS, PrepareError, prepare
 from .data.rs_paired_dataset import DatasetError
+from .infer import infer
+from .models import NonFiniteLossError
 from .options import OptionError, parse_options
 
 

@@ -17,12 +17,11 @@ from tqdm import tqdm
 
 from .archs import MFGHMoEArch
 from .archs.mfghmoe_arch import checkpoint_filter_fn
+from .data.rs_paired_dataset import IMAGE_SUFFIXES
 from .expert_maps import save_expert_map
 from .geotiff import is_georeferenced, super_resolve_geotiff
 from .options import OptionError, apply_force_yml
 from .tiling import blended_tiled_forward
-
-IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp')
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ from basicsr.utils import set_random_seed
 from basicsr.utils.dist_util import get_dist_info
 from basicsr.utils.options import ordered_yaml
 
+from .data.rs_paired_dataset import IMAGE_SUFFIXES
+
 
 class OptionError(Exception):
     """A bad option file or ``--force_yml`` entry; the message names the key."""
@@ -113,8 +115,6 @@ def parse_options(args: argparse.Namespace, root_path: str, is_train: bool) -> D
     validate_options(opt)
     return opt
 
-
-IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp')
 
 
 def _count_images(dataset: Dict[str, Any]) -> Optional[int]:

@@ -14,7 +14,6 @@ kinds of entries (:meth:`level_norm`, :meth:`branch`) so code never indexes ``2*
 """
 from typing import List
 
-import torch
 import torch.nn as nn
 
 LEAKY_SLOPE = 0.01
@@ -53,11 +52,3 @@ class MultiLevelFeatureAggregation(nn.ModuleList):
 def routing_projection(dim: int, routing_dim: int) -> nn.Sequential:
     """``aggr_conv``: Conv3x3(dim -> routing_dim) -> LeakyReLU, ``(B, dim, H, W) -> (B, routing_dim, H, W)``."""
     return nn.Sequential(nn.Conv2d(dim, routing_dim, 3, 1, 1), nn.LeakyReLU(LEAKY_SLOPE, inplace=True))
-
-
-def aggregate_levels(branch_outputs: List[torch.Tensor]) -> torch.Tensor:
-    """Sum the per-level branch outputs, each ``(B, C, H, W)``."""
-    total = branch_outputs[0]
-    for out in branch_outputs[1:]:
-        total = total + out
-    return total

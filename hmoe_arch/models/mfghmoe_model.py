@@ -44,8 +44,8 @@ from basicsr.utils.registry import MODEL_REGISTRY
 from torch.nn.parallel import DistributedDataParallel
 
 from ..archs import MFGHMoEArch
-from ..options import OptionError
 from ..expert_maps import UsageByClass, group_sizes_of, lr_expert_map, save_expert_map
+from ..options import OptionError
 from ..tiling import padded_forward, tiled_forward
 
 
