@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from .archs import MFGHMoEArch
 from .archs.mfghmoe_arch import checkpoint_filter_fn
+from .data.prepare import PrepareError, decode_rgb
 from .data.rs_paired_dataset import IMAGE_SUFFIXES
 from .expert_maps import save_expert_map
 from .geotiff import is_georeferenced, super_resolve_geotiff
@@ -101,14 +102,12 @@ def input_files(path: Path) -> List[Path]:
 
 
 def read_rgb(path: Path) -> np.ndarray:
-    """An 8-bit RGB image as float32 BGR in [0, 1]."""
-    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if img is None:
-        raise OptionError(f'{path}: cannot be read as an image')
-    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
-        raise OptionError(f'{path}: {img.dtype} image with shape {img.shape}; expected 8-bit RGB (16-bit and '
-                          'multi-band scenes are read as GeoTIFFs with a CRS)')
-    return img.astype(np.float32) / 255.0
+    """An 8-bit RGB image as float32 BGR in [0, 1] (the same checks as ``basicsr prepare``; 16-bit and
+    multi-band scenes go through the GeoTIFF path)."""
+    try:
+        return decode_rgb(path.read_bytes(), str(path)).astype(np.float32) / 255.0
+    except PrepareError as error:
+        raise OptionError(str(error)) from error
 
 
 def output_paths(inputs: List[Path], output: Path) -> Iterator[Tuple[Path, Path]]:

@@ -64,7 +64,7 @@ def test_bad_inputs_are_named(tmp_path: Path, weights: Path) -> None:
     with pytest.raises(OptionError, match='no images'):
         infer(weights, tmp_path / 'empty', tmp_path / 'o', arch_args=TINY_ARGS, progress=False)
     write_image(tmp_path / 'gray.png', 8, 8, seed=0, channels=1)
-    with pytest.raises(OptionError, match='gray.png: uint8 image with shape .* expected 8-bit RGB'):
+    with pytest.raises(OptionError, match='gray.png: grayscale image; expected an 8-bit RGB image'):
         infer(weights, tmp_path / 'gray.png', tmp_path / 'o.png', arch_args=TINY_ARGS + ['upscale=2'],
               progress=False)
     with pytest.raises(OptionError, match=r'trained for x2, but the network is x4 \(use --arch-args upscale=2\)'):
