@@ -24,23 +24,10 @@ import time
 from typing import Callable, Dict
 
 import torch
-import torch.nn.functional as F
 
-import hmoe_arch  # noqa: F401
+from common import build, device_label
 from hmoe_arch import MFGHMoEArch
 from hmoe_arch.bench import fix_malloc_threshold, peak_memory_mib
-
-HAT_RGB_MEAN = [0.4488, 0.4371, 0.4040]
-
-
-def build(kind: str, scale: int, device: str, attention: str = 'sdpa') -> MFGHMoEArch:
-    """The paper-size network: ``'moe'`` (defaults) or ``'hat'`` (exact HAT), same seed for the backbone."""
-    torch.manual_seed(0)
-    if kind == 'hat':
-        net = MFGHMoEArch(upscale=scale, moe=False, mfa=False, rgb_mean=HAT_RGB_MEAN, attention=attention)
-    else:
-        net = MFGHMoEArch(upscale=scale, attention=attention)
-    return net.to(device).eval()
 
 
 def synchronize(device: str) -> None:
@@ -65,18 +52,6 @@ def paired_medians(fns: Dict[str, Callable[[], object]], device: str, runs: int,
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def dense_head(net: MFGHMoEArch, feat: torch.Tensor, routing_features: torch.Tensor) -> torch.Tensor:
-    """The authors' evaluation: every expert on every pixel, then the routing one-hot as a mask."""
-    moe = net.upsample.moe
-    routing = moe.gate(routing_features.permute(0, 2, 3, 1).reshape(-1, routing_features.shape[1]))
-    batch, _, height, width = feat.shape
-    mask = torch.zeros(routing.expert.shape[0], len(moe.experts), device=feat.device)
-    mask.scatter_(1, routing.expert, routing.weight)
-    mask = mask.view(batch, height, width, -1).permute(3, 0, 1, 2).unsqueeze(2)
-    outputs = torch.stack([expert(feat) for expert in moe.experts])
-    return F.pixel_shuffle((outputs * mask).sum(0), net.upscale)
-
-
 def head_inputs(net: MFGHMoEArch, x: torch.Tensor) -> Dict[str, torch.Tensor]:
     """The inputs the upsampler sees in a forward of ``net`` on ``x``."""
     seen: Dict[str, torch.Tensor] = {}
@@ -96,7 +71,7 @@ def memory_worker(kind: str, args: argparse.Namespace) -> Dict[str, float]:
     """Peak memory of one forward of ``kind`` in this process (MiB)."""
     fix_malloc_threshold()
     device = torch.device(args.device)
-    net = build(kind, args.scale, args.device, args.attention)
+    net = build(kind, args.scale, args.device, attention=args.attention).eval()
     x = torch.rand(1, 3, args.size, args.size, device=device)
     with torch.no_grad():
         net(x)  # first-call allocations (thread pools, kernels) are not the network's
@@ -124,8 +99,8 @@ def main() -> None:
         print(json.dumps(memory_worker(args.memory_worker, args)))
         return
 
-    moe = build('moe', args.scale, args.device, args.attention)
-    hat = build('hat', args.scale, args.device, args.attention)
+    moe, hat, dense = (build(kind, args.scale, args.device, attention=args.attention).eval()
+                       for kind in ('moe', 'hat', 'moe_dense'))
     x = torch.rand(1, 3, args.size, args.size, device=args.device)
     with torch.no_grad():
         full = paired_medians({'moe': lambda: moe(x), 'hat': lambda: hat(x)}, args.device, args.runs, args.warmup)
@@ -136,16 +111,15 @@ def main() -> None:
             'hat': lambda: hat.upsample(hat_in['feat']),
         }, args.device, max(args.runs, 20), args.warmup)
         # timed apart: its large temporaries would slow whatever runs next
-        head.update(paired_medians({'dense': lambda: dense_head(moe, moe_in['feat'], moe_in['routing'])},
+        head.update(paired_medians({'dense': lambda: dense.upsample(moe_in['feat'], moe_in['routing'])},
                                    args.device, args.runs, args.warmup))
         sparse_out = moe.upsample(moe_in['feat'], moe_in['routing'])
-        dense_gap = (dense_head(moe, moe_in['feat'], moe_in['routing']) - sparse_out).abs().max().item()
+        dense_gap = (dense.upsample(moe_in['feat'], moe_in['routing']) - sparse_out).abs().max().item()
     m_moe, m_hat = measure_memory('moe', args), measure_memory('hat', args)
 
-    device_name = torch.cuda.get_device_name() if args.device.startswith('cuda') else \
-        f'CPU, {torch.get_num_threads()} threads'
     print(f'MFGHMoEArch vs HAT: 1x3x{args.size}x{args.size}, x{args.scale}, embed 180, depths 6x6, window 16, '
-          f'attention {args.attention}, eval, {device_name}, torch {torch.__version__}; median of {args.runs} runs')
+          f'attention {args.attention}, eval, {device_label(args.device)}, torch {torch.__version__}; '
+          f'median of {args.runs} runs')
     print(f'routing of this input: {groups} pixels per group (kernel sizes '
           f'{[k for k, _ in moe.upsample.moe.expert_groups]}); dense vs sparse max |diff| {dense_gap:.2e}')
     print()

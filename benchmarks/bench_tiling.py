@@ -18,24 +18,15 @@ import sys
 
 import torch
 
-import hmoe_arch  # noqa: F401
-from hmoe_arch import MFGHMoEArch
+from common import build, device_label, network_label
 from hmoe_arch.bench import fix_malloc_threshold, peak_memory_mib
 from hmoe_arch.tiling import padded_forward, tiled_forward
-
-TINY = dict(embed_dim=60, depths=[2, 2], num_heads=[6, 6], window_size=8, squeeze_factor=10)
-
-
-def build(args: argparse.Namespace) -> MFGHMoEArch:
-    torch.manual_seed(0)
-    net = MFGHMoEArch(upscale=args.scale, **(TINY if args.tiny else {}))
-    return net.to(args.device).eval()
 
 
 def worker(args: argparse.Namespace) -> dict:
     fix_malloc_threshold()
     device = torch.device(args.device)
-    net = build(args)
+    net = build('moe', args.scale, args.device, tiny=args.tiny).eval()
     x = torch.rand(1, 3, args.worker_size, args.worker_size, device=device)
     output_device = torch.device('cpu')
 
@@ -77,18 +68,15 @@ def main() -> None:
         result = subprocess.run(command, capture_output=True, text=True, check=True)
         rows.append((size, json.loads(result.stdout.strip().splitlines()[-1])))
 
-    net = build(args)
+    net = build('moe', args.scale, args.device, tiny=args.tiny).eval()
     x = torch.rand(1, 3, args.seam_size, args.seam_size, device=args.device)
     with torch.no_grad():
         whole = padded_forward(net, x, args.scale, net.window_size)
         tiled = tiled_forward(net, x, args.scale, net.window_size, args.tile, args.tile_pad)
     gap = (whole - tiled).abs()
 
-    device = torch.cuda.get_device_name() if args.device.startswith('cuda') else \
-        f'CPU, {torch.get_num_threads()} threads'
-    network = 'tiny (embed 60, depths [2, 2], window 8)' if args.tiny else 'paper size (embed 180, 6x6, window 16)'
-    print(f'tiled x{args.scale} inference, tile {args.tile} + pad {args.tile_pad}, {network}, {device}, '
-          f'torch {torch.__version__}')
+    print(f'tiled x{args.scale} inference, tile {args.tile} + pad {args.tile_pad}, {network_label(args.tiny)}, '
+          f'{device_label(args.device)}, torch {torch.__version__}')
     print()
     print('| LR size | peak (MiB) | output (MiB) | peak - output (MiB) |')
     print('| --- | --- | --- | --- |')

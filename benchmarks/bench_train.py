@@ -3,7 +3,7 @@
 Each (configuration, mode) runs in its own process: one training step = forward, L1 loss, backward, Adam
 step on a random batch. Modes: ``fp32`` (eager), ``bf16`` (autocast, routing in fp32) and ``compile``
 (``torch.compile``, fp32). ``moe_dense`` replaces the sparse dispatch by the authors' evaluation (every expert
-on every pixel, masked by the routing weights); it exists only in this benchmark. Ratios are against the
+on every pixel, masked by the routing weights); it exists only in the benchmarks. Ratios are against the
 HAT fp32 eager row of the same run.
 
 Usage: ``python benchmarks/bench_train.py [--device cuda] [--batch 4] [--size 64] [--modes fp32 bf16 compile]``.
@@ -16,48 +16,20 @@ import statistics
 import subprocess
 import sys
 import time
-import types
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 
-import hmoe_arch  # noqa: F401
-from hmoe_arch import MFGHMoEArch
-from hmoe_arch.archs.routing import Routing
+from common import KINDS, build, device_label, network_label
 from hmoe_arch.bench import fix_malloc_threshold, peak_memory_mib
 
-HAT_RGB_MEAN = [0.4488, 0.4371, 0.4040]
-TINY = dict(embed_dim=60, depths=[2, 2], num_heads=[6, 6], window_size=8, squeeze_factor=10)
-CONFIGS = ('hat', 'moe', 'moe_dense')
 MODES = ('fp32', 'bf16', 'compile')
-
-
-def dense_dispatch(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-    """The authors' evaluation of the expert bank: all experts on all pixels, masked; ``(N, O)`` rows."""
-    mask = torch.zeros(routing.expert.shape[0], len(self.experts), dtype=x.dtype, device=x.device)
-    mask = mask.scatter_add(1, routing.expert, routing.weight.to(x.dtype))
-    outputs = torch.stack([expert(x) for expert in self.experts])
-    rows = rearrange(outputs, 'e b o h w -> (b h w) e o')
-    return (rows * mask.unsqueeze(-1)).sum(1)
-
-
-def build(config: str, args: argparse.Namespace) -> torch.nn.Module:
-    torch.manual_seed(0)
-    size = TINY if args.tiny else {}
-    if config == 'hat':
-        net = MFGHMoEArch(upscale=args.scale, moe=False, mfa=False, rgb_mean=HAT_RGB_MEAN, **size)
-    else:
-        net = MFGHMoEArch(upscale=args.scale, **size)
-        if config == 'moe_dense':
-            net.upsample.moe.dispatch = types.MethodType(dense_dispatch, net.upsample.moe)
-    return net.to(args.device).train()
 
 
 def worker(config: str, mode: str, args: argparse.Namespace) -> dict:
     fix_malloc_threshold()
     device = torch.device(args.device)
-    net = build(config, args)
+    net = build(config, args.scale, args.device, tiny=args.tiny).train()
     runner = torch.compile(net) if mode == 'compile' else net
     optimizer = torch.optim.Adam(net.parameters(), lr=2e-4)
     lq = torch.rand(args.batch, 3, args.size, args.size, device=device)
@@ -93,7 +65,7 @@ def main() -> None:
     parser.add_argument('--scale', type=int, default=4)
     parser.add_argument('--steps', type=int, default=5)
     parser.add_argument('--warmup', type=int, default=2)
-    parser.add_argument('--configs', nargs='+', choices=CONFIGS, default=list(CONFIGS))
+    parser.add_argument('--configs', nargs='+', choices=KINDS, default=list(KINDS))
     parser.add_argument('--modes', nargs='+', choices=MODES, default=list(MODES))
     parser.add_argument('--tiny', action=argparse.BooleanOptionalAction, default=None,
                         help='small network (default on CPU)')
@@ -119,10 +91,8 @@ def main() -> None:
                 raise SystemExit(f'{config} {mode} failed:\n{result.stderr[-3000:]}')
             results[config, mode] = json.loads(result.stdout.strip().splitlines()[-1])
 
-    device = torch.cuda.get_device_name() if cuda else f'CPU, {torch.get_num_threads()} threads'
-    network = 'tiny (embed 60, depths [2, 2], window 8)' if args.tiny else 'paper size (embed 180, 6x6, window 16)'
-    print(f'training step, batch {args.batch}x{args.size}^2 LR, x{args.scale}, {network}, {device}, '
-          f'torch {torch.__version__}; median of {args.steps} steps after {args.warmup}')
+    print(f'training step, batch {args.batch}x{args.size}^2 LR, x{args.scale}, {network_label(args.tiny)}, '
+          f'{device_label(args.device)}, torch {torch.__version__}; median of {args.steps} steps after {args.warmup}')
     print()
     base = results.get(('hat', 'fp32'))
     print('| network | mode | step (ms) | time vs HAT fp32 | peak (MiB) | memory vs HAT fp32 |')

@@ -24,22 +24,21 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import cv2
 import numpy as np
 import torch
-import yaml
-from basicsr.archs import build_network
 from basicsr.data import build_dataset
 from basicsr.metrics import calculate_psnr, calculate_ssim
 from basicsr.utils import get_root_logger, tensor2img
 from basicsr.utils.matlab_functions import imresize
-from basicsr.utils.options import ordered_yaml
 from torch.utils.flop_counter import FlopCounterMode
 
 from .archs import MFGHMoEArch
 from .expert_maps import UsageByClass, group_sizes_of, lr_expert_map, save_expert_map, scene_class
-from .options import OptionError, apply_force_yml
+from .infer import load_network
+from .options import OptionError, read_option_file
 from .tiling import padded_forward, tiled_forward
 
 COLUMNS = ['test_set', 'scale', 'model', 'psnr_y', 'ssim_y', 'params_m', 'macs_g_64', 'latency_ms', 'peak_mib',
            'train_iters', 'source']
+REQUIRED_KEYS = ('scale', 'network_g', 'datasets')
 
 
 @dataclass
@@ -86,20 +85,6 @@ def _fmt(value: float, digits: int) -> str:
 
 # ----------------------------------------------------------------------------------------------------------
 # sources
-def _load_options(path: Path, force_yml: Sequence[str]) -> Dict[str, Any]:
-    try:
-        with open(path) as f:
-            opt = yaml.load(f, Loader=ordered_yaml()[0])
-    except (OSError, yaml.YAMLError) as error:
-        raise OptionError(f'{path}: cannot read the option file ({error})') from error
-    for entry in force_yml:
-        apply_force_yml(opt, entry)
-    for key in ('scale', 'network_g', 'datasets'):
-        if key not in opt:
-            raise OptionError(f'{path}: missing the key `{key}`')
-    return opt
-
-
 def _test_dataset(opt: Dict[str, Any], path: Path) -> Dict[str, Any]:
     for key in sorted(opt['datasets']):
         if key.split('_')[0] in ('test', 'val'):
@@ -115,19 +100,17 @@ def model_from_source(source: Path, force_yml: Sequence[str] = ()) -> BenchModel
         if len(options) != 1:
             raise OptionError(f'{source}: expected one option file (*.yml) in the experiment folder, found '
                               f'{[p.name for p in options]}')
-        opt = _load_options(options[0], force_yml)
+        opt = read_option_file(options[0], force_yml, required=REQUIRED_KEYS)
         weights = source / 'models' / 'net_g_latest.pth'
         if not weights.is_file():
             raise OptionError(f'{source}: no models/net_g_latest.pth (has the training finished?)')
-        checkpoint = torch.load(weights, map_location='cpu', weights_only=True)
-        param_key = 'params_ema' if 'params_ema' in checkpoint else 'params'
         # net_g_latest.pth is written when training ends, at train.total_iter of the options it ran with
         iters = opt.get('train', {}).get('total_iter')
         return BenchModel(name=opt.get('name', source.name), scale=int(opt['scale']),
                           dataset_opt=_test_dataset(opt, options[0]), network=dict(opt['network_g']),
-                          weights=str(weights), param_key=param_key, strict=True, tile=opt.get('tile'),
+                          weights=str(weights), param_key='params_ema', strict=True, tile=opt.get('tile'),
                           train_iters=None if iters is None else int(iters), source=str(source))
-    opt = _load_options(source, force_yml)
+    opt = read_option_file(source, force_yml, required=REQUIRED_KEYS)
     path_opt = opt.get('path', {})
     weights = path_opt.get('pretrain_network_g')
     if not weights:
@@ -139,14 +122,8 @@ def model_from_source(source: Path, force_yml: Sequence[str] = ()) -> BenchModel
 
 
 def build(model: BenchModel, device: torch.device) -> torch.nn.Module:
-    net = build_network(dict(model.network))
-    if isinstance(net, MFGHMoEArch):
-        net.load_pretrained(model.weights, param_key=model.param_key, strict=model.strict)
-    else:
-        checkpoint = torch.load(model.weights, map_location='cpu', weights_only=True)
-        state = checkpoint.get(model.param_key, checkpoint.get('params', checkpoint))
-        net.load_state_dict({k.removeprefix('module.'): v for k, v in state.items()}, strict=model.strict)
-    return net.to(device).eval()
+    return load_network(Path(model.weights), model.network, device, param_key=model.param_key, strict=model.strict,
+                        label=f'{model.source}: path.pretrain_network_g')
 
 
 # ----------------------------------------------------------------------------------------------------------

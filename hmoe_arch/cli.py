@@ -45,8 +45,10 @@ from .options import OptionError, parse_options
 def load_resume_state(opt: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     """BasicSR's resume logic, with the state mapped to the training device (CPU included).
 
-    With ``--auto_resume`` the newest training state that loads is used: BasicSR writes states in place, so a
-    run killed while writing one leaves it truncated; such a file is reported and the previous one is used.
+    With ``--auto_resume`` the newest training state that loads is used: a truncated or corrupt state (e.g.
+    written in place by plain BasicSR when its run was killed, or on a full disk) is reported and the previous
+    one is used. States are listed by ``*.state`` file name, so the hidden ``.partial-*`` folder of an
+    interrupted atomic save is never a candidate.
     """
     device = torch.device(f'cuda:{torch.cuda.current_device()}') if opt['num_gpu'] > 0 else torch.device('cpu')
     state, path = None, None

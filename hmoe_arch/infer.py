@@ -9,19 +9,17 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 import torch
-import yaml
 from basicsr.archs import build_network
 from basicsr.utils import get_root_logger, img2tensor, tensor2img
-from basicsr.utils.options import ordered_yaml
 from tqdm import tqdm
 
 from .archs import MFGHMoEArch
 from .archs.mfghmoe_arch import checkpoint_filter_fn
 from .data.prepare import PrepareError, decode_rgb
 from .data.rs_paired_dataset import IMAGE_SUFFIXES
-from .expert_maps import save_expert_map
+from .expert_maps import group_sizes_of, save_expert_map
 from .geotiff import is_georeferenced, super_resolve_geotiff
-from .options import OptionError, apply_force_yml
+from .options import OptionError, apply_force_yml, read_option_file
 from .tiling import blended_tiled_forward
 
 
@@ -43,48 +41,45 @@ def checkpoint_scale(state: Dict[str, torch.Tensor]) -> Optional[int]:
 
 def network_options(opt_path: Optional[Path], arch_args: Sequence[str]) -> Dict[str, Any]:
     """``network_g`` of an option file (default: MFGHMoEArch's defaults) with ``key=value`` overrides (YAML)."""
-    network: Dict[str, Any] = {'type': 'MFGHMoEArch'}
+    holder: Dict[str, Any] = {'network_g': {'type': 'MFGHMoEArch'}}
     if opt_path is not None:
-        try:
-            with open(opt_path) as f:
-                opt = yaml.load(f, Loader=ordered_yaml()[0])
-        except (OSError, yaml.YAMLError) as error:
-            raise OptionError(f'-opt {opt_path}: cannot read the option file ({error})') from error
-        if not isinstance(opt, dict) or 'network_g' not in opt:
-            raise OptionError(f'-opt {opt_path}: no network_g block')
-        network = dict(opt['network_g'])
-    holder = {'network_g': network}
+        holder = {'network_g': dict(read_option_file(opt_path, required=('network_g',))['network_g'])}
     for entry in arch_args:
         apply_force_yml(holder, f'network_g:{entry}')
     return holder['network_g']
 
 
-def load_network(weights: Path, network: Dict[str, Any], device: torch.device) -> torch.nn.Module:
-    """Build ``network`` and load ``weights`` strictly (``params_ema``, else ``params``, else the file itself)."""
+def load_network(weights: Path, network: Dict[str, Any], device: torch.device, *, param_key: str = 'params_ema',
+                 strict: bool = True, label: str = '--weights') -> torch.nn.Module:
+    """Build ``network`` and load ``weights``: the ``param_key`` entry, else ``params``, else the file itself
+    as a state_dict (``weights_only``). A checkpoint trained for another scale is refused before loading.
+    Errors are :class:`OptionError` naming ``label`` (the flag or option key that gave the path)."""
     if not weights.is_file():
-        raise OptionError(f'--weights {weights}: no such file')
+        raise OptionError(f'{label} {weights}: no such file')
     try:
         checkpoint = torch.load(weights, map_location='cpu', weights_only=True)
     except Exception as error:
-        raise OptionError(f'--weights {weights}: not a checkpoint torch.load(weights_only=True) can read '
+        raise OptionError(f'{label} {weights}: not a checkpoint torch.load(weights_only=True) can read '
                           f'({error})') from error
-    key = 'params_ema' if isinstance(checkpoint, dict) and 'params_ema' in checkpoint else 'params'
     try:
-        state = checkpoint_filter_fn(checkpoint, key, str(weights))
-        net = build_network(dict(network))
+        state = checkpoint_filter_fn(checkpoint, param_key, str(weights))
     except ValueError as error:
-        raise OptionError(str(error)) from error
+        raise OptionError(f'{label} {error}') from error
+    try:
+        net = build_network(dict(network))
+    except (ValueError, TypeError, KeyError) as error:
+        raise OptionError(f'network_g: {error}') from error
     scale, trained = getattr(net, 'upscale', None), checkpoint_scale(state)
     if scale is not None and trained is not None and scale != trained:
-        raise OptionError(f'--weights {weights}: trained for x{trained}, but the network is x{scale} '
-                          f'(use --arch-args upscale={trained})')
+        fix = f'use --arch-args upscale={trained}' if label == '--weights' else f'set network_g.upscale: {trained}'
+        raise OptionError(f'{label} {weights}: trained for x{trained}, but the network is x{scale} ({fix})')
     try:
         if isinstance(net, MFGHMoEArch):
-            net.load_pretrained(state, strict=True)
+            net.load_pretrained(state, strict=strict)
         else:
-            net.load_state_dict(state, strict=True)
+            net.load_state_dict(state, strict=strict)
     except (ValueError, RuntimeError) as error:
-        raise OptionError(f'--weights {weights}: does not fit the network: {error}') from error
+        raise OptionError(f'{label} {weights}: does not fit the network: {error}') from error
     return net.to(device).eval()
 
 
@@ -156,7 +151,7 @@ def infer(weights: Path, input_path: Path, output: Path, *, opt_path: Optional[P
             raise OptionError(f'--output {target}: cannot write it')
         written.append(target)
         if experts is not None:
-            save_expert_map(target.with_name(f'{target.stem}_experts.png'), sr_img, experts,
-                            [n for _, n in net.upsample.moe.expert_groups], scale)
+            save_expert_map(target.with_name(f'{target.stem}_experts.png'), sr_img, experts, group_sizes_of(net),
+                            scale)
     get_root_logger().info(f'infer: {len(written)} image(s) written to {output}')
     return written

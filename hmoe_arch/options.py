@@ -6,7 +6,7 @@ import argparse
 import os
 import os.path as osp
 import random
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -57,22 +57,34 @@ def init_distributed() -> None:
         dist.init_process_group(backend='gloo')
 
 
-def parse_options(args: argparse.Namespace, root_path: str, is_train: bool) -> Dict[str, Any]:
-    """BasicSR's option semantics (paths, phases, seeds, debug mode) with safe ``--force_yml``."""
+def read_option_file(path: Union[str, os.PathLike], force_yml: Sequence[str] = (),
+                     required: Sequence[str] = ()) -> Dict[str, Any]:
+    """An option file (BasicSR's ordered YAML loader) with ``--force_yml`` entries applied.
+
+    Raises:
+        OptionError: naming ``path`` when it cannot be read, is not a YAML mapping or lacks a ``required``
+            top-level key.
+    """
     try:
-        with open(args.opt) as f:
+        with open(path) as f:
             opt = yaml.load(f, Loader=ordered_yaml()[0])
     except OSError as error:
-        raise OptionError(f'-opt {args.opt}: cannot read it ({error.strerror})') from error
+        raise OptionError(f'{path}: cannot read the option file ({error.strerror or error})') from error
     except yaml.YAMLError as error:
-        raise OptionError(f'-opt {args.opt}: not valid YAML ({error})') from error
+        raise OptionError(f'{path}: not valid YAML ({error})') from error
     if not isinstance(opt, dict):
-        raise OptionError(f'-opt {args.opt}: expected a mapping of options')
-    for entry in args.force_yml or []:
+        raise OptionError(f'{path}: expected a mapping of options')
+    for entry in force_yml:
         apply_force_yml(opt, entry)
-    for key in ('name', 'datasets', 'path'):
-        if key not in opt:
-            raise OptionError(f'-opt {args.opt}: missing the top-level key `{key}`')
+    missing = [key for key in required if key not in opt]
+    if missing:
+        raise OptionError(f'{path}: missing the top-level key(s) {", ".join(missing)}')
+    return opt
+
+
+def parse_options(args: argparse.Namespace, root_path: str, is_train: bool) -> Dict[str, Any]:
+    """BasicSR's option semantics (paths, phases, seeds, debug mode) with safe ``--force_yml``."""
+    opt = read_option_file(args.opt, args.force_yml or (), required=('name', 'datasets', 'path'))
 
     if args.launcher == 'pytorch':
         init_distributed()
@@ -114,7 +126,6 @@ def parse_options(args: argparse.Namespace, root_path: str, is_train: bool) -> D
         opt['path'].update(results_root=root, log=root, visualization=osp.join(root, 'visualization'))
     validate_options(opt)
     return opt
-
 
 
 def _count_images(dataset: Dict[str, Any]) -> Optional[int]:

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .expert_maps import lr_expert_map
+
 Network = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -102,11 +104,9 @@ def blended_tiled_forward(net: Network, x: torch.Tensor, scale: int, window_size
         for top in rows:
             for left in cols:
                 bottom, right = min(top + tile, height), min(left + tile, width)
-                piece = x[..., top:bottom, left:right]
-                sr = net(pad_to_multiple(piece, window_size))[..., :(bottom - top) * scale, :(right - left) * scale]
+                sr = padded_forward(net, x[..., top:bottom, left:right], scale, window_size)
                 if expert_map is not None:
-                    routed = net.routing_maps()['expert'][0, :bottom - top, :right - left, 0]
-                    expert_map[top:bottom, left:right] = routed.cpu().numpy()
+                    expert_map[top:bottom, left:right] = lr_expert_map(net, bottom - top, right - left)
                 ramp_v = feather((bottom - top) * scale, overlap * scale if top > 0 else 0,
                                  overlap * scale if bottom < height else 0)
                 ramp_h = feather((right - left) * scale, overlap * scale if left > 0 else 0,

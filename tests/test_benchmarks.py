@@ -1,4 +1,5 @@
 """The benchmark scripts run on CPU at small sizes and print their tables (they assert nothing themselves)."""
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,3 +35,5 @@ def test_bench_arch_prints_the_ratio_table() -> None:
     out = run('bench_arch.py', '--size', '16', '--runs', '1', '--warmup', '0')
     for measure in ('full forward (s)', 'MoE head vs upsampler (ms)', 'peak memory of a forward (MiB)'):
         assert f'| {measure} |' in out
+    # the authors' dense head runs on the same weights as the sparse one, so their outputs agree
+    assert float(re.search(r'dense vs sparse max \|diff\| (\S+)', out).group(1)) < 1e-4

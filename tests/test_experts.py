@@ -6,18 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from hmoe_arch.archs.experts import HeterogeneousMoE, MoEUpsampler, gather_neighbourhoods
-from hmoe_arch.archs.routing import Routing
 
 UNEVEN = [(1, 2), (3, 3), (5, 2)]
-
-
-def dense_reference(moe: HeterogeneousMoE, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-    """Every expert on every pixel (plain conv2d), masked by the combination weights: ``(N, O)``."""
-    mask = torch.zeros(routing.expert.shape[0], len(moe.experts), dtype=x.dtype)
-    mask = mask.scatter_add(1, routing.expert, routing.weight)
-    outputs = torch.stack([expert(x) for expert in moe.experts])  # (E, B, O, H, W)
-    outputs = outputs.permute(1, 3, 4, 0, 2).reshape(-1, len(moe.experts), moe.out_channels)
-    return (outputs * mask.unsqueeze(-1)).sum(1)
 
 
 def spread(moe: HeterogeneousMoE) -> None:
@@ -53,7 +43,7 @@ def test_sparse_equals_dense_outputs_and_gradients(routing_kind: str, top_k: int
     sparse_grads = grads([x, features] + params)
 
     routing = moe.gate(features.permute(0, 2, 3, 1).reshape(-1, 6))
-    dense = F.pixel_shuffle(dense_reference(moe, x, routing).view(2, 8, 7, 12).permute(0, 3, 1, 2), 2)
+    dense = F.pixel_shuffle(moe.dense_dispatch(x, routing).view(2, 8, 7, 12).permute(0, 3, 1, 2), 2)
     torch.testing.assert_close(out, dense, atol=1e-5, rtol=1e-5)
     (dense * upstream).sum().backward()
     dense_grads = grads([x, features] + params)

@@ -209,6 +209,15 @@ class HeterogeneousMoE(nn.Module):
         values = values.index_select(0, inverse)
         return values if top_k == 1 else values.view(num_pixels, top_k, -1).sum(1)
 
+    def dense_dispatch(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """The authors' evaluation: every expert on every pixel (plain ``Conv2d``), masked by the routing
+        weights; the same ``(N, scale**2 * C)`` rows as :meth:`dispatch` at ``experts`` times the compute and
+        memory. The forward never calls it: it is the reference that tests and benchmarks compare against."""
+        mask = x.new_zeros(routing.expert.shape[0], len(self.experts))
+        mask = mask.scatter_add(1, routing.expert, routing.weight.to(x.dtype))
+        outputs = torch.stack([expert(x) for expert in self.experts])
+        return (rearrange(outputs, 'e b o h w -> (b h w) e o') * mask.unsqueeze(-1)).sum(1)
+
 
 class MoEUpsampler(nn.Sequential):
     """DR-HMoE upsampler: ``[0]`` the routed expert bank (``C -> scale**2 * C``), ``[1]`` PixelShuffle; the

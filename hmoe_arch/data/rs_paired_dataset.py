@@ -13,7 +13,7 @@ with its LR; other phases return full images. Items are BasicSR's dict ``lq``, `
 """
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 from basicsr.data.transforms import augment, paired_random_crop
@@ -64,7 +64,7 @@ class RSPairedDataset(data.Dataset):
         unknown = set(opt) - DATASET_KEYS - LOADER_KEYS
         if unknown:
             raise DatasetError(f'RSPairedDataset: unknown key(s) {sorted(unknown)}; valid keys: '
-                             f'{", ".join(sorted(DATASET_KEYS))}')
+                               f'{", ".join(sorted(DATASET_KEYS))}')
         self.opt = opt
         self.train = opt.get('phase') == 'train'
         self.scale = opt.get('scale')
@@ -99,7 +99,7 @@ class RSPairedDataset(data.Dataset):
         for root in roots:
             if not os.path.isdir(root):
                 raise DatasetNotFoundError(f'RSPairedDataset: {root} is not a folder'
-                                        + (' (an .lmdb folder)' if self.backend == 'lmdb' else ''))
+                                           + (' (an .lmdb folder)' if self.backend == 'lmdb' else ''))
             if self.backend == 'lmdb' and not root.endswith('.lmdb'):
                 _fail('io_backend.type', f'is lmdb but {root} is not an .lmdb folder')
         io_opt.pop('type')
@@ -107,6 +107,7 @@ class RSPairedDataset(data.Dataset):
             io_opt.update(db_paths=roots, client_keys=['gt'] + (['lq'] if self.lq_root else []))
         self.io_args = io_opt
         self.file_client: Optional[FileClient] = None
+        self._meta: Dict[str, Dict[str, Tuple[int, int]]] = {}
         self.stems = self._select_stems(opt.get('split_file'))
         self._check_sizes()
 
@@ -114,13 +115,21 @@ class RSPairedDataset(data.Dataset):
     def _available(self, root: str) -> Dict[str, str]:
         """stem -> file name (disk) or key (LMDB) of the images under ``root``."""
         if self.backend == 'lmdb':
+            return {stem: stem for stem in self._lmdb_shapes(root)}
+        return {Path(n).stem: n for n in sorted(os.listdir(root)) if n.lower().endswith(IMAGE_SUFFIXES)}
+
+    def _lmdb_shapes(self, root: str) -> Dict[str, Tuple[int, int]]:
+        """key -> (height, width) of an LMDB, from its ``meta_info.txt`` (``name.png (h,w,c) level`` lines)."""
+        if root not in self._meta:
             meta = os.path.join(root, 'meta_info.txt')
             if not os.path.isfile(meta):
                 raise DatasetNotFoundError(f'RSPairedDataset: {meta} is missing (an LMDB made by '
                                            'basicsr.utils.lmdb_util has one)')
             with open(meta) as f:
-                return {Path(line.split()[0]).stem: Path(line.split()[0]).stem for line in f if line.strip()}
-        return {Path(n).stem: n for n in sorted(os.listdir(root)) if n.lower().endswith(IMAGE_SUFFIXES)}
+                fields = [line.split() for line in f if line.strip()]
+            self._meta[root] = {Path(name).stem: tuple(int(v) for v in shape.strip('()').split(',')[:2])
+                                for name, shape, *_ in fields}
+        return self._meta[root]
 
     def _select_stems(self, split_file: Optional[str]) -> List[str]:
         self.gt_files = self._available(self.gt_root)
@@ -133,7 +142,7 @@ class RSPairedDataset(data.Dataset):
             missing = [s for s in stems if s not in self.gt_files]
             if missing:
                 raise DatasetNotFoundError(f'RSPairedDataset: {len(missing)} image(s) of {split_file} are not in '
-                                        f'{self.gt_root}, e.g. {missing[:3]}')
+                                           f'{self.gt_root}, e.g. {missing[:3]}')
         else:
             stems = sorted(self.gt_files)
         if not stems:
@@ -141,16 +150,15 @@ class RSPairedDataset(data.Dataset):
         if self.lq_root:
             missing = [s for s in stems if s not in self.lq_files]
             if missing:
-                raise DatasetNotFoundError(f'RSPairedDataset: {len(missing)} GT image(s) have no LR in {self.lq_root}, '
-                                        f'e.g. {missing[:3]}')
+                raise DatasetNotFoundError(f'RSPairedDataset: {len(missing)} GT image(s) have no LR in '
+                                           f'{self.lq_root}, e.g. {missing[:3]}')
         return stems
 
     def _sizes(self, root: str, files: Dict[str, str]) -> Dict[str, tuple]:
         """(height, width) of every selected image, from LMDB meta_info or the image headers (no decoding)."""
         if self.backend == 'lmdb':
-            with open(os.path.join(root, 'meta_info.txt')) as f:
-                shapes = {Path(line.split()[0]).stem: line.split()[1] for line in f if line.strip()}
-            return {s: tuple(int(v) for v in shapes[s].strip('()').split(',')[:2]) for s in self.stems}
+            shapes = self._lmdb_shapes(root)
+            return {stem: shapes[stem] for stem in self.stems}
         sizes = {}
         for stem in self.stems:
             path = os.path.join(root, files[stem])
@@ -195,18 +203,14 @@ class RSPairedDataset(data.Dataset):
         img_gt, gt_path = self._read(self.gt_root, self.gt_files, stem, 'gt')
         if self.lq_root:
             img_lq, lq_path = self._read(self.lq_root, self.lq_files, stem, 'lq')
-            lq_h, lq_w = img_lq.shape[:2]
-            if img_gt.shape[0] // self.scale != lq_h or img_gt.shape[1] // self.scale != lq_w:
-                raise DatasetError(f'RSPairedDataset: {lq_path} is {lq_h}x{lq_w} but {gt_path} is '
-                                 f'{img_gt.shape[0]}x{img_gt.shape[1]}; expected the GT size divided by {self.scale}')
-            img_gt = img_gt[:lq_h * self.scale, :lq_w * self.scale]
+            img_gt = crop_to_scale(img_gt, self.scale)  # LR sizes were checked against GT at construction
             if self.train:
                 img_gt, img_lq = paired_random_crop(img_gt, img_lq, self.gt_size, self.scale, gt_path)
         else:
             lq_path = gt_path
             img_gt = crop_to_scale(img_gt, self.scale)
             if self.train:
-                img_gt = self._random_crop(img_gt, gt_path)
+                img_gt = self._random_crop(img_gt)
             img_lq = downsample(img_gt, self.scale, self.degradation)
         if self.train:
             # BasicSR's augment flips in place with cv2, which OpenCV >= 5 refuses on non-contiguous crops
@@ -218,10 +222,9 @@ class RSPairedDataset(data.Dataset):
             normalize(img_gt, self.mean, self.std, inplace=True)
         return {'lq': img_lq, 'gt': img_gt, 'lq_path': lq_path, 'gt_path': gt_path}
 
-    def _random_crop(self, img: np.ndarray, path: str) -> np.ndarray:
+    def _random_crop(self, img: np.ndarray) -> np.ndarray:
+        """A ``gt_size`` patch at an LR-aligned position (sizes >= gt_size were checked at construction)."""
         height, width = img.shape[:2]
-        if height < self.gt_size or width < self.gt_size:
-            raise DatasetError(f'RSPairedDataset: {path} is {height}x{width}, smaller than gt_size {self.gt_size}')
         top = np.random.randint(0, (height - self.gt_size) // self.scale + 1) * self.scale
         left = np.random.randint(0, (width - self.gt_size) // self.scale + 1) * self.scale
         return img[top:top + self.gt_size, left:left + self.gt_size]

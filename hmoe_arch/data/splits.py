@@ -1,8 +1,8 @@
 """The class-stratified, seeded train/test split of UCMerced and AID.
 
-Rule: for each class, its file names are sorted; ``round(n * test_fraction)`` of them are drawn for the test
-split with ``random.Random(f'{seed}:{class}').sample``; the rest is the training split. String seeds are
-hashed with SHA-512 by Python's ``random`` and ``sample`` has been stable since Python 3.2, so the lists are
+Rule: for each class, its file names are sorted; ``n * test_fraction`` (rounded half up) of them are drawn
+for the test split with ``random.Random(f'{seed}:{class}').sample``; the rest is the training split. String
+seeds are hashed with SHA-512 by Python's ``random`` and ``sample`` has been stable since Python 3.2, so the lists are
 the same on every machine. The split depends only on the names, never on file contents or their order on
 disk. The paper's ratios: UCMerced 3:1 (``test_fraction`` 0.25), AID 4:1 (0.2).
 """

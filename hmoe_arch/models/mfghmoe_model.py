@@ -5,9 +5,8 @@ Differences from ``SRModel`` (everything else is SRModel's):
 - ``use_amp: bf16`` (top level): training forward and inference under bf16 autocast (the MoE routing stays
   fp32; outputs and losses are fp32);
 - ``compile: true`` (top level): ``torch.compile`` of net_g (and of its EMA copy for inference); checkpoints
-  keep plain keys.
-  The sparse MoE dispatch splits the graph where it reads the per-expert pixel counts (one graph break);
-
+  keep plain keys. The sparse MoE dispatch splits the graph where it reads the per-expert pixel counts
+  (one graph break per forward);
 - ``test``: pads LR to a multiple of ``window_size`` and crops the output (HAT's behaviour); with
   ``tile: {tile_size, tile_pad}`` it runs tile by tile (:mod:`hmoe_arch.tiling`), and errors surface; the
   network's train/eval mode is restored afterwards;
@@ -98,8 +97,7 @@ class MFGHMoEModel(SRModel):
             if hasattr(self, 'net_g_ema'):
                 # a compiled view of the same module: BasicSR's EMA update walks net_g_ema's own parameters
                 self._inference_net = torch.compile(self.net_g_ema)
-        self._expert_counts = None
-        self._group_of_expert = None
+        self._expert_counts: Optional[torch.Tensor] = None
         self._maps_dir: Optional[Path] = None
         self._usage: Optional[UsageByClass] = None
         self._lq_path: Optional[str] = None
@@ -235,26 +233,23 @@ class MFGHMoEModel(SRModel):
         maps = bare.routing_maps() if isinstance(bare, MFGHMoEArch) else None
         if maps is None:
             return
-        moe = bare.upsample.moe
-        if self._group_of_expert is None:
-            self._group_of_expert = torch.repeat_interleave(
-                torch.arange(len(moe.expert_groups)), torch.tensor([n for _, n in moe.expert_groups]))
-        counts = torch.bincount(maps['expert'].flatten().cpu(), minlength=len(moe.experts)).double()
-        self._expert_counts = counts if self._expert_counts is None else self._expert_counts + counts
+        experts = maps['expert'].flatten()
+        if self._expert_counts is None:
+            self._expert_counts = torch.zeros(sum(group_sizes_of(bare)), dtype=torch.float64, device=experts.device)
+        # accumulated on the training device (a fixed-size index_add, unlike bincount, needs no host sync)
+        self._expert_counts.index_add_(0, experts, torch.ones_like(experts, dtype=torch.float64))
 
     def get_current_log(self) -> Dict[str, float]:
         log = dict(super().get_current_log())
         if self._expert_counts is None:
             return log
-        counts = self._expert_counts.to(self.device)
+        counts, self._expert_counts = self._expert_counts, None
         if self.opt['dist']:
             dist.all_reduce(counts)
-        self._expert_counts = None
         share = (counts / counts.sum()).cpu()
-        groups = torch.zeros(int(self._group_of_expert[-1]) + 1, dtype=share.dtype).index_add(
-            0, self._group_of_expert, share)
-        for g, value in enumerate(groups.tolist()):
-            log[f'routing/group_{g}'] = value
+        sizes = group_sizes_of(self.get_bare_model(self.net_g))
+        for g, part in enumerate(share.split(sizes)):
+            log[f'routing/group_{g}'] = float(part.sum())
         for e, value in enumerate(share.tolist()):
             log[f'routing/expert_{e:02d}'] = value
         used = share[share > 0]
