@@ -1,12 +1,17 @@
 """Training step time and peak memory: exact HAT, MFGHMoEArch, and MFGHMoEArch with the authors' dense experts.
 
 Each (configuration, mode) runs in its own process: one training step = forward, L1 loss, backward, Adam
-step on a random batch. Modes: ``fp32`` (eager), ``bf16`` (autocast, routing in fp32) and ``compile``
-(``torch.compile``, fp32). ``moe_dense`` replaces the sparse dispatch by the authors' evaluation (every expert
-on every pixel, masked by the routing weights); it exists only in the benchmarks. Ratios are against the
-HAT fp32 eager row of the same run.
+step on a random batch. Modes (see :data:`MODES`): ``fp32-plain`` is HAT's own computation (fp32, eager,
+explicit attention that stores its probabilities); ``fp32`` swaps in fused attention
+(``scaled_dot_product_attention``); ``bf16`` adds bf16 autocast (routing in fp32); ``compile`` is ``fp32``
+under ``torch.compile``. ``moe_dense`` replaces the sparse dispatch by the authors' evaluation (every expert
+on every pixel, masked by the routing weights); it exists only in the benchmarks.
 
-Usage: ``python benchmarks/bench_train.py [--device cuda] [--batch 4] [--size 64] [--modes fp32 bf16 compile]``.
+Two ratios per row: against the HAT ``fp32-plain`` row (the speed-up of a mode) and against the HAT row of
+the same mode (the cost of the MoE at equal settings). A last block prints each network's speed-up of
+``bf16`` (fused attention + bf16) over its ``fp32-plain`` row.
+
+Usage: ``python benchmarks/bench_train.py [--device cuda] [--batch 4] [--size 64] [--modes ...] [--configs ...]``.
 On CUDA the default is the paper-size network at 4x64^2 (x4); on the CPU a small one (``--tiny``: embed 60,
 depths [2, 2], window 8) at 2x32^2 so that CI can run it. It asserts nothing.
 """
@@ -16,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -23,18 +29,26 @@ import torch.nn.functional as F
 from common import KINDS, build, device_label, network_label
 from hmoe_arch.bench import fix_malloc_threshold, peak_memory_mib
 
-MODES = ('fp32', 'bf16', 'compile')
+MODES = {
+    'fp32-plain': dict(attention='plain', amp=False, compile=False),
+    'fp32': dict(attention='sdpa', amp=False, compile=False),
+    'bf16': dict(attention='sdpa', amp=True, compile=False),
+    'compile': dict(attention='sdpa', amp=False, compile=True),
+}
+"""Mode name -> attention path, bf16 autocast, ``torch.compile``."""
+BASELINE = ('hat', 'fp32-plain')
 
 
 def worker(config: str, mode: str, args: argparse.Namespace) -> dict:
     fix_malloc_threshold()
     device = torch.device(args.device)
-    net = build(config, args.scale, args.device, tiny=args.tiny).train()
-    runner = torch.compile(net) if mode == 'compile' else net
+    setting = MODES[mode]
+    net = build(config, args.scale, args.device, tiny=args.tiny, attention=setting['attention']).train()
+    runner = torch.compile(net) if setting['compile'] else net
     optimizer = torch.optim.Adam(net.parameters(), lr=2e-4)
     lq = torch.rand(args.batch, 3, args.size, args.size, device=device)
     gt = torch.rand(args.batch, 3, args.size * args.scale, args.size * args.scale, device=device)
-    amp = mode == 'bf16'
+    amp = setting['amp']
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -57,6 +71,31 @@ def worker(config: str, mode: str, args: argparse.Namespace) -> dict:
     return {'step_s': statistics.median(times), 'peak_mib': peak_memory_mib(step, device)}
 
 
+def ratio(value: float, base: Optional[float]) -> str:
+    return f'{value / base:.3f}x' if base else '-'
+
+
+def format_table(results: dict) -> str:
+    """Markdown table of ``{(config, mode): {'step_s', 'peak_mib'}}`` with the ratios of the module docstring,
+    then the ``bf16`` speed-up over ``fp32-plain`` of every network that ran both."""
+    base = results.get(BASELINE, {})
+    lines = ['| network | mode | attention | step (ms) | time vs HAT fp32-plain | time vs HAT same mode '
+             '| peak (MiB) | memory vs HAT fp32-plain | memory vs HAT same mode |',
+             '| --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+    for (config, mode), row in results.items():
+        same = results.get(('hat', mode), {})
+        lines.append(f'| {config} | {mode} | {MODES[mode]["attention"]} | {row["step_s"] * 1e3:.1f} '
+                     f'| {ratio(row["step_s"], base.get("step_s"))} | {ratio(row["step_s"], same.get("step_s"))} '
+                     f'| {row["peak_mib"]:.1f} | {ratio(row["peak_mib"], base.get("peak_mib"))} '
+                     f'| {ratio(row["peak_mib"], same.get("peak_mib"))} |')
+    speedups = [f'{config} {plain["step_s"] / results[config, "bf16"]["step_s"]:.2f}x'
+                for (config, mode), plain in results.items()
+                if mode == 'fp32-plain' and (config, 'bf16') in results]
+    if speedups:
+        lines += ['', 'bf16 + fused attention vs fp32 eager plain attention (speed-up): ' + ', '.join(speedups)]
+    return '\n'.join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--device', default='cpu')
@@ -66,7 +105,7 @@ def main() -> None:
     parser.add_argument('--steps', type=int, default=5)
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--configs', nargs='+', choices=KINDS, default=list(KINDS))
-    parser.add_argument('--modes', nargs='+', choices=MODES, default=list(MODES))
+    parser.add_argument('--modes', nargs='+', choices=list(MODES), default=list(MODES))
     parser.add_argument('--tiny', action=argparse.BooleanOptionalAction, default=None,
                         help='small network (default on CPU)')
     parser.add_argument('--worker', nargs=2, metavar=('CONFIG', 'MODE'), help=argparse.SUPPRESS)
@@ -94,13 +133,7 @@ def main() -> None:
     print(f'training step, batch {args.batch}x{args.size}^2 LR, x{args.scale}, {network_label(args.tiny)}, '
           f'{device_label(args.device)}, torch {torch.__version__}; median of {args.steps} steps after {args.warmup}')
     print()
-    base = results.get(('hat', 'fp32'))
-    print('| network | mode | step (ms) | time vs HAT fp32 | peak (MiB) | memory vs HAT fp32 |')
-    print('| --- | --- | --- | --- | --- | --- |')
-    for (config, mode), row in results.items():
-        ratio_t = f'{row["step_s"] / base["step_s"]:.3f}x' if base else '-'
-        ratio_m = f'{row["peak_mib"] / base["peak_mib"]:.3f}x' if base else '-'
-        print(f'| {config} | {mode} | {row["step_s"] * 1e3:.1f} | {ratio_t} | {row["peak_mib"]:.1f} | {ratio_m} |')
+    print(format_table(results))
 
 
 if __name__ == '__main__':

@@ -1,6 +1,7 @@
 """HAT building blocks against brute-force computations of the same definitions."""
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 import torch.nn.functional as F
 
 from hmoe_arch.archs.hat_blocks import (OverlappingCrossAttentionBlock, PatchEmbed, PatchUnEmbed,
@@ -123,6 +124,20 @@ def test_fused_attention_equals_the_plain_path_in_values_and_gradients(head_dim:
     torch.testing.assert_close(results[True][0], results[False][0], atol=1e-5, rtol=1e-5)
     for fused_grad, plain_grad in zip(results[True][1], results[False][1]):
         torch.testing.assert_close(fused_grad, plain_grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('head_dim', [30, 32])
+def test_fused_attention_takes_the_fused_kernel_for_strided_keys(head_dim: int) -> None:
+    # OCAB's keys and values come out of F.unfold with the head dimension strided; the math fallback would
+    # store the probabilities, so the fused path must hand the kernel a unit-stride head dimension
+    q = torch.randn(4, 2, 16, head_dim)
+    k, v = (torch.randn(4, 2, head_dim, 36).transpose(-2, -1) for _ in range(2))
+    bias = torch.randn(1, 2, 16, 36)
+    assert k.stride(-1) != 1
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):  # raises if the inputs do not qualify for it
+        fused = scaled_attention(q, k, v, bias, head_dim ** -0.5, 0.0, True)
+    torch.testing.assert_close(fused, scaled_attention(q, k, v, bias, head_dim ** -0.5, 0.0, False),
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_attention_dropout_only_in_training() -> None:

@@ -47,9 +47,11 @@ def scaled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     Args:
         q: ``(B, h, Nq, d)``; k, v: ``(B, h, Nk, d)``.
         bias: Additive bias broadcastable to ``(B, h, Nq, Nk)`` (relative position bias, shift mask).
-        fused: Use ``F.scaled_dot_product_attention`` (a fused kernel where the device has one; the head
-            dimension is zero-padded to a multiple of 8, which fused kernels need and which leaves the result
-            unchanged); otherwise HAT's explicit computation, which stores the probabilities for backward.
+        fused: Use ``F.scaled_dot_product_attention`` (a fused kernel where the device has one); otherwise
+            HAT's explicit computation, which stores the probabilities for backward. Fused kernels need the
+            head dimension a multiple of 8 and contiguous: it is zero-padded (HAT's 30 becomes 32; the result
+            is unchanged), or copied where its stride is not 1 (OCAB's unfolded keys and values); without
+            that, PyTorch falls back to the explicit computation.
 
     Returns:
         ``(B, h, Nq, d)``.
@@ -61,6 +63,8 @@ def scaled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     pad = (-head_dim) % 8
     if pad:
         q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
+    else:
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     mask = bias.to(q.dtype).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
     return out[..., :head_dim] if pad else out
