@@ -3,6 +3,8 @@
 #
 # Usage: bash benchmarks/run_gpu.sh [RESULTS_DIR]   (default: benchmark-results)
 #
+# Runs from a checkout without installing it (the checkout goes on PYTHONPATH); basicsr and lmdb must be
+# importable. PYTHON names the interpreter (default: python3).
 # Each benchmark writes RESULTS_DIR/<name>.md (its table) and <name>.err, as soon as it ends, and gets at most
 # STEP_TIMEOUT seconds (default 240): a step that runs out leaves the others' results in place. Order:
 #   train        bench_train.py: hat, moe, moe_dense x fp32-plain, fp32, bf16 (paper size, 4x64^2, x4)
@@ -13,13 +15,14 @@ set -u
 results=$(realpath -m "${1:-benchmark-results}")
 mkdir -p "$results"
 cd "$(dirname "$0")"
+export PYTHONPATH="$(cd .. && pwd)${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$results/gpu.csv" 2>&1
 
 step() {
     local name=$1
     shift
     local start=$SECONDS
-    timeout "${STEP_TIMEOUT:-240}" python "$@" > "$results/$name.md" 2> "$results/$name.err"
+    timeout "${STEP_TIMEOUT:-240}" "${PYTHON:-python3}" "$@" > "$results/$name.md" 2> "$results/$name.err"
     echo "$name: exit $? after $((SECONDS - start)) s"
 }
 
