@@ -1,11 +1,13 @@
 """Training step time and peak memory: exact HAT, MFGHMoEArch, and MFGHMoEArch with the authors' dense experts.
 
-Each (configuration, mode) runs in its own process: one training step = forward, L1 loss, backward, Adam
-step on a random batch. Modes (see :data:`MODES`): ``fp32-plain`` is HAT's own computation (fp32, eager,
-explicit attention that stores its probabilities); ``fp32`` swaps in fused attention
-(``scaled_dot_product_attention``); ``bf16`` adds bf16 autocast (routing in fp32); ``compile`` is ``fp32``
-under ``torch.compile``. ``moe_dense`` replaces the sparse dispatch by the authors' evaluation (every expert
-on every pixel, masked by the routing weights); it exists only in the benchmarks.
+Each (configuration, mode) runs in its own process (on the CPU two: one times the steps, one measures the
+peak resident set with glibc's mmap threshold fixed, which slowed steps 1.6-2.0x here): one
+training step = forward, L1 loss, backward, Adam step on a random batch. Modes (see :data:`MODES`):
+``fp32-plain`` is HAT's own computation (fp32, eager, explicit attention that stores its probabilities);
+``fp32`` swaps in fused attention (``scaled_dot_product_attention``); ``bf16`` adds bf16 autocast (routing
+in fp32); ``compile`` is ``fp32`` under ``torch.compile``. ``moe_dense`` replaces the sparse dispatch by the
+authors' evaluation (every expert on every pixel, masked by the routing weights); it exists only in the
+benchmarks.
 
 Two ratios per row: against the HAT ``fp32-plain`` row (the speed-up of a mode) and against the HAT row of
 the same mode (the cost of the MoE at equal settings). A last block prints each network's speed-up of
@@ -39,8 +41,11 @@ MODES = {
 BASELINE = ('hat', 'fp32-plain')
 
 
-def worker(config: str, mode: str, args: argparse.Namespace) -> dict:
-    fix_malloc_threshold()
+def worker(config: str, mode: str, measure: str, args: argparse.Namespace) -> dict:
+    """Median step time (``measure`` ``time`` or ``both``) and/or peak memory of one step (``memory``,
+    ``both``) after ``args.warmup`` steps."""
+    if measure == 'memory':
+        fix_malloc_threshold()  # needed for the CPU measure, but slows every large allocation: never when timing
     device = torch.device(args.device)
     setting = MODES[mode]
     net = build(config, args.scale, args.device, tiny=args.tiny, attention=setting['attention']).train()
@@ -57,18 +62,33 @@ def worker(config: str, mode: str, args: argparse.Namespace) -> dict:
         F.l1_loss(out.float(), gt).backward()
         optimizer.step()
 
-    for _ in range(args.warmup):
+    for _ in range(max(args.warmup, 1)):
         step()
-    times = []
-    for _ in range(args.steps):
-        if device.type == 'cuda':
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if device.type == 'cuda':
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return {'step_s': statistics.median(times), 'peak_mib': peak_memory_mib(step, device)}
+    result = {}
+    if measure in ('time', 'both'):
+        times = []
+        for _ in range(args.steps):
+            if device.type == 'cuda':
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            step()
+            if device.type == 'cuda':
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        result['step_s'] = statistics.median(times)
+    if measure in ('memory', 'both'):
+        result['peak_mib'] = peak_memory_mib(step, device)
+    return result
+
+
+def run_worker(config: str, mode: str, measure: str, args: argparse.Namespace) -> dict:
+    command = [sys.executable, __file__, '--worker', config, mode, measure, '--device', args.device, '--batch',
+               str(args.batch), '--size', str(args.size), '--scale', str(args.scale), '--steps', str(args.steps),
+               '--warmup', str(args.warmup), '--tiny' if args.tiny else '--no-tiny']
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode:
+        raise SystemExit(f'{config} {mode} ({measure}) failed:\n{result.stderr[-3000:]}')
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def ratio(value: float, base: Optional[float]) -> str:
@@ -108,7 +128,7 @@ def main() -> None:
     parser.add_argument('--modes', nargs='+', choices=list(MODES), default=list(MODES))
     parser.add_argument('--tiny', action=argparse.BooleanOptionalAction, default=None,
                         help='small network (default on CPU)')
-    parser.add_argument('--worker', nargs=2, metavar=('CONFIG', 'MODE'), help=argparse.SUPPRESS)
+    parser.add_argument('--worker', nargs=3, metavar=('CONFIG', 'MODE', 'MEASURE'), help=argparse.SUPPRESS)
     args = parser.parse_args()
     cuda = args.device.startswith('cuda')
     if args.tiny is None:
@@ -122,13 +142,11 @@ def main() -> None:
     results = {}
     for config in args.configs:
         for mode in args.modes:
-            command = [sys.executable, __file__, '--worker', config, mode, '--device', args.device, '--batch',
-                       str(args.batch), '--size', str(args.size), '--scale', str(args.scale), '--steps',
-                       str(args.steps), '--warmup', str(args.warmup), '--tiny' if args.tiny else '--no-tiny']
-            result = subprocess.run(command, capture_output=True, text=True)
-            if result.returncode:
-                raise SystemExit(f'{config} {mode} failed:\n{result.stderr[-3000:]}')
-            results[config, mode] = json.loads(result.stdout.strip().splitlines()[-1])
+            if cuda:  # CUDA's allocator statistics do not disturb the timing
+                results[config, mode] = run_worker(config, mode, 'both', args)
+            else:
+                results[config, mode] = {**run_worker(config, mode, 'time', args),
+                                         **run_worker(config, mode, 'memory', args)}
 
     print(f'training step, batch {args.batch}x{args.size}^2 LR, x{args.scale}, {network_label(args.tiny)}, '
           f'{device_label(args.device)}, torch {torch.__version__}; median of {args.steps} steps after {args.warmup}')

@@ -9,15 +9,21 @@ known. Bicubic (MATLAB ``imresize``) is always a row of every (test set, scale).
 with ``--expert-maps`` the maps and usage CSV of every MoE model (:mod:`hmoe_arch.expert_maps`).
 
 Peak memory: on CUDA ``max_memory_allocated`` above what was allocated before the forward; on the CPU the
-rise of the process's peak resident set (VmHWM, reset via ``/proc/self/clear_refs``), with glibc's mmap
-threshold fixed at 64 KiB so freed tensors leave the resident set.
+rise of the peak resident set (VmHWM, reset via ``/proc/self/clear_refs``) of a child process that fixes
+glibc's mmap threshold at 64 KiB before anything is allocated, so freed tensors leave the resident set. Not
+in this process: that setting makes every large allocation a fresh mmap, which slowed a paper-size CPU
+forward 1.6-1.9x here (latency and evaluation would pay for it), and setting it late misreports the peak.
 """
 import csv
 import ctypes
+import json
 import math
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -209,8 +215,8 @@ def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float:
         return float('nan')
 
 
-def latency_and_memory(net: torch.nn.Module, lr_size: int, device: torch.device, runs: int):
-    """Median seconds and peak MiB of one forward at ``lr_size``."""
+def forward_latency(net: torch.nn.Module, lr_size: int, device: torch.device, runs: int) -> float:
+    """Median seconds of one forward at ``lr_size`` (after one untimed forward)."""
     x = torch.rand(1, 3, lr_size, lr_size, device=device)
     cuda = device.type == 'cuda'
     times = []
@@ -224,8 +230,41 @@ def latency_and_memory(net: torch.nn.Module, lr_size: int, device: torch.device,
             if cuda:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
-        peak = peak_memory_mib(lambda: net(x), device)
-    return statistics.median(times), peak
+    return statistics.median(times)
+
+
+def _forward_peak(net: torch.nn.Module, lr_size: int, device: torch.device) -> float:
+    x = torch.rand(1, 3, lr_size, lr_size, device=device)
+    with torch.no_grad():
+        net(x)  # first-call allocations (thread pools, kernels) are not the network's
+        return peak_memory_mib(lambda: net(x), device)
+
+
+def forward_memory(model: BenchModel, net: torch.nn.Module, lr_size: int, device: torch.device) -> float:
+    """Peak MiB of one forward at ``lr_size``: on CUDA of ``net`` in this process, on the CPU of the same
+    weights rebuilt in a child process (see the module docstring)."""
+    if device.type == 'cuda':
+        return _forward_peak(net, lr_size, device)
+    with tempfile.TemporaryDirectory() as tmp:
+        request, answer = Path(tmp) / 'request.json', Path(tmp) / 'answer.json'
+        request.write_text(json.dumps({'model': asdict(model), 'lr_size': lr_size}))
+        child = subprocess.run([sys.executable, '-c', 'import sys; from hmoe_arch.bench import memory_child; '
+                                'memory_child(sys.argv[1], sys.argv[2])', str(request), str(answer)],
+                               capture_output=True, text=True)
+        if child.returncode:
+            raise RuntimeError(f'{model.source}: measuring peak memory in a child process failed:\n'
+                               f'{child.stderr[-3000:]}')
+        return float(json.loads(answer.read_text())['peak_mib'])
+
+
+def memory_child(request: str, answer: str) -> None:
+    """Entry of the child process of :func:`forward_memory`: JSON ``{model, lr_size}`` in ``request``, JSON
+    ``{peak_mib}`` written to ``answer``."""
+    fix_malloc_threshold()
+    job = json.loads(Path(request).read_text())
+    device = torch.device('cpu')
+    net = build(BenchModel(**job['model']), device).eval()
+    Path(answer).write_text(json.dumps({'peak_mib': _forward_peak(net, job['lr_size'], device)}))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -297,7 +336,6 @@ def run_bench(sources: Sequence[Path], out: Path, *, device: str = 'cpu', lr_siz
     if device.startswith('cuda') and not torch.cuda.is_available():
         raise OptionError('--device cuda: no CUDA device is available')
     dev = torch.device(device)
-    fix_malloc_threshold()
     models = [model_from_source(Path(s), force_yml) for s in sources]
     rows: List[BenchRow] = []
     seen_sets = set()
@@ -314,8 +352,8 @@ def run_bench(sources: Sequence[Path], out: Path, *, device: str = 'cpu', lr_siz
         row = evaluate(model, net, dev, maps_dir)
         row.params_m = sum(p.numel() for p in net.parameters()) / 1e6
         row.macs_g = count_macs(net, lr_size, dev) / 1e9
-        latency, row.peak_mib = latency_and_memory(net, lr_size, dev, runs)
-        row.latency_ms = latency * 1e3
+        row.latency_ms = forward_latency(net, lr_size, dev, runs) * 1e3
+        row.peak_mib = forward_memory(model, net, lr_size, dev)
         rows.append(row)
         logger.info(f'bench: {model.name} on {row.test_set} x{model.scale}: {row.psnr:.4f} dB, {row.ssim:.4f}')
     write_tables(rows, out)

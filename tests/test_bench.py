@@ -18,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import SMALL_GROUPS, TINY_TRAINING, tiny
 from hmoe_arch import MFGHMoEArch
-from hmoe_arch.bench import COLUMNS, count_macs, model_from_source, run_bench
+from hmoe_arch.bench import COLUMNS, build, count_macs, forward_memory, model_from_source, run_bench
 from hmoe_arch.options import OptionError
 from hmoe_arch.tiling import padded_forward
 
@@ -103,6 +103,19 @@ def test_expert_maps_from_bench(trained: Path, monkeypatch: pytest.MonkeyPatch) 
     names = (trained / 'datasets' / 'UCMerced' / 'test.txt').read_text().split()
     assert sorted(p.name for p in maps.glob('*.png')) == sorted(n.replace('.tif', '.png') for n in names)
     assert (maps / 'expert_usage.csv').read_text().startswith('class,lr_pixels,expert_00')
+
+
+def test_cpu_peak_memory_is_measured_in_a_child_process(trained: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(trained)
+    model = model_from_source(trained / 'experiments' / 'train_MFGHMoE_UCMerced_x2')
+    net = build(model, torch.device('cpu')).eval()
+    small, large, again = (forward_memory(model, net, size, torch.device('cpu')) for size in (32, 128, 128))
+    # a 128^2 forward holds 16x the activations of a 32^2 one; the child's fresh process makes it repeatable
+    assert 0 < small < large and large == pytest.approx(again, abs=1.0)
+    broken = model_from_source(trained / 'experiments' / 'train_MFGHMoE_UCMerced_x2')
+    broken.weights = str(trained / 'missing.pth')
+    with pytest.raises(RuntimeError, match='measuring peak memory in a child process failed'):
+        forward_memory(broken, net, 32, torch.device('cpu'))
 
 
 def test_moe_macs_are_the_routed_cost() -> None:
