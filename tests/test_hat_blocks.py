@@ -109,21 +109,26 @@ def test_residual_group_is_a_residual() -> None:
                              shifted_window_mask(4, 4, 2, 1)), x)
 
 
+@pytest.mark.parametrize('windows_per_image', [1, 2, 6])
 @pytest.mark.parametrize('head_dim', [30, 32])
-def test_fused_attention_equals_the_plain_path_in_values_and_gradients(head_dim: int) -> None:
+def test_both_attention_paths_match_a_per_row_computation(head_dim: int, windows_per_image: int) -> None:
+    # 6 windows = 6 / G images of G windows each; window i takes bias[i % G] (its shift mask) in both paths
     tensors = [torch.randn(6, 3, 16, head_dim, requires_grad=True) for _ in range(3)]
     bias = torch.randn(1, 3, 16, 16, requires_grad=True)
-    mask = torch.zeros(6, 1, 16, 16)
+    mask = torch.zeros(windows_per_image, 1, 16, 16)
     mask[::2, :, :, 8:] = -100.0
-    results = {}
+    q, k, v = tensors
+    rows = [((q[i] * head_dim ** -0.5) @ k[i].transpose(-2, -1) + bias[0] + mask[i % windows_per_image]
+             ).softmax(-1) @ v[i] for i in range(6)]
+    expected = torch.stack(rows)
+    upstream = torch.linspace(-1, 1, expected.numel()).view_as(expected)
+    expected_grads = torch.autograd.grad((expected * upstream).sum(), tensors + [bias])
     for fused in (False, True):
         out = scaled_attention(*tensors, bias + mask, head_dim ** -0.5, 0.0, fused)
-        upstream = torch.linspace(-1, 1, out.numel()).view_as(out)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
         grads = torch.autograd.grad((out * upstream).sum(), tensors + [bias])
-        results[fused] = (out, grads)
-    torch.testing.assert_close(results[True][0], results[False][0], atol=1e-5, rtol=1e-5)
-    for fused_grad, plain_grad in zip(results[True][1], results[False][1]):
-        torch.testing.assert_close(fused_grad, plain_grad, atol=1e-5, rtol=1e-5)
+        for grad, expected_grad in zip(grads, expected_grads):
+            torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize('head_dim', [30, 32])

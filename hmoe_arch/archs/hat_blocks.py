@@ -42,22 +42,27 @@ def window_reverse(windows: torch.Tensor, window_size: int, height: int, width: 
 
 def scaled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float,
                      dropout_p: float, fused: bool) -> torch.Tensor:
-    """``dropout(softmax(scale * q @ k^T + bias)) @ v``.
+    """``dropout(softmax(scale * q @ k^T + bias)) @ v`` over windows.
 
     Args:
-        q: ``(B, h, Nq, d)``; k, v: ``(B, h, Nk, d)``.
-        bias: Additive bias broadcastable to ``(B, h, Nq, Nk)`` (relative position bias, shift mask).
+        q: ``(B * G, h, Nq, d)``; k, v: ``(B * G, h, Nk, d)``: the windows of B images, G per image.
+        bias: ``(G, h, Nq, Nk)`` additive bias, row ``i`` of the batch taking ``bias[i % G]`` (shifted
+            windows: relative position bias plus each window's shift mask), or ``(1, h, Nq, Nk)`` for all.
+            It is broadcast over the images, never copied per image.
         fused: Use ``F.scaled_dot_product_attention`` (a fused kernel where the device has one); otherwise
             HAT's explicit computation, which stores the probabilities for backward. Fused kernels need the
             head dimension a multiple of 8 and contiguous: it is zero-padded (HAT's 30 becomes 32; the result
             is unchanged), or copied where its stride is not 1 (OCAB's unfolded keys and values); without
-            that, PyTorch falls back to the explicit computation.
+            that, PyTorch falls back to the explicit computation. With G > 1 the G windows of an image are
+            passed as G * h heads of one batch row, so that the bias broadcasts over the batch.
 
     Returns:
-        ``(B, h, Nq, d)``.
+        ``(B * G, h, Nq, d)``.
     """
+    groups, heads, queries, keys = bias.shape[0], q.shape[1], q.shape[2], k.shape[2]
     if not fused:
-        attn = ((q * scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1)
+        attn = ((q * scale) @ k.transpose(-2, -1)).view(-1, groups, heads, queries, keys) + bias
+        attn = attn.flatten(0, 1).softmax(dim=-1)
         return F.dropout(attn, dropout_p, training=dropout_p > 0) @ v
     head_dim = q.shape[-1]
     pad = (-head_dim) % 8
@@ -65,8 +70,12 @@ def scaled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
         q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
     else:
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    mask = bias.to(q.dtype).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    if groups > 1:
+        q, k, v = (t.reshape(-1, groups * heads, t.shape[2], t.shape[3]) for t in (q, k, v))
+        bias = bias.reshape(1, groups * heads, queries, keys)
+    mask = bias.to(q.dtype).expand(q.shape[0], q.shape[1], queries, keys)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    out = out.reshape(-1, heads, queries, out.shape[-1])
     return out[..., :head_dim] if pad else out
 
 
@@ -162,8 +171,7 @@ class WindowAttention(nn.Module):
         q, k, v = rearrange(self.qkv(x), 'b n (three h d) -> three b h n d', three=3, h=self.num_heads)
         bias = self.relative_position_bias_table[rpi.reshape(-1)].reshape(n, n, -1).permute(2, 0, 1).unsqueeze(0)
         if mask is not None:
-            num_windows = mask.shape[0]
-            bias = (bias + mask.unsqueeze(1)).repeat(x.shape[0] // num_windows, 1, 1, 1)
+            bias = bias + mask.unsqueeze(1)
         dropout = self.attn_drop.p if self.training else 0.0
         x = rearrange(scaled_attention(q, k, v, bias, self.scale, dropout, self.fused), 'b h n d -> b n (h d)')
         return self.proj_drop(self.proj(x))
