@@ -27,7 +27,7 @@ import torch
 
 from common import build, device_label
 from hmoe_arch import MFGHMoEArch
-from hmoe_arch.bench import fix_malloc_threshold, peak_memory_mib
+from hmoe_arch.bench import fix_malloc_threshold, forward_peak_mib
 
 
 def synchronize(device: str) -> None:
@@ -72,10 +72,7 @@ def memory_worker(kind: str, args: argparse.Namespace) -> Dict[str, float]:
     fix_malloc_threshold()
     device = torch.device(args.device)
     net = build(kind, args.scale, args.device, attention=args.attention).eval()
-    x = torch.rand(1, 3, args.size, args.size, device=device)
-    with torch.no_grad():
-        net(x)  # first-call allocations (thread pools, kernels) are not the network's
-        return {'peak_mib': peak_memory_mib(lambda: net(x), device)}
+    return {'peak_mib': forward_peak_mib(net, args.size, device)}
 
 
 def measure_memory(kind: str, args: argparse.Namespace) -> float:

@@ -43,7 +43,7 @@ BASELINE = ('hat', 'fp32-plain')
 
 def worker(config: str, mode: str, measure: str, args: argparse.Namespace) -> dict:
     """Median step time (``measure`` ``time`` or ``both``) and/or peak memory of one step (``memory``,
-    ``both``) after ``args.warmup`` steps."""
+    ``both``) after ``args.warmup`` steps, at least one (the first allocates Adam's state)."""
     if measure == 'memory':
         fix_malloc_threshold()  # needed for the CPU measure, but slows every large allocation: never when timing
     device = torch.device(args.device)

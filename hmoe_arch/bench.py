@@ -233,7 +233,9 @@ def forward_latency(net: torch.nn.Module, lr_size: int, device: torch.device, ru
     return statistics.median(times)
 
 
-def _forward_peak(net: torch.nn.Module, lr_size: int, device: torch.device) -> float:
+def forward_peak_mib(net: torch.nn.Module, lr_size: int, device: torch.device) -> float:
+    """Peak MiB of one forward of ``net`` on a random ``(1, 3, lr_size, lr_size)`` input in this process (see
+    :func:`peak_memory_mib`; on the CPU call :func:`fix_malloc_threshold` first, before anything large)."""
     x = torch.rand(1, 3, lr_size, lr_size, device=device)
     with torch.no_grad():
         net(x)  # first-call allocations (thread pools, kernels) are not the network's
@@ -244,7 +246,7 @@ def forward_memory(model: BenchModel, net: torch.nn.Module, lr_size: int, device
     """Peak MiB of one forward at ``lr_size``: on CUDA of ``net`` in this process, on the CPU of the same
     weights rebuilt in a child process (see the module docstring)."""
     if device.type == 'cuda':
-        return _forward_peak(net, lr_size, device)
+        return forward_peak_mib(net, lr_size, device)
     with tempfile.TemporaryDirectory() as tmp:
         request, answer = Path(tmp) / 'request.json', Path(tmp) / 'answer.json'
         request.write_text(json.dumps({'model': asdict(model), 'lr_size': lr_size}))
@@ -264,7 +266,7 @@ def memory_child(request: str, answer: str) -> None:
     job = json.loads(Path(request).read_text())
     device = torch.device('cpu')
     net = build(BenchModel(**job['model']), device).eval()
-    Path(answer).write_text(json.dumps({'peak_mib': _forward_peak(net, job['lr_size'], device)}))
+    Path(answer).write_text(json.dumps({'peak_mib': forward_peak_mib(net, job['lr_size'], device)}))
 
 
 # ----------------------------------------------------------------------------------------------------------
