@@ -12,7 +12,7 @@ Peak memory: on CUDA ``max_memory_allocated`` above what was allocated before th
 rise of the peak resident set (VmHWM, reset via ``/proc/self/clear_refs``) of a child process that fixes
 glibc's mmap threshold at 64 KiB before anything is allocated, so freed tensors leave the resident set. Not
 in this process: that setting makes every large allocation a fresh mmap, which slowed a paper-size CPU
-forward 1.6-1.9x here (latency and evaluation would pay for it), and setting it late misreports the peak.
+forward 1.6-2.0x here (latency and evaluation would pay for it), and setting it late misreports the peak.
 """
 import csv
 import ctypes
