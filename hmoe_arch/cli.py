@@ -31,7 +31,6 @@ import torch.distributed as dist
 import yaml
 from basicsr.utils import get_root_logger, scandir
 from basicsr.utils.misc import check_resume
-from basicsr.utils.options import ordered_yaml
 
 from .bench import run_bench
 from .data.degradations import DEGRADATIONS
@@ -86,7 +85,7 @@ def basicsr_pipeline(module: Any, args: argparse.Namespace, is_train: bool) -> I
             used = osp.join(tmp, osp.basename(args.opt))
             with open(used, 'w') as f:
                 f.write(f'# {" ".join(sys.argv)}\n')
-                yaml.dump(_plain(opt), f, Dumper=ordered_yaml()[1], sort_keys=False)
+                yaml.safe_dump(_plain(opt), f, sort_keys=False)
             return opt, argparse.Namespace(opt=used)
 
         replaced = {'parse_options': parse}

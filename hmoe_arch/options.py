@@ -6,6 +6,7 @@ import argparse
 import os
 import os.path as osp
 import random
+import re
 from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
@@ -13,13 +14,63 @@ import torch.distributed as dist
 import yaml
 from basicsr.utils import set_random_seed
 from basicsr.utils.dist_util import get_dist_info
-from basicsr.utils.options import ordered_yaml
 
 from .data.rs_paired_dataset import IMAGE_SUFFIXES
+
+MAX_OPTION_BYTES = 4 * 2**20
+"""Largest option file read."""
+MAX_OPTION_VALUES = 100_000
+"""Most values an option file may hold once its YAML aliases are expanded (real files hold a few hundred)."""
 
 
 class OptionError(Exception):
     """A bad option file or ``--force_yml`` entry; the message names the key."""
+
+
+def expanded_size(value: Any, limit: int = MAX_OPTION_VALUES) -> int:
+    """How many values ``value`` holds with every shared (aliased) node counted each time it is used; stops
+    counting past ``limit``. Linear in the number of distinct nodes."""
+    sizes: Dict[int, int] = {}
+
+    def size(node: Any) -> int:
+        if not isinstance(node, (dict, list)):
+            return 1
+        if id(node) not in sizes:
+            children = node.values() if isinstance(node, dict) else node
+            total = 1
+            for child in children:
+                total += size(child)
+                if total > limit:
+                    break
+            sizes[id(node)] = total
+        return sizes[id(node)]
+
+    return size(value)
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """Plain YAML only (``yaml.SafeLoader``: no Python tags, nothing executed; mappings keep their order) whose
+    aliases expand to at most :data:`MAX_OPTION_VALUES` values.
+
+    Raises:
+        OptionError: naming ``source`` and, for a refused tag or a syntax error, the line.
+    """
+    try:
+        value = yaml.load(text, Loader=yaml.SafeLoader)
+    except yaml.constructor.ConstructorError as error:
+        mark = error.problem_mark
+        where = f'{source}:{mark.line + 1}' if mark is not None else source
+        tag = re.search(r"tag '([^']*)'", str(error.problem))
+        if tag and 'python' in tag.group(1):
+            raise OptionError(f'{where}: the tag {tag.group(1)} is refused: option files are plain YAML and '
+                              'nothing in them is executed') from None
+        raise OptionError(f'{where}: not plain YAML ({error.problem})') from None
+    except yaml.YAMLError as error:
+        raise OptionError(f'{source}: not valid YAML ({error})') from None
+    if expanded_size(value) > MAX_OPTION_VALUES:
+        raise OptionError(f'{source}: its YAML aliases expand to more than {MAX_OPTION_VALUES} values (an alias '
+                          'bomb?); write the options out without nested aliases')
+    return value
 
 
 def apply_force_yml(opt: Dict[str, Any], entry: str) -> None:
@@ -28,10 +79,7 @@ def apply_force_yml(opt: Dict[str, Any], entry: str) -> None:
         raise OptionError(f'--force_yml {entry!r}: expected key:sub=value')
     path, text = (part.strip() for part in entry.split('=', 1))
     keys = path.split(':')
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise OptionError(f'--force_yml {entry!r}: the value is not valid YAML ({error})') from error
+    value = load_yaml(text, f'--force_yml {entry!r}')
     node = opt
     for depth, key in enumerate(keys[:-1]):
         if not isinstance(node, dict) or key not in node:
@@ -59,19 +107,21 @@ def init_distributed() -> None:
 
 def read_option_file(path: Union[str, os.PathLike], force_yml: Sequence[str] = (),
                      required: Sequence[str] = ()) -> Dict[str, Any]:
-    """An option file (BasicSR's ordered YAML loader) with ``--force_yml`` entries applied.
+    """An option file (plain YAML, :func:`load_yaml`) with ``--force_yml`` entries applied.
 
     Raises:
-        OptionError: naming ``path`` when it cannot be read, is not a YAML mapping or lacks a ``required``
-            top-level key.
+        OptionError: naming ``path`` when it cannot be read, is not plain YAML (a Python tag names its line), is
+            an alias bomb, is not a YAML mapping or lacks a ``required`` top-level key.
     """
     try:
-        with open(path) as f:
-            opt = yaml.load(f, Loader=ordered_yaml()[0])
-    except OSError as error:
-        raise OptionError(f'{path}: cannot read the option file ({error.strerror or error})') from error
-    except yaml.YAMLError as error:
-        raise OptionError(f'{path}: not valid YAML ({error})') from error
+        with open(path, encoding='utf-8') as f:
+            text = f.read(MAX_OPTION_BYTES + 1)
+    except (OSError, UnicodeDecodeError) as error:
+        raise OptionError(f'{path}: cannot read the option file ({getattr(error, "strerror", None) or error})') \
+            from error
+    if len(text) > MAX_OPTION_BYTES:
+        raise OptionError(f'{path}: larger than {MAX_OPTION_BYTES // 2**20} MiB; not an option file')
+    opt = load_yaml(text, os.fspath(path))
     if not isinstance(opt, dict):
         raise OptionError(f'{path}: expected a mapping of options')
     for entry in force_yml:

@@ -183,3 +183,42 @@ def test_non_finite_loss_stops_training_with_status_3(run_dir: Path) -> None:
     assert 'iteration 3: non-finite l_pix; training stopped before the optimizer step' in run.stderr.splitlines()[-1]
     assert snapshot(run_dir / 'experiments' / 'previous' / 'models') == {
         k.relative_to('models'): v for k, v in before.items() if k.parts[0] == 'models'}
+
+
+# ------------------------------------------------------------------------------------------------------
+# option files are data, never code
+TAGGED = 'name: tagged\npwn: !!python/object/apply:os.system ["touch {marker}"]\n'
+
+
+@pytest.mark.parametrize('command', ['train', 'test', 'infer', 'bench'])
+def test_python_tags_in_option_files_are_refused_and_never_run(command: str, tmp_path: Path, monkeypatch,
+                                                               basicsr_log) -> None:
+    monkeypatch.chdir(tmp_path)
+    marker = tmp_path / 'pwned'
+    option = tmp_path / 'experiments' / 'shared' / 'tagged.yml'
+    option.parent.mkdir(parents=True)
+    option.write_text(TAGGED.format(marker=marker))
+    image = tmp_path / 'in.png'
+    write_image(image, 16, 16, 0)
+    args = {'train': ['train', '-opt', str(option)], 'test': ['test', '-opt', str(option)],
+            'infer': ['infer', '--weights', str(tmp_path / 'w.pth'), '-opt', str(option), '--input', str(image),
+                      '--output', str(tmp_path / 'out.png')],
+            'bench': ['bench', str(option.parent), '--out', str(tmp_path / 'bench')]}[command]
+    assert main(args) == 2
+    assert not marker.exists()
+    assert basicsr_log[-1].endswith(f'{option}:2: the tag tag:yaml.org,2002:python/object/apply:os.system is refused: '
+                                    'option files are plain YAML and nothing in them is executed')
+    assert not (tmp_path / 'out.png').exists() and not (tmp_path / 'bench').exists()
+
+
+def test_alias_bomb_is_refused_before_it_expands(tmp_path: Path, basicsr_log) -> None:
+    levels = ['a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for level in range(1, 9):
+        name, previous = chr(97 + level), chr(96 + level)
+        levels.append(f'{name}: &{name} [' + ', '.join([f'*{previous}'] * 9) + ']')
+    option = tmp_path / 'bomb.yml'
+    option.write_text('name: bomb\n' + '\n'.join(levels) + '\n')
+    started = time.monotonic()
+    assert main(['train', '-opt', str(option)]) == 2
+    assert time.monotonic() - started < 10
+    assert 'bomb.yml: its YAML aliases expand to more than 100000 values' in basicsr_log[-1]

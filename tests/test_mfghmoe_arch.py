@@ -182,7 +182,7 @@ def test_every_parameter_gets_a_gradient_in_hat_mode() -> None:
 
 
 def test_every_parameter_gets_a_gradient_with_moe_and_mfa() -> None:
-    net = MFGHMoEArch(**tiny(expert_groups=SMALL_GROUPS, upscale=2)).train()
+    net = MFGHMoEArch(**tiny(expert_groups=SMALL_GROUPS, upscale=2, routing_grad='straight_through')).train()
     spread_router(net)
     out = net(torch.rand(2, 3, 16, 16))
     used = set(net.routing_maps()['expert'].flatten().tolist())
@@ -310,6 +310,53 @@ def test_shape_mismatch_is_reported_not_loaded(basicsr_log) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------
+# routing_grad: where the routing gradient goes
+ROUTING_PARTS = ('upsample.0.gate.', 'mfg.1.', 'mfg.3.', 'aggr_conv.')
+"""Parameters that only the routing gradient reaches (routers, group embedding, MFA branches, projection)."""
+
+
+def routed_step(routing_grad: str, mfa: bool = True) -> Dict[str, torch.Tensor]:
+    """Gradients of one loss through a network whose weights do not depend on ``routing_grad``."""
+    torch.manual_seed(0)
+    net = MFGHMoEArch(**tiny(expert_groups=SMALL_GROUPS, mfa=mfa, routing_grad=routing_grad)).train()
+    spread_router(net)
+    torch.manual_seed(1)
+    out = net(torch.rand(2, 3, 16, 16))
+    assert len(set(net.routing_maps()['expert'].flatten().tolist())) == 4, 'precondition: every expert is used'
+    (out - torch.rand_like(out)).abs().mean().backward()
+    return {'output': out.detach(), **{n: p.grad for n, p in net.named_parameters()}}
+
+
+def test_routing_grad_changes_no_output_value() -> None:
+    outputs = [routed_step(mode)['output'] for mode in ('none', 'straight_through', 'isolated')]
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
+
+
+def test_routing_grad_none_is_the_authors_training() -> None:
+    grads = routed_step('none')
+    routing = [n for n in grads if n.startswith(ROUTING_PARTS)]
+    assert len(routing) == 17 and all(grads[n] is None for n in routing)
+    others = [n for n in grads if n != 'output' and n not in routing]
+    assert all(grads[n] is not None and grads[n].abs().sum() > 0 for n in others)
+    assert grads['mfg.0.weight'].abs().sum() > 0  # the LayerNorms of MFA sit on the main path
+
+
+@pytest.mark.parametrize('mfa', [True, False])
+def test_isolated_routing_gradient_trains_the_routers_but_stops_at_the_backbone(mfa: bool) -> None:
+    none, isolated, through = routed_step('none', mfa), routed_step('isolated', mfa), routed_step(
+        'straight_through', mfa)
+    routing = [n for n in none if n.startswith(ROUTING_PARTS)]
+    shared = [n for n in none if n != 'output' and n not in routing]
+    assert all(isolated[n].abs().sum() > 0 for n in routing)
+    for name in shared:  # the backbone, reconstruction and experts see exactly the authors' gradient
+        torch.testing.assert_close(isolated[name], none[name], rtol=0, atol=0, msg=name)
+    changed = [n for n in shared if not torch.equal(through[n], none[n])]
+    assert 'conv_first.weight' in changed and 'layers.0.residual_group.blocks.0.attn.qkv.weight' in changed
+    if mfa:
+        assert 'norm.weight' in changed
+
+
+# ------------------------------------------------------------------------------------------------------
 # validation
 @pytest.mark.parametrize('overrides, message', [
     (dict(embed_dim=25), r'`embed_dim` \(25\) must be divisible by every head count; num_heads\[0\] = 2'),
@@ -318,6 +365,7 @@ def test_shape_mismatch_is_reported_not_loaded(basicsr_log) -> None:
     (dict(resi_connection='3conv'), r'`resi_connection` must be one of'),
     (dict(routing='triple'), r'`routing` must be one of'),
     (dict(attention='flash'), r'`attention` must be one of'),
+    (dict(routing_grad='reinforce'), r"`routing_grad` must be one of \('none', 'straight_through', 'isolated'\)"),
     (dict(window_size=0), r'`window_size` must be an integer >= 1'),
     (dict(depths=[1, 0]), r'`depths\[1\]` must be an integer >= 1'),
     (dict(img_size=2), r'`img_size` must be at least window_size'),
@@ -403,7 +451,7 @@ def test_routing_maps_are_from_the_last_forward_without_a_second_one() -> None:
 
 
 def test_without_mfa_the_routers_read_the_reconstruction_features() -> None:
-    net = MFGHMoEArch(**tiny(expert_groups=SMALL_GROUPS, mfa=False)).eval()
+    net = MFGHMoEArch(**tiny(expert_groups=SMALL_GROUPS, mfa=False, routing_grad='straight_through')).eval()
     assert not any(k.startswith(('mfg.', 'aggr_conv.')) for k in net.state_dict())
     seen = {}
 

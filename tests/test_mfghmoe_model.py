@@ -101,6 +101,14 @@ def test_aux_loss_is_added_with_its_weight(tmp_path: Path) -> None:
         build_model(options(tmp_path, train={'aux_loss_weight': -1}))
 
 
+def test_aux_loss_needs_routers_that_learn(tmp_path: Path) -> None:
+    opt = options(tmp_path, train={'aux_loss_weight': 0.1})
+    opt['network_g']['routing_grad'] = 'none'
+    with pytest.raises(ValueError, match='aux_loss_weight` > 0 needs routers that learn, but `network_g.routing_grad` '
+                                         'is none'):
+        build_model(opt)
+
+
 def test_routing_statistics_since_the_last_log(tmp_path: Path) -> None:
     model = build_model(options(tmp_path))
     bare = model.get_bare_model(model.net_g)

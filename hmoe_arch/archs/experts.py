@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from .routing import DualRouter, Routing, SingleRouter
+from .routing import ROUTING_GRADS, DualRouter, Routing, SingleRouter
 
 ExpertGroup = Tuple[int, int]
 """``(kernel_size, num_experts)`` of one expert group."""
@@ -118,11 +118,17 @@ class HeterogeneousMoE(nn.Module):
         expert_groups: ``(kernel_size, num_experts)`` per group.
         top_k: Experts per pixel (within its group for dual routing).
         routing: ``'dual'`` or ``'single'``.
+        routing_grad: ``'none'`` runs the routers without autograd (the authors' training: the routers, the
+            group embedding and whatever computed the routing features get no gradient); any other value
+            (see :data:`~hmoe_arch.archs.routing.ROUTING_GRADS`) lets the straight-through weights carry it.
     """
 
     def __init__(self, channels: int, scale: int, routing_dim: int, expert_groups: Sequence[ExpertGroup],
-                 top_k: int, routing: str) -> None:
+                 top_k: int, routing: str, routing_grad: str = 'straight_through') -> None:
         super().__init__()
+        if routing_grad not in ROUTING_GRADS:
+            raise ValueError(f'HeterogeneousMoE: routing_grad must be one of {ROUTING_GRADS}, got {routing_grad!r}')
+        self.routing_grad = routing_grad
         self.expert_groups = tuple(expert_groups)
         self.channels = channels
         self.scale = scale
@@ -155,8 +161,9 @@ class HeterogeneousMoE(nn.Module):
             :meth:`aux_loss` computes its load-balancing loss on demand.
         """
         batch, _, height, width = x.shape
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            # routing decisions in fp32 whatever the autocast precision of the rest
+        # routing decisions in fp32 whatever the autocast precision of the rest
+        with torch.autocast(device_type=x.device.type, enabled=False), \
+                torch.set_grad_enabled(torch.is_grad_enabled() and self.routing_grad != 'none'):
             routing = self.gate(rearrange(routing_features, 'b c h w -> (b h w) c').float())
         self.last_routing = routing.detach()
         self._routing_with_graph = routing
@@ -227,8 +234,8 @@ class MoEUpsampler(nn.Sequential):
     """
 
     def __init__(self, scale: int, num_feat: int, routing_dim: int, expert_groups: Sequence[ExpertGroup],
-                 top_k: int, routing: str) -> None:
-        super().__init__(HeterogeneousMoE(num_feat, scale, routing_dim, expert_groups, top_k, routing),
+                 top_k: int, routing: str, routing_grad: str = 'straight_through') -> None:
+        super().__init__(HeterogeneousMoE(num_feat, scale, routing_dim, expert_groups, top_k, routing, routing_grad),
                          nn.PixelShuffle(scale))
 
     @property

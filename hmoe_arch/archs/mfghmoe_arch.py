@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from basicsr.archs.arch_util import Upsample
 from basicsr.utils import get_root_logger
 from basicsr.utils.registry import ARCH_REGISTRY
@@ -28,6 +29,7 @@ from .experts import MoEUpsampler
 from .hat_blocks import (PatchEmbed, PatchUnEmbed, ResidualHybridAttentionGroup, image_to_tokens,
                          relative_position_index_overlap, relative_position_index_self, shifted_window_mask)
 from .mfa import MultiLevelFeatureAggregation, routing_projection
+from .routing import ROUTING_GRADS
 
 NUM_FEAT = 64
 """Channels of the reconstruction stage, the MFA branches and the routing features (HAT's ``num_feat``)."""
@@ -108,7 +110,7 @@ class MFGHMoEArch(nn.Module):
                  upsampler: str = 'pixelshuffle', resi_connection: str = '1conv',
                  rgb_mean: Optional[Sequence[float]] = None, mfa: bool = True, moe: bool = True,
                  expert_groups: Sequence[Mapping] = PAPER_EXPERT_GROUPS, top_k: int = 1, routing: str = 'dual',
-                 attention: str = 'sdpa', **unknown: Any) -> None:
+                 routing_grad: str = 'straight_through', attention: str = 'sdpa', **unknown: Any) -> None:
         super().__init__()
         if unknown:
             valid = [name for name in inspect.signature(MFGHMoEArch.__init__).parameters if name not in
@@ -168,6 +170,8 @@ class MFGHMoEArch(nn.Module):
             _fail('resi_connection', f'one of {RESI_CONNECTIONS}', resi_connection)
         if routing not in ROUTINGS:
             _fail('routing', f'one of {ROUTINGS}', routing)
+        if routing_grad not in ROUTING_GRADS:
+            _fail('routing_grad', f'one of {ROUTING_GRADS}', routing_grad)
         if attention not in ATTENTIONS:
             _fail('attention', f'one of {ATTENTIONS}', attention)
         if rgb_mean is not None and (isinstance(rgb_mean, (str, Mapping)) or not isinstance(rgb_mean, Sequence)
@@ -194,6 +198,7 @@ class MFGHMoEArch(nn.Module):
         self.ape = ape
         self.mfa = mfa
         self.moe = moe
+        self.routing_grad = routing_grad
         self.num_pixels = resolution * resolution
         self.register_buffer('mean', None if rgb_mean is None else torch.tensor(rgb_mean, dtype=torch.float32).view(
             1, in_chans, 1, 1), persistent=False)
@@ -228,7 +233,7 @@ class MFGHMoEArch(nn.Module):
         # reconstruction
         self.conv_before_upsample = nn.Sequential(nn.Conv2d(embed_dim, NUM_FEAT, 3, 1, 1), nn.LeakyReLU(inplace=True))
         if moe:
-            self.upsample = MoEUpsampler(upscale, NUM_FEAT, NUM_FEAT, groups, top_k, routing)
+            self.upsample = MoEUpsampler(upscale, NUM_FEAT, NUM_FEAT, groups, top_k, routing, routing_grad)
         else:
             self.upsample = Upsample(upscale, NUM_FEAT)
         self.conv_last = nn.Conv2d(NUM_FEAT, in_chans, 3, 1, 1)
@@ -268,23 +273,35 @@ class MFGHMoEArch(nn.Module):
             x = x + self.absolute_pos_embed
         x = self.pos_drop(x)
         branch_sum = None
+        # routing_grad none: nothing routes a gradient back into the MFA branches, so they run without autograd
+        branch_grad = torch.is_grad_enabled() and self.routing_grad != 'none'
         for i, layer in enumerate(self.layers):
             x = layer(x, x_size, self.relative_position_index_SA, self.relative_position_index_OCA, attn_mask)
             if self.mfa:
                 x = self.mfg.level_norm(i)(x)
-                branch = self.mfg.branch(i)(self.patch_unembed(x, x_size))
-                branch_sum = branch if branch_sum is None else branch_sum + branch
+                level = x.detach() if self.routing_grad == 'isolated' else x
+                with torch.set_grad_enabled(branch_grad):
+                    branch = self.mfg.branch(i)(self.patch_unembed(level, x_size))
+                    branch_sum = branch if branch_sum is None else branch_sum + branch
         features = self.patch_unembed(self.norm(x), x_size)
         if branch_sum is None:
             return features, None
-        aggregated = self.patch_unembed(self.norm(image_to_tokens(branch_sum)), x_size)
-        return features, self.aggr_conv(aggregated)
+        with torch.set_grad_enabled(branch_grad):
+            tokens = image_to_tokens(branch_sum)
+            if self.routing_grad == 'isolated':  # the shared final norm's parameters stay off the routing path
+                tokens = F.layer_norm(tokens, self.norm.normalized_shape, self.norm.weight.detach(),
+                                      self.norm.bias.detach(), self.norm.eps)
+            else:
+                tokens = self.norm(tokens)
+            return features, self.aggr_conv(self.patch_unembed(tokens, x_size))
 
     def forward_reconstruction(self, x: torch.Tensor, routing_features: Optional[torch.Tensor]) -> torch.Tensor:
         """``(B, C, H, W)`` features -> ``(B, in_chans, s*H, s*W)`` (before the mean and range are undone)."""
         x = self.conv_before_upsample(x)
         if self.moe:
-            x = self.upsample(x, x if routing_features is None else routing_features)
+            if routing_features is None:  # mfa: false, the routers read these features
+                routing_features = x.detach() if self.routing_grad == 'isolated' else x
+            x = self.upsample(x, routing_features)
         else:
             x = self.upsample(x)
         return self.conv_last(x)

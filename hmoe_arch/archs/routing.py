@@ -13,6 +13,13 @@ and its gradient is ``grad(p) / p = grad(log p)``, scaled by how much the select
 loss. With top-K > 1 the K selected experts of a pixel are combined with their probabilities renormalised
 to sum to 1 (times the group factor, value 1).
 
+Which parts the routing gradient reaches is the network key ``routing_grad`` (:data:`ROUTING_GRADS`):
+``none`` is the authors' training (the routers run without autograd, so the routers, the group embedding and
+the MFA branches keep their initialisation), ``straight_through`` lets the factor above train them and, through
+the MFA branches' inputs, the backbone too, and ``isolated`` trains the routers, the embedding and the MFA
+branches but stops the routing gradient at the backbone (the MFA branches and the normalisation of their sum
+read detached backbone features). The forward value is the same in all three.
+
 Load balancing (Switch Transformer style): ``n * sum_i f_i * P_i`` with ``f_i`` the fraction of routed
 slots that went to choice ``i`` and ``P_i`` its mean probability; it is 1 when the load is uniform. The dual
 router adds the group term and the within-group expert terms (weighted by each group's share of pixels).
@@ -22,6 +29,10 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
+
+
+ROUTING_GRADS = ('none', 'straight_through', 'isolated')
+"""Values of the ``routing_grad`` network key (see the module docstring)."""
 
 
 @dataclass

@@ -79,6 +79,10 @@ class MFGHMoEModel(SRModel):
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
             raise ValueError(f'MFGHMoEModel: `train.aux_loss_weight` must be a number >= 0, got {weight!r}')
         self.aux_loss_weight = float(weight)
+        if self.aux_loss_weight > 0 and getattr(bare, 'routing_grad', None) == 'none':
+            raise ValueError('MFGHMoEModel: `train.aux_loss_weight` > 0 needs routers that learn, but '
+                             '`network_g.routing_grad` is none (the load-balancing loss would reach no parameter); '
+                             'set routing_grad to isolated or straight_through, or the weight to 0')
         skip = opt.get('train', {}).get('skip_nonfinite', 0) if self.is_train else 0
         if isinstance(skip, bool) or not isinstance(skip, int) or skip < 0:
             raise ValueError(f'MFGHMoEModel: `train.skip_nonfinite` must be an integer >= 0, got {skip!r}')

@@ -1,0 +1,367 @@
+"""Quality study: train several configurations with the same data, budget and seeds, and compare learning curves.
+
+Each (configuration, seed) is one ``basicsr train`` process (BasicSR's own pipeline) that validates every
+``--val-every`` iterations on the test folder of a prepared UCMerced/AID tree (``basicsr prepare``). Runs go
+``--jobs`` at a time; finished runs are kept in ``OUT/runs/<config>_seed<seed>/`` and skipped when the study
+is started again with the same settings, so an interrupted study resumes where it stopped. Writes
+
+- ``OUT/quality.csv``: one row per configuration, seed and validation (PSNR on Y, border = scale);
+- ``OUT/quality.md``: mean +- std over seeds per configuration at each ``--budgets`` iteration count, the
+  paired difference to ``--reference`` (same seed), bicubic, and the settings;
+- ``OUT/quality.png``: PSNR against iteration, the mean of each configuration with a band from the lowest to the
+  highest seed, bicubic as a dashed line.
+
+Configurations are named option changes on top of the preset (``--configs``, built-ins in :data:`CONFIGS`) or
+defined on the command line (``--define NAME key:sub=value ...``, ``--force_yml`` syntax). The learning rate is
+constant (the preset's milestones lie past the budget), so the curve at N iterations is the result of an
+N-iteration run.
+
+CPU example (the study in ``docs/does_it_learn.md``; about 35 minutes on 2 cores)::
+
+    basicsr prepare ucmerced --source ../shared/data/UCMerced_mini --out datasets/UCMerced
+    python benchmarks/bench_quality.py --data datasets/UCMerced --out results/quality
+
+GPU (paper-size network, bf16)::
+
+    python benchmarks/bench_quality.py --preset paper --data datasets/UCMerced --out results/quality_paper --jobs 1
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+import cv2
+import numpy as np
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import hmoe_arch  # noqa: E402,F401  (registers the plugin before basicsr is imported)
+from hmoe_arch.archs.mfghmoe_arch import HAT_RGB_MEAN  # noqa: E402
+from hmoe_arch.options import apply_force_yml, read_option_file  # noqa: E402
+
+PRESETS: Dict[str, Dict[str, object]] = {
+    'tiny': {
+        'network_g:embed_dim': 24, 'network_g:depths': [2, 2], 'network_g:num_heads': [4, 4],
+        'network_g:window_size': 8, 'network_g:squeeze_factor': 8, 'datasets:train:gt_size': 64,
+        'num_gpu': 0, 'train:ema_decay': 0,
+    },
+    'paper': {'datasets:train:gt_size': 192, 'use_amp': 'bf16', 'train:ema_decay': 0},
+}
+"""Changes to ``options/train_ucm_x4.yml`` per preset (batch 4, Adam 2e-4, L1 stay the paper's)."""
+
+CONFIGS: Dict[str, Dict[str, object]] = {
+    'hat': {'network_g:moe': False, 'network_g:mfa': False, 'network_g:rgb_mean': list(HAT_RGB_MEAN)},
+    'authors': {'network_g:routing_grad': 'none'},
+    'straight_through': {'network_g:routing_grad': 'straight_through'},
+    'isolated': {'network_g:routing_grad': 'isolated'},
+    'default': {},
+}
+"""Built-in configurations: the HAT configuration, MFG-HMoE with the authors' routing (no gradient to routers and
+MFA), with the straight-through routing gradient reaching the backbone, with it stopped at the backbone, and
+MFGHMoEArch's current defaults."""
+
+VALIDATION = re.compile(r'# psnr: ([-+0-9.eE]+|nan|inf)')
+
+
+def option_for(base: Path, preset: str, changes: Dict[str, object], *, data: Path, seed: int, iters: int,
+               val_every: int, scale: int) -> Dict[str, object]:
+    """The option dict of one run: the base file, the preset's and the configuration's changes, the study's
+    data, seed, budget and validation schedule."""
+    opt = read_option_file(base)
+    study = {
+        'name': 'run', 'manual_seed': seed, 'scale': scale, 'network_g:upscale': scale,
+        'datasets:train:dataroot_gt': str(data / 'Train'), 'datasets:train:split_file': str(data / 'train.txt'),
+        'datasets:train:num_worker_per_gpu': 0, 'datasets:train:batch_size_per_gpu': 4,
+        'datasets:val:dataroot_gt': str(data / 'Test_HR'), 'datasets:val:dataroot_lq': str(data / f'Test_LR_x{scale}'),
+        'train:total_iter': iters, 'train:scheduler:milestones': [10 * iters],
+        'val:val_freq': val_every, 'val:metrics': {'psnr': {'type': 'calculate_psnr', 'crop_border': scale,
+                                                            'test_y_channel': True}},
+        'logger:print_freq': val_every, 'logger:save_checkpoint_freq': 10 * iters, 'logger:use_tb_logger': False,
+    }
+    for key, value in {**PRESETS[preset], **study, **changes}.items():
+        apply_force_yml(opt, f'{key}={json.dumps(value)}')
+    opt.pop('dist_params', None)
+    return json.loads(json.dumps(opt))  # plain dicts, in order
+
+
+class Run:
+    """One training process; its validations are parsed from its log as they come."""
+
+    def __init__(self, config: str, seed: int, folder: Path, opt: Dict[str, object], threads: int) -> None:
+        self.config, self.seed, self.folder, self.opt, self.threads = config, seed, folder, opt, threads
+        self.val_every = int(opt['val']['val_freq'])
+        self.total = int(opt['train']['total_iter'])
+        self.curve: List[Tuple[int, float]] = []
+        self.seconds = math.nan
+
+    @property
+    def label(self) -> str:
+        return f'{self.config} seed {self.seed}'
+
+    def finished(self) -> bool:
+        """Whether a previous study already ran exactly this option set to the end."""
+        result = self.folder / 'result.json'
+        if not result.is_file():
+            return False
+        saved = json.loads(result.read_text())
+        if saved.get('opt') != self.opt:
+            return False
+        self.curve = [tuple(point) for point in saved['curve']]
+        self.seconds = saved['seconds']
+        return True
+
+    def start(self) -> subprocess.Popen:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / 'option.yml').write_text(yaml.safe_dump(self.opt, sort_keys=False))
+        env = dict(os.environ, OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads),
+                   PYTHONUNBUFFERED='1')
+        command = [sys.executable, '-m', 'hmoe_arch.cli', 'train', '-opt', 'option.yml']
+        self.started = time.monotonic()
+        self.log = open(self.folder / 'train.log', 'w')
+        return subprocess.Popen(command, cwd=self.folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, bufsize=1)
+
+    def follow(self, process: subprocess.Popen, report) -> None:
+        """Read the process's log; the k-th validation is at ``k * val_every`` (BasicSR validates again after
+        the last iteration: that repeat is not recorded)."""
+        for line in process.stdout:
+            self.log.write(line)
+            match = VALIDATION.search(line)
+            if match and len(self.curve) < self.total // self.val_every:
+                iteration = (len(self.curve) + 1) * self.val_every
+                self.curve.append((iteration, float(match.group(1))))
+                report(f'[{self.label}] iteration {iteration}/{self.total}: PSNR {self.curve[-1][1]:.3f} dB '
+                       f'({time.monotonic() - self.started:.0f} s)')
+        code = process.wait()
+        self.log.close()
+        self.seconds = time.monotonic() - self.started
+        if code != 0 or len(self.curve) < self.total // self.val_every:
+            raise RuntimeError(f'{self.label}: basicsr train exited with status {code} after {len(self.curve)} '
+                               f'validations; see {self.folder / "train.log"}')
+        (self.folder / 'result.json').write_text(json.dumps({'opt': self.opt, 'curve': self.curve,
+                                                             'seconds': self.seconds}))
+
+
+def run_all(runs: Sequence[Run], jobs: int) -> None:
+    """Run what is not finished yet, ``jobs`` processes at a time, printing each validation."""
+    lock = threading.Lock()
+
+    def report(message: str) -> None:
+        with lock:
+            print(message, flush=True)
+
+    pending = [run for run in runs if not run.finished()]
+    report(f'{len(runs) - len(pending)} of {len(runs)} runs already done; {len(pending)} to go, {jobs} at a time')
+    errors: List[BaseException] = []
+
+    def worker() -> None:
+        while True:
+            with lock:
+                if not pending or errors:
+                    return
+                run = pending.pop(0)
+            try:
+                run.follow(run.start(), report)
+                report(f'[{run.label}] done in {run.seconds:.0f} s')
+            except BaseException as error:  # surfaced after the other workers stop
+                with lock:
+                    errors.append(error)
+
+    threads = [threading.Thread(target=worker) for _ in range(jobs)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+
+
+def bicubic_psnr(opt: Dict[str, object]) -> float:
+    """PSNR (Y, border = scale) of bicubic upsampling (MATLAB's kernel) on the study's test set."""
+    from basicsr.data import build_dataset
+    from basicsr.metrics import calculate_psnr
+    from basicsr.utils import tensor2img
+    from basicsr.utils.matlab_functions import imresize
+
+    val = dict(opt['datasets']['val'], phase='val', scale=opt['scale'])
+    dataset = build_dataset(val)
+    values = []
+    for index in range(len(dataset)):
+        item = dataset[index]
+        sr = imresize(item['lq'], opt['scale']).clamp(0, 1)
+        values.append(calculate_psnr(tensor2img(sr), tensor2img(item['gt']), crop_border=opt['scale'],
+                                     test_y_channel=True))
+    return float(np.mean(values))
+
+
+def summarise(runs: Sequence[Run], budgets: Sequence[int], reference: str, bicubic: float, settings: str) -> str:
+    """The Markdown report: mean +- std over seeds at each budget, and the paired difference to ``reference``."""
+    configs = list(dict.fromkeys(run.config for run in runs))
+    value = {(run.config, run.seed, it): psnr for run in runs for it, psnr in run.curve}
+    seeds = sorted({run.seed for run in runs})
+    lines = [settings, '', f'Bicubic: {bicubic:.3f} dB.', '',
+             '| configuration | ' + ' | '.join(f'{b} it: mean +- std' for b in budgets) + ' | '
+             + ' | '.join(f'{b} it: vs {reference} (paired)' for b in budgets) + ' | per seed at ' + str(budgets[-1])
+             + ' it |', '| --- ' * (1 + 2 * len(budgets) + 1) + '|']
+    for config in configs:
+        cells = []
+        for budget in budgets:
+            values = [value[(config, s, budget)] for s in seeds]
+            cells.append(f'{np.mean(values):.3f} +- {np.std(values, ddof=1) if len(values) > 1 else 0:.3f}')
+        for budget in budgets:
+            diffs = [value[(config, s, budget)] - value[(reference, s, budget)] for s in seeds]
+            sign = '+' if np.mean(diffs) >= 0 else ''
+            cells.append('-' if config == reference else f'{sign}{np.mean(diffs):.3f} (min {min(diffs):+.3f}, max '
+                         f'{max(diffs):+.3f})')
+        per_seed = ', '.join(f'{value[(config, s, budgets[-1])]:.3f}' for s in seeds)
+        lines.append(f'| {config} | ' + ' | '.join(cells) + f' | {per_seed} |')
+    seconds = {config: np.mean([run.seconds for run in runs if run.config == config]) for config in configs}
+    lines += ['', 'Mean wall time per run: ' + ', '.join(f'{c} {s / 60:.1f} min' for c, s in seconds.items()) + '.']
+    return '\n'.join(lines) + '\n'
+
+
+COLOURS = [(200, 80, 0), (0, 140, 255), (40, 160, 40), (30, 30, 220), (160, 60, 160), (120, 120, 0), (0, 0, 0)]
+
+
+def plot_curves(runs: Sequence[Run], bicubic: float, path: Path, title: str) -> None:
+    """PSNR against iteration: mean per configuration, band from the lowest to the highest seed."""
+    configs = list(dict.fromkeys(run.config for run in runs))
+    width, height, left, right, top, bottom = 960, 600, 80, 230, 40, 60
+    canvas = np.full((height, width, 3), 255, np.uint8)
+    iters = sorted({it for run in runs for it, _ in run.curve})
+    values = [p for run in runs for _, p in run.curve] + [bicubic]
+    y_lo, y_hi = math.floor(min(values) * 4) / 4, math.ceil(max(values) * 4) / 4 + 1e-9
+    x_lo, x_hi = 0, max(iters)
+
+    def position(x: float, y: float) -> Tuple[int, int]:
+        return (int(left + (x - x_lo) / (x_hi - x_lo) * (width - left - right)),
+                int(height - bottom - (y - y_lo) / (y_hi - y_lo) * (height - top - bottom)))
+
+    text = dict(fontFace=cv2.FONT_HERSHEY_SIMPLEX, fontScale=0.45, color=(0, 0, 0), thickness=1, lineType=cv2.LINE_AA)
+    cv2.rectangle(canvas, position(x_lo, y_hi), position(x_hi, y_lo), (0, 0, 0), 1)
+    cv2.putText(canvas, title, (left, 25), **text)
+    cv2.putText(canvas, 'iteration', (width // 2 - 60, height - 15), **text)
+    cv2.putText(canvas, 'PSNR Y (dB)', (5, top - 10), **text)
+    step = 0.25 if y_hi - y_lo <= 3 else 0.5
+    for k in range(int((y_hi - y_lo) / step) + 1):
+        y = y_lo + k * step
+        cv2.line(canvas, position(x_lo, y), position(x_hi, y), (225, 225, 225), 1)
+        cv2.putText(canvas, f'{y:.2f}', (left - 50, position(x_lo, y)[1] + 4), **text)
+    for x in iters:
+        cv2.putText(canvas, str(x), (position(x, y_lo)[0] - 12, height - bottom + 18), **text)
+    for start in range(x_lo, x_hi, 24):  # dashed bicubic line
+        cv2.line(canvas, position(start, bicubic), position(min(start + 12, x_hi), bicubic), (90, 90, 90), 1)
+    legend = [('bicubic', (90, 90, 90))]
+    for index, config in enumerate(configs):
+        colour = COLOURS[index % len(COLOURS)]
+        curves = [dict(run.curve) for run in runs if run.config == config]
+        xs = [x for x in iters if all(x in c for c in curves)]
+        low = [position(x, min(c[x] for c in curves)) for x in xs]
+        high = [position(x, max(c[x] for c in curves)) for x in xs]
+        band = canvas.copy()
+        cv2.fillPoly(band, [np.array(low + high[::-1], np.int32)], colour)
+        canvas[:] = cv2.addWeighted(band, 0.18, canvas, 0.82, 0)
+        mean = [position(x, float(np.mean([c[x] for c in curves]))) for x in xs]
+        cv2.polylines(canvas, [np.array(mean, np.int32)], False, colour, 2, cv2.LINE_AA)
+        for point in mean:
+            cv2.circle(canvas, point, 3, colour, -1, cv2.LINE_AA)
+        legend.append((f'{config} (n={len(curves)})', colour))
+    for row, (name, colour) in enumerate(legend):
+        y = top + 20 + 22 * row
+        cv2.line(canvas, (width - right + 15, y - 4), (width - right + 45, y - 4), colour, 2)
+        cv2.putText(canvas, name, (width - right + 52, y), **text)
+    if not cv2.imwrite(str(path), canvas):
+        raise OSError(f'could not write {path}')
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--data', type=Path, default=Path('datasets/UCMerced'),
+                        help='prepared tree (basicsr prepare): Train/, train.txt, Test_HR/, Test_LR_x<scale>/')
+    parser.add_argument('--out', type=Path, default=Path('results/quality'))
+    parser.add_argument('--preset', choices=sorted(PRESETS), default='tiny')
+    parser.add_argument('--base', type=Path, default=REPO / 'options' / 'train_ucm_x4.yml',
+                        help='option file the preset changes')
+    parser.add_argument('--scale', type=int, default=4)
+    parser.add_argument('--configs', nargs='+', default=['hat', 'authors', 'straight_through', 'default'],
+                        help=f'built-in configurations ({", ".join(CONFIGS)}) or names given with --define')
+    parser.add_argument('--define', nargs='+', action='append', default=[], metavar=('NAME', 'KEY=VALUE'),
+                        help='a configuration: NAME then option changes in --force_yml syntax, '
+                             'e.g. --define st_aux network_g:routing_grad=straight_through train:aux_loss_weight=0.01')
+    parser.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])
+    parser.add_argument('--iters', type=int, default=2000)
+    parser.add_argument('--val-every', type=int, default=250)
+    parser.add_argument('--budgets', nargs='+', type=int, default=None,
+                        help='iteration counts tabulated (validated ones; default 500 and --iters)')
+    parser.add_argument('--reference', default='authors', help='configuration the paired differences are taken to')
+    parser.add_argument('--jobs', type=int, default=2, help='training processes at once')
+    parser.add_argument('--threads', type=int, default=1, help='CPU threads per training process')
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    defined = dict(CONFIGS)
+    for name, *changes in args.define:
+        defined[name] = {}
+        for change in changes:
+            key, _, text = change.partition('=')
+            defined[name][key] = yaml.safe_load(text)
+    unknown = [c for c in args.configs if c not in defined]
+    if unknown:
+        raise SystemExit(f'bench_quality: unknown configuration(s) {unknown}; built-in: {sorted(CONFIGS)}')
+    if args.iters % args.val_every:
+        raise SystemExit(f'bench_quality: --iters ({args.iters}) must be a multiple of --val-every ({args.val_every})')
+    budgets = args.budgets or sorted({min(500, args.iters), args.iters})
+    if any(b % args.val_every or b > args.iters for b in budgets):
+        raise SystemExit(f'bench_quality: --budgets {budgets} must be validated iterations (multiples of '
+                         f'--val-every up to --iters)')
+    if args.reference not in args.configs:
+        raise SystemExit(f'bench_quality: --reference {args.reference} is not among --configs')
+    for folder in ('Train', 'Test_HR', f'Test_LR_x{args.scale}'):
+        if not (args.data / folder).is_dir():
+            raise SystemExit(f'bench_quality: {args.data / folder} not found; run basicsr prepare first')
+    data = args.data.resolve()
+    runs = [Run(config, seed, args.out / 'runs' / f'{config}_seed{seed}',
+                option_for(args.base, args.preset, defined[config], data=data, seed=seed, iters=args.iters,
+                           val_every=args.val_every, scale=args.scale), args.threads)
+            for config in args.configs for seed in args.seeds]
+    started = time.monotonic()
+    run_all(runs, args.jobs)
+    bicubic = bicubic_psnr(runs[0].opt)
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / 'quality.csv', 'w', newline='') as f:
+        writer = csv.writer(f)
+        writer.writerow(['config', 'seed', 'iteration', 'psnr_y', 'run_seconds'])
+        for run in runs:
+            for iteration, psnr in run.curve:
+                writer.writerow([run.config, run.seed, iteration, f'{psnr:.4f}', f'{run.seconds:.0f}'])
+        writer.writerow(['bicubic', '', '', f'{bicubic:.4f}', ''])
+    network = runs[0].opt['network_g']
+    settings = (f'Preset `{args.preset}` (embed_dim {network.get("embed_dim", 180)}, depths {network.get("depths")}, '
+                f'window {network.get("window_size")}), x{args.scale}, {args.iters} iterations, seeds {args.seeds}, '
+                f'validation every {args.val_every} on {data / "Test_HR"} (PSNR Y, border {args.scale}). '
+                'Configurations: ' + '; '.join(f'`{c}`: {defined[c] or "MFGHMoEArch defaults"}' for c in args.configs)
+                + '.')
+    report = summarise(runs, budgets, args.reference, bicubic, settings)
+    (args.out / 'quality.md').write_text(report)
+    plot_curves(runs, bicubic, args.out / 'quality.png', f'{args.preset} network, x{args.scale}, {len(args.seeds)} '
+                f'seeds (band: lowest to highest seed)')
+    print(report)
+    print(f'written {args.out / "quality.md"}, quality.csv, quality.png ({(time.monotonic() - started) / 60:.1f} min)')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
