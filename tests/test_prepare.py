@@ -269,3 +269,123 @@ def test_cli_exit_codes_and_summary(tmp_path: Path) -> None:
                           str(tmp_path / 'missing'), '--out', str(tmp_path / 'o2')], capture_output=True, text=True,
                          env=env, timeout=300)
     assert bad.returncode == 2 and 'missing: no such file or folder' in bad.stderr
+
+
+# ------------------------------------------------------------------------------------------------------
+# bounded inputs, system files, names
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose header declares ``width x height`` 8-bit RGB pixels (no image data follows)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+
+    ihdr = struct.pack('>IIBBBBB', width, height, 8, 2, 0, 0, 0)
+    return b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', ihdr) + chunk(b'IDAT', zlib.compress(b'\0' * 16)) + chunk(b'IEND', b'')
+
+
+def test_pixel_bomb_is_refused_from_its_header() -> None:
+    with pytest.raises(PrepareError, match=r'^bomb.png: 15000x15000 pixels, more than the 89478485 an image may have'):
+        prepare_module.decode_rgb(png_header(15000, 15000), 'bomb.png')
+
+
+def test_archive_member_declaring_a_huge_size_is_refused_before_it_is_read(tmp_path: Path, monkeypatch) -> None:
+    archive = zip_folder(make_ucmerced_tree(tmp_path / 'src', per_class=4), tmp_path / 'UCMerced_LandUse.zip')
+    monkeypatch.setattr(prepare_module, 'MAX_IMAGE_BYTES', 100)
+    read = []
+    monkeypatch.setattr(zipfile.ZipFile, 'read', lambda self, name, pwd=None: read.append(name))
+    with pytest.raises(PrepareError, match=rf'UCMerced_LandUse.zip:UCMerced_LandUse/Images/agricultural/agricultural'
+                                           r'\d\d.tif: \d+ bytes, more than the 0 MiB'):
+        prepare('ucmerced', archive, tmp_path / 'out', progress=False)
+    assert read == [] and not (tmp_path / 'out').exists() and not (tmp_path / 'out.incomplete').exists()
+
+
+def test_hidden_and_system_files_are_ignored(tmp_path: Path) -> None:
+    source = make_ucmerced_tree(tmp_path / 'src', per_class=4)
+    for junk in ('Images/.DS_Store', 'Images/beach/.DS_Store', 'Images/beach/Thumbs.db', 'Images/beach/desktop.ini',
+                 'Images/beach/._beach00.tif', '__MACOSX/Images/beach/._beach01.tif'):
+        (source / junk).parent.mkdir(parents=True, exist_ok=True)
+        (source / junk).write_bytes(b'\0\1junk')
+    clean = prepare('ucmerced', make_ucmerced_tree(tmp_path / 'clean', per_class=4), tmp_path / 'a', progress=False)
+    summary = prepare('ucmerced', source, tmp_path / 'b', progress=False)
+    assert summary.train_per_class == clean.train_per_class and not summary.skipped
+    assert (tmp_path / 'a' / 'train.txt').read_text() == (tmp_path / 'b' / 'train.txt').read_text()
+
+
+def test_class_folders_differing_only_in_case_are_refused(tmp_path: Path) -> None:
+    source = make_ucmerced_tree(tmp_path / 'src', per_class=4)
+    write_image(source / 'Images' / 'Beach' / 'beach07.tif', 24, 24, 7)
+    with pytest.raises(PrepareError, match=r"class folders 'Beach' and 'beach' differ only in case|class folders "
+                                           r"'beach' and 'Beach' differ only in case"):
+        prepare('ucmerced', source, tmp_path / 'out', progress=False)
+
+
+def test_control_characters_in_names_are_refused(tmp_path: Path) -> None:
+    source = make_ucmerced_tree(tmp_path / 'src', per_class=4)
+    write_image(source / 'Images' / 'bea\nch' / 'bea\nch00.tif', 24, 24, 7)
+    with pytest.raises(PrepareError, match='holds a control character'):
+        prepare('ucmerced', source, tmp_path / 'out', skip_bad=True, progress=False)
+    assert not (tmp_path / 'out').exists()
+
+
+# ------------------------------------------------------------------------------------------------------
+# the output folder is owned by one run
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_holds_it(tmp_path: Path) -> None:
+    import fcntl
+    source = make_ucmerced_tree(tmp_path / 'src', per_class=4)
+    out = tmp_path / 'out'
+    with open(tmp_path / 'out.lock', 'w') as held:
+        held.write('pid 12345')
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(PrepareError, match=r'out: another prepare run is writing it \(pid 12345\)'):
+            prepare('ucmerced', source, out, progress=False)
+    assert not out.exists()
+    prepare('ucmerced', source, out, progress=False)
+    assert out.is_dir() and not (tmp_path / 'out.lock').exists()
+
+
+def test_a_folder_named_like_the_partial_output_is_never_deleted(tmp_path: Path) -> None:
+    source = make_ucmerced_tree(tmp_path / 'src', per_class=4)
+    mine = tmp_path / 'out.incomplete'
+    (mine / 'notes.txt').parent.mkdir()
+    (mine / 'notes.txt').write_text('my work')
+    with pytest.raises(PrepareError, match='out.incomplete: exists and was not written by prepare'):
+        prepare('ucmerced', source, tmp_path / 'out', progress=False)
+    assert (mine / 'notes.txt').read_text() == 'my work'
+
+
+def test_counts_are_verified_before_the_rename(tmp_path: Path, monkeypatch) -> None:
+    source = make_ucmerced_tree(tmp_path / 'src', per_class=4)
+    write = prepare_module._write
+
+    def write_then_lose_one(*args, **kwargs):
+        summary = write(*args, **kwargs)
+        next((args[4] / 'Test_HR').glob('*.png')).unlink()  # as if another process removed it
+        return summary
+
+    monkeypatch.setattr(prepare_module, '_write', write_then_lose_one)
+    with pytest.raises(PrepareError, match=r'Test_HR: 2 images written but the split list names 3'):
+        prepare('ucmerced', source, tmp_path / 'out', progress=False)
+    assert not (tmp_path / 'out').exists() and not (tmp_path / 'out.incomplete').exists()
+
+
+@pytest.mark.parametrize('lmdb', [False, True])
+def test_disk_full_is_one_named_error_and_nothing_is_kept(tmp_path: Path, monkeypatch, lmdb: bool) -> None:
+    import errno
+
+    import lmdb as lmdb_module
+    source = make_ucmerced_tree(tmp_path / 'src', per_class=4)
+    if lmdb:
+        def full(self, *args, **kwargs):
+            raise lmdb_module.DiskError('mdb_put: MDB_DISK_FULL')
+        monkeypatch.setattr(prepare_module.LmdbMaker, 'put', full)
+    else:
+        def full(self, data):
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        monkeypatch.setattr(Path, 'write_bytes', full)
+    with pytest.raises(PrepareError, match=r'\.png: cannot write it \((No space left on device|mdb_put: MDB_DISK_FULL)'
+                                           r'\); nothing of this run is kept'):
+        prepare('ucmerced', source, tmp_path / 'out', lmdb=lmdb, progress=False)
+    assert not (tmp_path / 'out').exists() and not (tmp_path / 'out.incomplete').exists()

@@ -10,18 +10,30 @@ Output layout (what the option files point at)::
     DIR/prepare.json                   the arguments and the summary
 
 GT is cropped at the bottom/right to a multiple of every requested scale, never resized. Everything is
-written into ``DIR.incomplete`` and renamed to ``DIR`` when complete, so an interrupted run leaves no ``DIR``
-(the next run removes the stale ``DIR.incomplete``). Re-running with the same arguments does nothing.
+written into ``DIR.incomplete`` and renamed to ``DIR`` when complete, so an interrupted run leaves no ``DIR``.
+The run owns that folder: it holds ``DIR.lock`` (an exclusive ``flock``, released when the process ends, also
+when it is killed) for its whole duration and writes its PID and arguments into ``DIR.incomplete/.prepare-owner``.
+A second run on the same ``DIR`` refuses while the first holds the lock; a later run removes a stale
+``DIR.incomplete`` only when that marker shows prepare wrote it, and refuses to touch a folder of that name
+that it did not write. Before the rename the counts of written files are checked against the split lists.
+Re-running with the same arguments does nothing.
+
+Inputs are bounded: an image file (or archive member, by its declared size) over :data:`MAX_IMAGE_BYTES`, or
+an image whose header declares more than :data:`MAX_IMAGE_PIXELS` pixels, is refused before it is decoded.
+Hidden and system files (``.DS_Store``, ``Thumbs.db``, ``desktop.ini``, ``__MACOSX/``) are ignored.
 """
+import fcntl
 import hashlib
 import io
 import json
 import math
+import os
 import re
 import shutil
 import urllib.request
 import zipfile
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -36,6 +48,13 @@ from tqdm import tqdm
 from .degradations import DEGRADATIONS, crop_to_scale, downsample
 from .splits import stratified_split
 
+MAX_IMAGE_BYTES = 256 * 2**20
+"""Largest image file read (archive members by their declared uncompressed size)."""
+MAX_IMAGE_PIXELS = 89_478_485
+"""Most pixels an image may declare (PIL's own decompression-bomb threshold, about 9459 x 9459); larger scenes
+go through the GeoTIFF path of ``basicsr infer``, which reads them block by block."""
+SYSTEM_FILES = ('thumbs.db', 'desktop.ini', 'icon\r')
+"""Files that file managers leave in folders (compared lower-cased); hidden files (``.*``) are skipped too."""
 PNG_COMPRESSION = 1
 """PNG compression level of every written image (BasicSR's LMDB default); disk and LMDB hold the same bytes."""
 
@@ -98,12 +117,22 @@ class Source:
         elif path.is_file() and zipfile.is_zipfile(path):
             self._zip = zipfile.ZipFile(path)
             files = sorted(info.filename for info in self._zip.infolist() if not info.is_dir())
+            self._sizes = {info.filename: info.file_size for info in self._zip.infolist()}
         elif path.exists():
             raise PrepareError(f'{path}: expected the published .zip archive or its extracted folder '
                                f'({spec.layout})')
         else:
             raise PrepareError(f'{path}: no such file or folder (expected {spec.layout} or its .zip archive)')
-        self.images = self._find_images(files)
+        self.images = self._find_images([f for f in files if not is_system_file(f)])
+        self._check_class_folders()
+
+    def _check_class_folders(self) -> None:
+        folders: Dict[str, str] = {}
+        for image in self.images:
+            other = folders.setdefault(image.class_name.lower(), image.class_name)
+            if other != image.class_name:
+                raise PrepareError(f'{self.path}: class folders {other!r} and {image.class_name!r} differ only in '
+                                   'case (on a case-insensitive disk one would overwrite the other); merge them')
 
     def _find_images(self, files: List[str]) -> List[SourceImage]:
         for root in self.spec.roots:
@@ -116,6 +145,9 @@ class Source:
     def _check(self, prefix: str, relative: str) -> SourceImage:
         parts = relative.split('/')
         location = self._location(prefix + relative)
+        if any(ord(c) < 32 or c == '\x7f' for c in relative):
+            raise PrepareError(f'{location!r}: the name holds a control character (e.g. a newline), which the split '
+                               'lists (one name per line) cannot hold; rename the file')
         if len(parts) != 2 or not self.spec.matches(parts[0], parts[1]):
             raise PrepareError(f'{location}: wrong folder layout; expected {self.spec.layout}')
         return SourceImage(class_name=parts[0], name=parts[1], member=prefix + relative, location=location)
@@ -124,6 +156,12 @@ class Source:
         return str(self.path / member) if self._zip is None else f'{self.path}:{member}'
 
     def read(self, image: SourceImage) -> bytes:
+        """The file's bytes; files (or archive members, by their declared size) over :data:`MAX_IMAGE_BYTES` are
+        refused before they are read."""
+        size = (self.path / image.member).stat().st_size if self._zip is None else self._sizes[image.member]
+        if size > MAX_IMAGE_BYTES:
+            raise PrepareError(f'{image.location}: {size} bytes, more than the {MAX_IMAGE_BYTES // 2**20} MiB an '
+                               'image file may have here; not a dataset image')
         if self._zip is None:
             return (self.path / image.member).read_bytes()
         return self._zip.read(image.member)
@@ -133,18 +171,40 @@ class Source:
             self._zip.close()
 
 
+def is_system_file(relative: str) -> bool:
+    """Hidden files and folders, macOS archive metadata and Windows folder files."""
+    parts = relative.split('/')
+    return (any(part.startswith('.') or part == '__MACOSX' for part in parts)
+            or parts[-1].lower() in SYSTEM_FILES)
+
+
+def image_header(data: bytes) -> Tuple[Optional[str], Optional[Tuple[int, int]]]:
+    """PIL's mode and ``(width, height)`` from the header alone (nothing is decoded); ``(None, None)`` for what
+    PIL cannot parse."""
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # the size is checked by the caller, with a message naming the file
+    try:
+        with Image.open(io.BytesIO(data)) as header:
+            return header.mode, header.size
+    except (OSError, ValueError, SyntaxError):
+        return None, None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
 def decode_rgb(data: bytes, location: str) -> np.ndarray:
     """Decode an 8-bit RGB image (returned in OpenCV's BGR order, ``(H, W, 3)`` uint8).
 
     Raises:
-        PrepareError: naming ``location`` for empty, undecodable, grayscale, RGBA, CMYK or 16-bit files.
+        PrepareError: naming ``location`` for empty, undecodable, grayscale, RGBA, CMYK or 16-bit files, and for
+            images that declare more than :data:`MAX_IMAGE_PIXELS` pixels (refused before decoding).
     """
     if not data:
         raise PrepareError(f'{location}: empty file (0 bytes); expected an 8-bit RGB image')
-    try:
-        mode = Image.open(io.BytesIO(data)).mode
-    except (OSError, ValueError):
-        mode = None
+    mode, size = image_header(data)
+    if size is not None and size[0] * size[1] > MAX_IMAGE_PIXELS:
+        raise PrepareError(f'{location}: {size[0]}x{size[1]} pixels, more than the {MAX_IMAGE_PIXELS} an image may '
+                           'have here (a decompression bomb, or a scene for the GeoTIFF path, which reads in blocks)')
     if mode == 'CMYK':  # OpenCV would silently convert a CMYK JPEG to BGR
         raise PrepareError(f'{location}: CMYK image; expected an 8-bit RGB image')
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
@@ -245,14 +305,25 @@ class _Writers:
                 self.makers[folder] = LmdbMaker(str(root / f'{folder}.lmdb'), compress_level=PNG_COMPRESSION)
 
     def put(self, folder: str, stem: str, img: np.ndarray) -> None:
+        import lmdb
         data = encode_png(img)
-        (self.root / folder / f'{stem}.png').write_bytes(data)
-        if folder in self.makers:
-            self.makers[folder].put(data, stem, img.shape)
+        target = self.root / folder / f'{stem}.png'
+        try:
+            target.write_bytes(data)
+            if folder in self.makers:
+                self.makers[folder].put(data, stem, img.shape)
+        except (OSError, lmdb.Error) as error:  # disk full, read-only or removed output
+            raise PrepareError(f'{target}: cannot write it ({getattr(error, "strerror", None) or error}); nothing '
+                               'of this run is kept') from error
 
     def close(self) -> None:
-        for maker in self.makers.values():
-            maker.close()
+        import lmdb
+        for folder, maker in self.makers.items():
+            try:
+                maker.close()
+            except lmdb.Error as error:
+                raise PrepareError(f'{self.root / folder}.lmdb: cannot finish it ({error}); nothing of this run is '
+                                   'kept') from error
 
 
 def _arguments(dataset: str, source: Path, scales: Sequence[int], seed: int, degradation: str, lmdb: bool,
@@ -287,44 +358,112 @@ def prepare(dataset: str, source: Optional[Path], out: Path, *, scales: Sequence
     elif source is None:
         raise PrepareError('--source is required (the published archive or its folder) unless --download is given')
     arguments = _arguments(dataset, source, scales, seed, degradation, lmdb, skip_bad)
-    stamp = out / 'prepare.json'
-    if out.exists():
-        if not stamp.is_file():
-            raise PrepareError(f'{out}: exists and was not written by prepare; remove it or choose another --out')
-        recorded = json.loads(stamp.read_text())
-        if recorded['arguments'] != arguments:
-            changed = ', '.join(f'{k}: {recorded["arguments"].get(k)!r} there, {arguments[k]!r} now'
-                                for k in arguments if recorded['arguments'].get(k) != arguments[k])
-            raise PrepareError(f'{out}: already prepared with other arguments ({changed}); remove it or choose '
-                               'another --out')
-        logger.info(f'{out}: already prepared with these arguments; nothing to do.')
-        return PrepareSummary(**recorded['summary'])
-
-    src = Source(spec, source)
-    try:
-        names_by_class: Dict[str, List[str]] = {}
-        by_name: Dict[str, SourceImage] = {}
-        for image in src.images:
-            names_by_class.setdefault(image.class_name, []).append(image.name)
-            by_name[image.name] = image
-        train, test = stratified_split(names_by_class, spec.test_fraction, seed)
-        partial = out.with_name(out.name + '.incomplete')
-        if partial.exists():
-            logger.info(f'removing {partial}, left by an interrupted run')
-            shutil.rmtree(partial)
+    with _exclusive(out):
+        recorded = _already_prepared(out, arguments)
+        if recorded is not None:
+            logger.info(f'{out}: already prepared with these arguments; nothing to do.')
+            return PrepareSummary(**recorded['summary'])
+        src = Source(spec, source)
         try:
-            summary = _write(src, by_name, train, test, partial, sorted(set(scales)), degradation, lmdb, skip_bad,
-                             progress)
-            (partial / 'prepare.json').write_text(json.dumps({'arguments': arguments, 'summary': asdict(summary)},
-                                                             indent=2))
-        except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise
-        partial.rename(out)
-    finally:
-        src.close()
+            names_by_class: Dict[str, List[str]] = {}
+            by_name: Dict[str, SourceImage] = {}
+            for image in src.images:
+                names_by_class.setdefault(image.class_name, []).append(image.name)
+                by_name[image.name] = image
+            train, test = stratified_split(names_by_class, spec.test_fraction, seed)
+            partial = _claim_partial(out, arguments)
+            try:
+                summary = _write(src, by_name, train, test, partial, sorted(set(scales)), degradation, lmdb,
+                                 skip_bad, progress)
+                _verify(partial, sorted(set(scales)), lmdb)
+                (partial / 'prepare.json').write_text(json.dumps({'arguments': arguments,
+                                                                  'summary': asdict(summary)}, indent=2))
+                (partial / OWNER_FILE).unlink()
+            except BaseException:
+                shutil.rmtree(partial, ignore_errors=True)
+                raise
+            partial.rename(out)
+        finally:
+            src.close()
     logger.info(f'{spec.title} prepared in {out}:\n' + '\n'.join(summary.lines()))
     return summary
+
+
+OWNER_FILE = '.prepare-owner'
+"""Marker in ``DIR.incomplete``: the PID and arguments of the prepare run writing it."""
+
+
+@contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    """Hold ``DIR.lock`` (``flock``, released by the kernel when the process ends) or refuse."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = out.with_name(out.name + '.lock')
+    handle = open(lock_path, 'a+')
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or 'another process'
+            raise PrepareError(f'{out}: another prepare run is writing it ({holder}); wait for it to finish') \
+                from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f'pid {os.getpid()}')
+        handle.flush()
+        yield
+        lock_path.unlink(missing_ok=True)  # still held: a run that opened it before sees `out` and stops
+    finally:
+        handle.close()
+
+
+def _already_prepared(out: Path, arguments: Dict[str, object]) -> Optional[Dict[str, object]]:
+    """The record of a finished run with these arguments, ``None`` when ``out`` does not exist; refuses others."""
+    if not out.exists():
+        return None
+    stamp = out / 'prepare.json'
+    if not stamp.is_file():
+        raise PrepareError(f'{out}: exists and was not written by prepare; remove it or choose another --out')
+    recorded = json.loads(stamp.read_text())
+    if recorded['arguments'] != arguments:
+        changed = ', '.join(f'{k}: {recorded["arguments"].get(k)!r} there, {arguments[k]!r} now'
+                            for k in arguments if recorded['arguments'].get(k) != arguments[k])
+        raise PrepareError(f'{out}: already prepared with other arguments ({changed}); remove it or choose '
+                           'another --out')
+    return recorded
+
+
+def _claim_partial(out: Path, arguments: Dict[str, object]) -> Path:
+    """Create ``DIR.incomplete`` with this run's owner marker; remove a stale one only if prepare wrote it."""
+    partial = out.with_name(out.name + '.incomplete')
+    if partial.exists():
+        if not (partial / OWNER_FILE).is_file():
+            raise PrepareError(f'{partial}: exists and was not written by prepare; remove or rename it, or choose '
+                               'another --out')
+        get_root_logger().info(f'removing {partial}, left by an interrupted run '
+                               f'({(partial / OWNER_FILE).read_text().strip()})')
+        shutil.rmtree(partial)
+    partial.mkdir()
+    (partial / OWNER_FILE).write_text(json.dumps({'pid': os.getpid(), 'arguments': arguments}))
+    return partial
+
+
+def _verify(root: Path, scales: List[int], lmdb: bool) -> None:
+    """Every split-list entry has its PNG in each folder (and its LMDB record), and nothing else is there."""
+    expected = {'Train': (root / 'train.txt').read_text().split('\n')[:-1],
+                'Test_HR': (root / 'test.txt').read_text().split('\n')[:-1]}
+    expected.update({f'Test_LR_x{s}': expected['Test_HR'] for s in scales})
+    for folder, names in expected.items():
+        stems = sorted(Path(n).stem for n in names)
+        written = sorted(p.stem for p in (root / folder).glob('*.png'))
+        if written != stems:
+            raise PrepareError(f'{root / folder}: {len(written)} images written but the split list names '
+                               f'{len(stems)}; the output was changed while prepare ran')
+        if lmdb:
+            meta = root / f'{folder}.lmdb' / 'meta_info.txt'
+            records = sorted(line.split('.png')[0] for line in meta.read_text().splitlines() if line.strip())
+            if records != stems:
+                raise PrepareError(f'{meta}: {len(records)} records but the split list names {len(stems)}')
 
 
 def _write(src: Source, by_name: Dict[str, SourceImage], train: List[str], test: List[str], root: Path,
