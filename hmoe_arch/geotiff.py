@@ -7,6 +7,7 @@ divides the affine transform's pixel size by the scale, keeps the dtype and noda
 nodata where its LR pixel is nodata in any used band). Values are scaled to [0, 1] by the dtype's maximum
 (uint8) or, for uint16, by each band's real maximum over valid pixels (one extra windowed pass), and back.
 """
+import warnings
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -36,8 +37,13 @@ def is_georeferenced(path: Path) -> bool:
         rasterio = _rasterio()
     except OptionError:
         return False
-    with rasterio.open(path) as src:
-        return src.crs is not None
+    with warnings.catch_warnings():  # a plain TIFF is expected here, not worth a warning per file
+        warnings.simplefilter('ignore', rasterio.errors.NotGeoreferencedWarning)
+        try:
+            with rasterio.open(path) as src:
+                return src.crs is not None
+        except rasterio.errors.RasterioError:  # empty or corrupt: the image reader names what is wrong
+            return False
 
 
 def _blocks(size: int, block: int) -> List[int]:

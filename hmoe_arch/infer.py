@@ -2,15 +2,20 @@
 the authors' released weights or HAT's, with feathered tiled inference
 (:func:`hmoe_arch.tiling.blended_tiled_forward`; GeoTIFFs in bounded-memory blocks, :mod:`hmoe_arch.geotiff`).
 """
+import io
 import math
+import os
+import re
+import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
 import torch
 from basicsr.archs import build_network
-from basicsr.utils import get_root_logger, img2tensor, tensor2img
+from basicsr.utils import get_root_logger
+from PIL import Image
 from tqdm import tqdm
 
 from .archs import MFGHMoEArch
@@ -25,6 +30,52 @@ from .tiling import blended_tiled_forward
 
 # ----------------------------------------------------------------------------------------------------------
 # network
+def read_weights(weights: Path, param_key: str, label: str) -> Dict[str, torch.Tensor]:
+    """The state_dict in a checkpoint file, read with ``weights_only=True``; every tensor must be finite.
+
+    Raises:
+        OptionError: naming ``label`` and the file: not a readable checkpoint (without PyTorch's advice to
+            unpickle it unsafely), no state_dict inside, or NaN/Inf values.
+    """
+    try:
+        checkpoint = torch.load(weights, map_location='cpu', weights_only=True)
+    except Exception:
+        raise OptionError(f'{label} {weights}: not a PyTorch checkpoint of tensors (torch.load with '
+                          'weights_only=True cannot read it; files that need arbitrary unpickling are refused)') \
+            from None
+    try:
+        state = checkpoint_filter_fn(checkpoint, param_key, str(weights))
+    except ValueError as error:
+        raise OptionError(f'{label} {error}') from None
+    broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise OptionError(f'{label} {weights}: {len(broken)} tensor(s) hold NaN or Inf values, e.g. {broken[:3]}; the '
+                          'network would write black images (was training stopped by a diverged loss?)')
+    return state
+
+
+def measured_scale(net: torch.nn.Module, declared: Dict[str, int], device: torch.device, window: int,
+                   in_chans: int = 3) -> int:
+    """The network's real upscaling factor, from its output on a small probe input, checked against every
+    declared factor (option file, network attribute, checkpoint shapes).
+
+    Raises:
+        OptionError: when the output is not an integer multiple of the input or disagrees with a declaration.
+    """
+    side = window * max(1, math.ceil(8 / window))
+    with torch.no_grad():
+        out = net(torch.zeros(1, in_chans, side, side, device=device))
+    if out.shape[2] % side or out.shape[3] % side or out.shape[2] != out.shape[3]:
+        raise OptionError(f'the network maps a {side}x{side} input to {out.shape[2]}x{out.shape[3]}: not an integer '
+                          'upscaling factor')
+    scale = out.shape[2] // side
+    wrong = {source: value for source, value in declared.items() if value is not None and value != scale}
+    if wrong:
+        raise OptionError(f'the network upscales x{scale}, but ' + ', '.join(f'{k} says x{v}' for k, v in wrong.items())
+                          + '; the weights or the options are for another scale')
+    return scale
+
+
 def checkpoint_scale(state: Dict[str, torch.Tensor]) -> Optional[int]:
     """The upscaling factor a state_dict was trained for, read from its upsampler's shapes (None if unknown)."""
     experts = state.get('upsample.0.experts.0.weight')
@@ -41,12 +92,20 @@ def checkpoint_scale(state: Dict[str, torch.Tensor]) -> Optional[int]:
 
 def network_options(opt_path: Optional[Path], arch_args: Sequence[str]) -> Dict[str, Any]:
     """``network_g`` of an option file (default: MFGHMoEArch's defaults) with ``key=value`` overrides (YAML)."""
+    return _options(opt_path, arch_args)[0]
+
+
+def _options(opt_path: Optional[Path], arch_args: Sequence[str]) -> Tuple[Dict[str, Any], Optional[int]]:
+    """``network_g`` with overrides, and the option file's top-level ``scale`` (None without one)."""
     holder: Dict[str, Any] = {'network_g': {'type': 'MFGHMoEArch'}}
+    scale = None
     if opt_path is not None:
-        holder = {'network_g': dict(read_option_file(opt_path, required=('network_g',))['network_g'])}
+        opt = read_option_file(opt_path, required=('network_g',))
+        holder = {'network_g': dict(opt['network_g'])}
+        scale = opt.get('scale')
     for entry in arch_args:
         apply_force_yml(holder, f'network_g:{entry}')
-    return holder['network_g']
+    return holder['network_g'], scale
 
 
 def load_network(weights: Path, network: Dict[str, Any], device: torch.device, *, param_key: str = 'params_ema',
@@ -56,15 +115,7 @@ def load_network(weights: Path, network: Dict[str, Any], device: torch.device, *
     Errors are :class:`OptionError` naming ``label`` (the flag or option key that gave the path)."""
     if not weights.is_file():
         raise OptionError(f'{label} {weights}: no such file')
-    try:
-        checkpoint = torch.load(weights, map_location='cpu', weights_only=True)
-    except Exception as error:
-        raise OptionError(f'{label} {weights}: not a checkpoint torch.load(weights_only=True) can read '
-                          f'({error})') from error
-    try:
-        state = checkpoint_filter_fn(checkpoint, param_key, str(weights))
-    except ValueError as error:
-        raise OptionError(f'{label} {error}') from error
+    state = read_weights(weights, param_key, label)
     try:
         net = build_network(dict(network))
     except (ValueError, TypeError, KeyError) as error:
@@ -85,31 +136,150 @@ def load_network(weights: Path, network: Dict[str, Any], device: torch.device, *
 
 # ----------------------------------------------------------------------------------------------------------
 # files
-def input_files(path: Path) -> List[Path]:
+WRITABLE_SUFFIXES = ('.png', '.tif', '.tiff', '.bmp')
+"""Suffixes of an ``--output`` file name (lossless formats OpenCV writes)."""
+OWN_OUTPUT = re.compile(r'_(SR|experts)$')
+"""Stems of what this command writes (``<name>_SR``, ``<name>_SR_experts``); skipped when scanning a folder."""
+
+
+def input_files(path: Path) -> Tuple[List[Path], List[Tuple[Path, str]]]:
+    """The images to super-resolve and the folder entries that look like images but cannot be read (a folder
+    named ``x.png``, a dangling link), each with the reason. Hidden files and this command's own outputs are
+    skipped."""
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
+        files, bad = [], []
+        for entry in sorted(path.iterdir()):
+            if entry.suffix.lower() not in IMAGE_SUFFIXES or entry.name.startswith('.') or OWN_OUTPUT.search(
+                    entry.stem):
+                continue
+            if entry.is_file():
+                files.append(entry)
+            else:
+                bad.append((entry, 'a folder, not an image file' if entry.is_dir() else
+                            'a link to nothing (dangling symlink)' if entry.is_symlink() else 'not a regular file'))
+        if not files and not bad:
             raise OptionError(f'--input {path}: no images ({", ".join(IMAGE_SUFFIXES)}) in this folder')
-        return files
+        return files, bad
     if path.is_file():
-        return [path]
+        return [path], []
     raise OptionError(f'--input {path}: no such file or folder')
 
 
+EXIF_ORIENTATION = {
+    2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+    5: lambda a: a.swapaxes(0, 1), 6: lambda a: np.rot90(a, -1), 7: lambda a: a.swapaxes(0, 1)[::-1, ::-1],
+    8: lambda a: np.rot90(a, 1),
+}
+"""EXIF orientation tag -> the transform that shows the image upright (as viewers do)."""
+
+
 def read_rgb(path: Path) -> np.ndarray:
-    """An 8-bit RGB image as float32 BGR in [0, 1] (the same checks as ``basicsr prepare``; 16-bit and
-    multi-band scenes go through the GeoTIFF path)."""
+    """An 8-bit RGB image as float32 RGB ``(H, W, 3)`` in [0, 1], upright as its EXIF orientation says (the same
+    checks as ``basicsr prepare``; 16-bit and multi-band scenes go through the GeoTIFF path)."""
     try:
-        return decode_rgb(path.read_bytes(), str(path)).astype(np.float32) / 255.0
+        data = path.read_bytes()
+        img = decode_rgb(data, str(path))
     except PrepareError as error:
-        raise OptionError(str(error)) from error
+        raise OptionError(str(error)) from None
+    except OSError as error:
+        raise OptionError(f'{path}: cannot read it ({error.strerror or error})') from None
+    try:
+        with Image.open(io.BytesIO(data)) as header:
+            orientation = header.getexif().get(0x0112, 1)
+    except Exception:  # no EXIF block PIL can parse: nothing to turn
+        orientation = 1
+    img = EXIF_ORIENTATION.get(orientation, lambda a: a)(img)
+    return np.ascontiguousarray(img[..., ::-1]).astype(np.float32) / 255.0
 
 
-def output_paths(inputs: List[Path], output: Path) -> Iterator[Tuple[Path, Path]]:
-    single = len(inputs) == 1 and output.suffix.lower() in IMAGE_SUFFIXES
+def output_paths(inputs: List[Path], input_path: Path, output: Path) -> List[Tuple[Path, Path]]:
+    """``(input, output)`` pairs; refuses an unsupported suffix, an output under a file, and any output that is
+    one of the inputs."""
+    for parent in [output, *output.parents]:
+        if parent.exists():
+            if not parent.is_dir() and parent != output:
+                raise OptionError(f'--output {output}: {parent} is a file, so nothing can be written under it')
+            break
+    single_file = output.suffix != '' and not output.is_dir()
+    if single_file and output.suffix.lower() not in WRITABLE_SUFFIXES:
+        raise OptionError(f'--output {output}: {output.suffix} is not a format this command writes; name a file '
+                          f'ending in {", ".join(WRITABLE_SUFFIXES)}, or a folder (without a suffix)')
+    if single_file and len(inputs) != 1:
+        raise OptionError(f'--output {output} is one file but --input {input_path} holds {len(inputs)} images; '
+                          'give a folder')
+    pairs = []
     for path in inputs:
         suffix = '.tif' if is_georeferenced(path) else '.png'
-        yield path, output if single else output / f'{path.stem}_SR{suffix}'
+        pairs.append((path, output if single_file else output / f'{path.stem}_SR{suffix}'))
+    sources = {p.resolve() for p in inputs}
+    for source, target in pairs:
+        for written in (target, target.with_name(f'{target.stem}_experts{target.suffix}')):
+            if written.resolve() in sources:
+                raise OptionError(f'--output {target}: would overwrite the input {written}; choose another name')
+    return pairs
+
+
+def writable_folder(folder: Path) -> None:
+    """Create ``folder`` and check that files can be created in it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix='.probe-'):
+            pass
+    except OSError as error:
+        raise OptionError(f'--output {folder}: cannot write there ({error.strerror or error})') from None
+
+
+def atomic_write(target: Path, write: Callable[[Path], None]) -> None:
+    """``write`` a file with ``target``'s suffix under a hidden temporary name in its folder, then rename it, so
+    a killed run never leaves a complete-looking partial image."""
+    partial = target.with_name(f'.{target.stem}.partial-{os.getpid()}{target.suffix}')
+    try:
+        write(partial)
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def write_image(path: Path, img: np.ndarray) -> None:
+    if not cv2.imwrite(str(path), img):
+        raise OptionError(f'--output {path}: cannot write it')
+
+
+def super_resolve_image(net: torch.nn.Module, lr: np.ndarray, *, scale: int, window: int, tile: int, tile_pad: int,
+                        block: int, device: torch.device, experts: Optional[np.ndarray] = None,
+                        progress: bool = False, label: str = '') -> np.ndarray:
+    """The x``scale`` SR of ``lr`` (float32 RGB ``(H, W, 3)``) as uint8 BGR, assembled block by block.
+
+    Each block of ``block`` LR pixels is read with ``tile_pad`` pixels of context, super-resolved with feathered
+    tiles (:func:`hmoe_arch.tiling.blended_tiled_forward`) and only its own area is kept, converted to uint8 at
+    once; host memory is the uint8 output plus one block in float32. An image no larger than one block is one
+    block (the same result as tiling the whole image).
+
+    Raises:
+        OptionError: naming ``label`` when the network produces NaN or Inf.
+    """
+    height, width, _ = lr.shape
+    out = np.empty((height * scale, width * scale, 3), np.uint8)
+    positions = [(top, left) for top in range(0, height, block) for left in range(0, width, block)]
+    for top, left in tqdm(positions, unit='block', disable=not progress or len(positions) == 1, leave=False):
+        bottom, right = min(top + block, height), min(left + block, width)
+        ctx_top, ctx_left = max(top - tile_pad, 0), max(left - tile_pad, 0)
+        ctx_bottom, ctx_right = min(bottom + tile_pad, height), min(right + tile_pad, width)
+        x = torch.from_numpy(np.ascontiguousarray(lr[ctx_top:ctx_bottom, ctx_left:ctx_right].transpose(2, 0, 1)))
+        block_experts = None if experts is None else np.zeros(x.shape[1:], np.int64)
+        with torch.no_grad():
+            sr = blended_tiled_forward(net, x.unsqueeze(0).to(device), scale, window, tile, tile_pad,
+                                       progress, block_experts)[0]
+        core = sr[:, (top - ctx_top) * scale:(bottom - ctx_top) * scale,
+                  (left - ctx_left) * scale:(right - ctx_left) * scale]
+        if not torch.isfinite(core).all():
+            raise OptionError(f'{label}: the network produced NaN/Inf values; nothing was written')
+        rgb = core.clamp_(0, 1).mul_(255.0).round_().to(torch.uint8).permute(1, 2, 0).numpy()
+        out[top * scale:bottom * scale, left * scale:right * scale] = rgb[..., ::-1]
+        if experts is not None:
+            experts[top:bottom, left:right] = block_experts[top - ctx_top:bottom - ctx_top,
+                                                            left - ctx_left:right - ctx_left]
+    return out
 
 
 def infer(weights: Path, input_path: Path, output: Path, *, opt_path: Optional[Path] = None,
@@ -117,41 +287,76 @@ def infer(weights: Path, input_path: Path, output: Path, *, opt_path: Optional[P
           expert_map: bool = False, bands: Optional[Sequence[int]] = None, block: int = 1024,
           progress: bool = True) -> List[Path]:
     """Super-resolve every input (images, or GeoTIFFs with a CRS through :mod:`hmoe_arch.geotiff`); returns
-    the written SR paths."""
+    the written SR paths.
+
+    An input that cannot be read or processed is reported and the others are still written; the call then
+    raises :class:`OptionError` listing every such input.
+    """
     if device.startswith('cuda') and not torch.cuda.is_available():
         raise OptionError('--device cuda: no CUDA device is available')
     if tile < 1 or not 0 <= tile_pad < tile:
         raise OptionError(f'--tile must be >= 1 and 0 <= --tile-pad < --tile, got {tile} and {tile_pad}')
     if block < tile:
         raise OptionError(f'--block ({block}) must be at least --tile ({tile})')
-    inputs = input_files(input_path)
-    net = load_network(weights, network_options(opt_path, arch_args), torch.device(device))
-    scale = int(getattr(net, 'upscale', getattr(net, 'scale', 1)))
+    inputs, failed = input_files(input_path)
+    pairs = output_paths(inputs, input_path, output)
+    total = len(pairs) + len(failed)
+    network, option_scale = _options(opt_path, arch_args)
+    net = load_network(weights, network, torch.device(device))
     window = int(getattr(net, 'window_size', 1))
+    declared = {'the option file\'s scale': option_scale,
+                'the network\'s upscale': getattr(net, 'upscale', getattr(net, 'scale', None))}
+    scale = measured_scale(net, declared, torch.device(device), window)
     if expert_map and not (isinstance(net, MFGHMoEArch) and net.moe):
         raise OptionError('--expert-map needs an MFGHMoEArch with its MoE upsampler')
+    for folder in sorted({target.parent for _, target in pairs}):
+        writable_folder(folder)
+    logger = get_root_logger()
+    for path, reason in failed:
+        logger.error(f'{path}: {reason}; skipped')
     written = []
-    for source, target in tqdm(list(output_paths(inputs, output)), unit='image', disable=not progress):
-        if is_georeferenced(source):
-            maps = target.with_name(f'{target.stem}_experts.tif') if expert_map else None
-            super_resolve_geotiff(net, source, target, scale=scale, window_size=window, tile=tile, tile_pad=tile_pad,
-                                  bands=bands, block=block, device=torch.device(device), expert_map=maps,
-                                  progress=progress)
-            written.append(target)
+    for source, target in tqdm(pairs, unit='image', disable=not progress):
+        try:
+            if is_georeferenced(source):
+                maps = target.with_name(f'{target.stem}_experts.tif') if expert_map else None
+                _write_geotiff(net, source, target, maps, scale=scale, window_size=window, tile=tile, tile_pad=tile_pad,
+                               bands=bands, block=block, device=torch.device(device), progress=progress)
+            else:
+                if bands is not None:
+                    raise OptionError(f'--bands applies to GeoTIFFs; {source} is not georeferenced')
+                lr = read_rgb(source)
+                experts = np.zeros(lr.shape[:2], np.int64) if expert_map else None
+                sr_img = super_resolve_image(net, lr, scale=scale, window=window, tile=tile, tile_pad=tile_pad,
+                                             block=block, device=torch.device(device), experts=experts,
+                                             progress=progress, label=str(source))
+                atomic_write(target, lambda path: write_image(path, sr_img))
+                if experts is not None:
+                    atomic_write(target.with_name(f'{target.stem}_experts.png'), lambda path: save_expert_map(
+                        path, sr_img, experts, group_sizes_of(net), scale))
+        except OptionError as error:
+            logger.error(f'{error}; skipped')
+            failed.append((source, str(error)))
             continue
-        if bands is not None:
-            raise OptionError(f'--bands applies to GeoTIFFs; {source} is not georeferenced')
-        lq = img2tensor(read_rgb(source), bgr2rgb=True, float32=True).unsqueeze(0).to(device)
-        experts = np.zeros(lq.shape[2:], np.int64) if expert_map else None
-        with torch.no_grad():
-            sr = blended_tiled_forward(net, lq, scale, window, tile, tile_pad, progress, experts)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        sr_img = tensor2img(sr)
-        if not cv2.imwrite(str(target), sr_img):
-            raise OptionError(f'--output {target}: cannot write it')
         written.append(target)
-        if experts is not None:
-            save_expert_map(target.with_name(f'{target.stem}_experts.png'), sr_img, experts, group_sizes_of(net),
-                            scale)
-    get_root_logger().info(f'infer: {len(written)} image(s) written to {output}')
+    logger.info(f'infer: {len(written)} image(s) written to {output}')
+    if failed:
+        reasons = [reason if str(path) in reason else f'{path}: {reason}' for path, reason in failed]
+        if total == 1:
+            raise OptionError(reasons[0])
+        raise OptionError(f'{len(failed)} of {total} input(s) not super-resolved: ' + '; '.join(reasons))
     return written
+
+
+def _write_geotiff(net: torch.nn.Module, source: Path, target: Path, maps: Optional[Path], **kwargs: Any) -> None:
+    """:func:`super_resolve_geotiff` into hidden temporary files, renamed when both are complete."""
+    partial = target.with_name(f'.{target.stem}.partial-{os.getpid()}{target.suffix}')
+    partial_maps = None if maps is None else maps.with_name(f'.{maps.stem}.partial-{os.getpid()}{maps.suffix}')
+    try:
+        super_resolve_geotiff(net, source, partial, expert_map=partial_maps, **kwargs)
+        os.replace(partial, target)
+        if maps is not None:
+            os.replace(partial_maps, maps)
+    finally:
+        for path in (partial, partial_maps):
+            if path is not None:
+                path.unlink(missing_ok=True)

@@ -116,4 +116,4 @@ def blended_tiled_forward(net: Network, x: torch.Tensor, scale: int, window_size
                 out[region] += sr.float().cpu() * weight
                 total[region] += weight
                 bar.update()
-    return out / total
+    return out.div_(total)
