@@ -16,13 +16,15 @@ Exit status: 0 on success, 2 on a bad argument, option, input or output location
 on a non-finite loss or gradient.
 """
 import argparse
+import fcntl
 import logging
 import os
 import os.path as osp
 import pickle
 import sys
 import tempfile
-from contextlib import contextmanager
+import time
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
@@ -30,6 +32,7 @@ import torch
 import torch.distributed as dist
 import yaml
 from basicsr.utils import get_root_logger, scandir
+from basicsr.utils.dist_util import get_dist_info
 from basicsr.utils.misc import check_resume
 
 from .bench import run_bench
@@ -77,20 +80,79 @@ def load_resume_state(opt: Dict[str, Any]) -> Optional[Dict[str, Any]]:
 
 
 @contextmanager
+def run_lock(folder: str, kind: str) -> Iterator[None]:
+    """Hold ``<parent>/.<name>.lock`` (``flock``, released by the kernel when the process ends) for a run that
+    writes into ``folder``, or refuse naming the run that holds it. The lock sits beside the folder, so
+    BasicSR's renaming of a finished folder to ``*_archived_*`` does not move it."""
+    os.makedirs(osp.dirname(folder) or '.', exist_ok=True)
+    handle = open(osp.join(osp.dirname(folder), f'.{osp.basename(folder)}.lock'), 'a+')
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or 'another process'
+            raise OptionError(f'{folder}: another {kind} with this name is running ({holder}); wait for it to finish '
+                              'or choose another name') from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f'pid {os.getpid()}, started {time.strftime("%Y-%m-%d %H:%M:%S")}')
+        handle.flush()
+        yield
+    finally:
+        handle.close()
+
+
+@contextmanager
 def basicsr_pipeline(module: Any, args: argparse.Namespace, is_train: bool) -> Iterator[None]:
-    """Run a BasicSR pipeline module with this file's option parsing (and resume) in place of its own."""
-    with tempfile.TemporaryDirectory() as tmp:
+    """Run a BasicSR pipeline module with this file's option parsing (and resume) in place of its own.
+
+    Also: the experiment (or results) folder is locked for the run (:func:`run_lock`); BasicSR's log file is
+    written (the plugin's logger exists before BasicSR asks for one with a file); and in training the option
+    file is copied into the experiment folder only once training starts, so a refused resume leaves the
+    recorded options of the previous run as they were.
+    """
+    from basicsr.utils import MessageLogger
+    from basicsr.utils.options import copy_opt_file
+
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as held:
+        pending_copies = []
+        file_handlers = []
+
         def parse(root_path: str, is_train: bool = is_train):
             opt = parse_options(args, root_path, is_train)
+            if opt['rank'] == 0:
+                folder = osp.join(root_path, 'experiments' if is_train else 'results', opt['name'])
+                held.enter_context(run_lock(folder, 'training' if is_train else 'test'))
             used = osp.join(tmp, osp.basename(args.opt))
             with open(used, 'w') as f:
                 f.write(f'# {" ".join(sys.argv)}\n')
                 yaml.safe_dump(_plain(opt), f, sort_keys=False)
             return opt, argparse.Namespace(opt=used)
 
-        replaced = {'parse_options': parse}
+        def root_logger(logger_name: str = 'basicsr', log_level: int = logging.INFO, log_file: Optional[str] = None):
+            logger = get_root_logger(logger_name, log_level)
+            if log_file is not None and get_dist_info()[0] == 0:
+                handler = logging.FileHandler(log_file, 'w')
+                handler.setFormatter(logging.Formatter('%(asctime)s %(levelname)s: %(message)s'))
+                handler.setLevel(log_level)
+                logger.addHandler(handler)
+                file_handlers.append((logger, handler))
+            return logger
+
+        def copy_when_training_starts(opt_file: str, experiments_root: str) -> None:
+            pending_copies.append((opt_file, experiments_root))
+
+        def message_logger(*message_args, **message_kwargs):
+            # created right after the model is built and the training state restored: the run has started
+            while pending_copies:
+                copy_opt_file(*pending_copies.pop(0))
+            return MessageLogger(*message_args, **message_kwargs)
+
+        replaced = {'parse_options': parse, 'get_root_logger': root_logger}
         if is_train:
-            replaced['load_resume_state'] = load_resume_state
+            replaced.update(load_resume_state=load_resume_state, copy_opt_file=copy_when_training_starts,
+                            MessageLogger=message_logger)
         saved = {name: getattr(module, name) for name in replaced}
         for name, function in replaced.items():
             setattr(module, name, function)
@@ -99,6 +161,9 @@ def basicsr_pipeline(module: Any, args: argparse.Namespace, is_train: bool) -> I
         finally:
             for name, function in saved.items():
                 setattr(module, name, function)
+            for logger, handler in file_handlers:
+                logger.removeHandler(handler)
+                handler.close()
 
 
 def _plain(value: Any) -> Any:

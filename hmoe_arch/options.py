@@ -162,6 +162,11 @@ def parse_options(args: argparse.Namespace, root_path: str, is_train: bool) -> D
             opt['path'][key] = osp.expanduser(value)
 
     if is_train:
+        logger = opt.get('logger')
+        missing = [k for k in ('print_freq', 'save_checkpoint_freq') if not isinstance(logger, dict) or k not in logger]
+        if missing:
+            raise OptionError(f'{args.opt}: training needs a `logger:` block with {" and ".join(missing)} (how often '
+                              'to log and to save checkpoints, in iterations)')
         root = osp.join(root_path, 'experiments', opt['name'])
         opt['path'].update(experiments_root=root, models=osp.join(root, 'models'),
                            training_states=osp.join(root, 'training_states'), log=root,

@@ -222,3 +222,45 @@ def test_alias_bomb_is_refused_before_it_expands(tmp_path: Path, basicsr_log) ->
     assert main(['train', '-opt', str(option)]) == 2
     assert time.monotonic() - started < 10
     assert 'bomb.yml: its YAML aliases expand to more than 100000 values' in basicsr_log[-1]
+
+
+# ------------------------------------------------------------------------------------------------------
+# results are never lost or mixed up
+def test_refused_resume_keeps_the_recorded_options(run_dir: Path) -> None:
+    recorded = run_dir / 'experiments' / 'previous' / 'train_ucm_x4.yml'
+    before = recorded.read_text()
+    run = cli(['train', '-opt', str(OPTIONS / 'train_ucm_x4.yml'), '--auto_resume', '--force_yml', *TINY_TRAINING,
+               'name=previous', 'network_g:embed_dim=16', 'train:total_iter=4'], run_dir)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert 'path.pretrain_network_g' in run.stderr and 'does not match MFGHMoEArch exactly' in run.stderr
+    assert recorded.read_text() == before
+
+
+def test_a_second_training_with_the_same_name_is_refused_while_the_first_runs(run_dir: Path) -> None:
+    import fcntl
+    lock = run_dir / 'experiments' / '.previous.lock'
+    before = snapshot(run_dir / 'experiments' / 'previous')
+    with open(lock, 'w') as held:
+        held.write('pid 4242, started now')
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        run = cli(['train', '-opt', str(OPTIONS / 'train_ucm_x4.yml'), '--force_yml', *TINY_TRAINING, 'name=previous',
+                   'train:total_iter=2'], run_dir)
+    assert run.returncode == 2
+    assert re.search(r'experiments/previous: another training with this name is running \(pid 4242, started now\); '
+                     r'wait for it to finish or choose another name$', run.stderr.splitlines()[-1])
+    assert snapshot(run_dir / 'experiments' / 'previous') == before
+    assert not list((run_dir / 'experiments').glob('previous_archived_*'))
+    again = cli(['train', '-opt', str(OPTIONS / 'train_ucm_x4.yml'), '--force_yml', *TINY_TRAINING, 'name=previous',
+                 'train:total_iter=1', 'val:val_freq=1000'], run_dir)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert len(list((run_dir / 'experiments').glob('previous_archived_*'))) == 1  # BasicSR's renaming still works
+
+
+def test_option_file_without_a_logger_block(tmp_path: Path, basicsr_log) -> None:
+    text = (OPTIONS / 'train_ucm_x4.yml').read_text()
+    option = tmp_path / 'nolog.yml'
+    option.write_text(text[:text.index('logger:')] + text[text.index('dist_params:'):])
+    assert main(['train', '-opt', str(option)]) == 2
+    assert basicsr_log[-1].endswith('nolog.yml: training needs a `logger:` block with print_freq and '
+                                    'save_checkpoint_freq (how often to log and to save checkpoints, in iterations)')

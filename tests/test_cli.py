@@ -65,6 +65,10 @@ def test_train_on_cpu_with_validation_checkpoints_and_tensorboard(cwd: Path) -> 
     assert 'total_iter: 4' in copied and 'embed_dim: 12' in copied
     params = torch.load(exp / 'models' / 'net_g_latest.pth', weights_only=True)
     assert set(params) == {'params', 'params_ema'}
+    logs = list(exp.glob('train_train_MFGHMoE_UCMerced_x4_*.log'))
+    assert len(logs) == 1
+    log = logs[0].read_text()
+    assert 'l_pix:' in log and 'iter:       4' in log and 'Validation UCMerced_test' in log
 
 
 def test_train_from_lmdb(cwd: Path) -> None:
@@ -132,6 +136,8 @@ def test_basicsr_test_writes_sr_images_and_metrics(cwd: Path) -> None:
     test_names = (cwd / 'datasets' / 'UCMerced' / 'test.txt').read_text().split()
     assert [p.name for p in images] == sorted(n.replace('.tif', '_test_MFGHMoE_UCMerced_x2.png') for n in test_names)
     assert '# psnr:' in run.stderr and '# ssim:' in run.stderr
+    logs = list((cwd / 'results' / 'test_MFGHMoE_UCMerced_x2').glob('test_test_MFGHMoE_UCMerced_x2_*.log'))
+    assert len(logs) == 1 and '# psnr:' in logs[0].read_text()
 
 
 def test_two_process_distributed_training_on_cpu(cwd: Path) -> None:
