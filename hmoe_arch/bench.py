@@ -40,7 +40,7 @@ from .archs import MFGHMoEArch
 from .expert_maps import UsageByClass, group_sizes_of, lr_expert_map, save_expert_map, scene_class
 from .infer import load_network
 from .options import OptionError, read_option_file
-from .tiling import padded_forward, tiled_forward
+from .tiling import padded_forward, tiled_forward, window_size_of
 
 COLUMNS = ['test_set', 'scale', 'model', 'psnr_y', 'ssim_y', 'params_m', 'macs_g_64', 'latency_ms', 'peak_mib',
            'train_iters', 'source']
@@ -140,7 +140,7 @@ def evaluate(model: BenchModel, net: Optional[torch.nn.Module], device: torch.de
     if maps_dir is not None and model.tile is not None:
         raise OptionError(f'{model.source}: expert maps need untiled inference (remove `tile`)')
     dataset = build_dataset(dict(model.dataset_opt))
-    window = int(getattr(net, 'window_size', 1)) if net is not None else 1
+    window = window_size_of(net, model.network) if net is not None else 1
     usage = UsageByClass(len(net.upsample.moe.experts)) if maps_dir is not None else None
     psnrs, ssims, per_class = [], [], {}
     for index in range(len(dataset)):

@@ -25,7 +25,7 @@ from .data.rs_paired_dataset import IMAGE_SUFFIXES
 from .expert_maps import group_sizes_of, save_expert_map
 from .geotiff import is_georeferenced, super_resolve_geotiff
 from .options import OptionError, apply_force_yml, read_option_file
-from .tiling import blended_tiled_forward
+from .tiling import blended_tiled_forward, window_size_of
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -303,7 +303,7 @@ def infer(weights: Path, input_path: Path, output: Path, *, opt_path: Optional[P
     total = len(pairs) + len(failed)
     network, option_scale = _options(opt_path, arch_args)
     net = load_network(weights, network, torch.device(device))
-    window = int(getattr(net, 'window_size', 1))
+    window = window_size_of(net, network)
     declared = {'the option file\'s scale': option_scale,
                 'the network\'s upscale': getattr(net, 'upscale', getattr(net, 'scale', None))}
     scale = measured_scale(net, declared, torch.device(device), window)

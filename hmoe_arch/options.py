@@ -206,7 +206,10 @@ def validate_options(opt: Dict[str, Any]) -> None:
 
     if 'network_g' in opt:
         try:
-            with torch.device('meta'):
+            try:
+                with torch.device('meta'):  # no memory for the weights
+                    build_network(dict(opt['network_g']))
+            except (RuntimeError, NotImplementedError):  # a constructor that reads tensor values (SwinIR's .item())
                 build_network(dict(opt['network_g']))
         except (ValueError, TypeError, KeyError) as error:
             raise OptionError(f'network_g: {error}') from error

@@ -6,7 +6,7 @@ averaged with feather weights; used by ``infer``). Errors inside a tile (out of 
 no tile is ever left blank.
 """
 import math
-from typing import Callable, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -16,6 +16,15 @@ from tqdm import tqdm
 from .expert_maps import lr_expert_map
 
 Network = Callable[[torch.Tensor], torch.Tensor]
+
+
+def window_size_of(net: torch.nn.Module, network_opt: Optional[Dict[str, Any]] = None) -> int:
+    """The multiple an input side must be for ``net``: its ``window_size`` attribute, else the ``window_size`` of its
+    ``network_g`` options (BasicSR's SwinIR keeps none), else 1."""
+    window = getattr(net, 'window_size', None)
+    if window is None and network_opt is not None:
+        window = network_opt.get('window_size')
+    return int(window or 1)
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:

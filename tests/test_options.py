@@ -12,6 +12,8 @@ from basicsr.data import build_dataset
 
 from conftest import reference_file
 from hmoe_arch import MFGHMoEArch
+from hmoe_arch.archs.mfghmoe_arch import HAT_RGB_MEAN
+from hmoe_arch.cli import main
 from hmoe_arch.options import OptionError, apply_force_yml, parse_options
 
 OPTIONS = Path(__file__).resolve().parents[1] / 'options'
@@ -147,3 +149,39 @@ def test_options_are_validated_before_training(force: list, message: str, workdi
                               auto_resume=False, debug=False)
     with pytest.raises(OptionError, match=message):
         parse_options(args, str(workdir), True)
+
+
+# ------------------------------------------------------------------------------------------------------
+# every shipped training file starts training
+SMALL_NETWORKS = {  # keys that shrink each architecture; everything else comes from the file
+    'MFGHMoEArch': {'embed_dim': 12, 'depths': [1], 'num_heads': [2], 'window_size': 4, 'squeeze_factor': 4,
+                    'img_size': 16},
+    'EDSR': {'num_feat': 16, 'num_block': 1},
+    'RCAN': {'num_feat': 16, 'num_group': 1, 'num_block': 1, 'squeeze_factor': 4},
+    'RRDBNet': {'num_feat': 16, 'num_block': 1, 'num_grow_ch': 8},
+    'SwinIR': {'embed_dim': 12, 'depths': [1], 'num_heads': [2], 'window_size': 4, 'img_size': 16},
+}
+TRAINING_FILES = [name for name in EXPERIMENT_FILES if name.startswith('train')] + [
+    f'{folder}/{p.name}' for folder in ('baselines', 'ablations') for p in sorted((OPTIONS / folder).glob('*.yml'))]
+
+
+@pytest.mark.parametrize('name', TRAINING_FILES)
+def test_every_shipped_training_file_trains_one_iteration(name: str, workdir: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / 'datasets').symlink_to(workdir / 'datasets')
+    monkeypatch.chdir(tmp_path)
+    opt = yaml.safe_load((OPTIONS / name).read_text())
+    network = opt['network_g']
+    small = SMALL_NETWORKS[network['type']]
+    force = [f'network_g:{k}={json.dumps(v)}' for k, v in small.items()]
+    window = small.get('window_size', 1)
+    force += [f'datasets:train:gt_size={opt["scale"] * max(window, 4) * 2}', 'datasets:train:batch_size_per_gpu=2',
+              'datasets:train:num_worker_per_gpu=0', 'train:total_iter=1', 'val:val_freq=1',
+              'logger:save_checkpoint_freq=1', 'logger:print_freq=1', 'logger:use_tb_logger=false', 'num_gpu=0']
+    if opt['path'].get('pretrain_network_g'):  # the HAT initialisation: a small HAT checkpoint of the same shape
+        hat = MFGHMoEArch(**small, upscale=opt['scale'], moe=False, mfa=False, rgb_mean=HAT_RGB_MEAN)
+        torch.save({'params_ema': hat.state_dict()}, tmp_path / 'hat.pth')
+        force.append(f'path:pretrain_network_g={tmp_path / "hat.pth"}')
+    assert main(['train', '-opt', str(OPTIONS / name), '--force_yml', *force]) == 0
+    models = tmp_path / 'experiments' / opt['name'] / 'models'
+    assert sorted(p.name for p in models.iterdir()) == ['net_g_1.pth', 'net_g_latest.pth']

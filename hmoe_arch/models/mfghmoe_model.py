@@ -45,7 +45,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..archs import MFGHMoEArch
 from ..expert_maps import UsageByClass, group_sizes_of, lr_expert_map, save_expert_map
 from ..options import OptionError
-from ..tiling import padded_forward, tiled_forward
+from ..tiling import padded_forward, tiled_forward, window_size_of
 
 
 class NonFiniteLossError(RuntimeError):
@@ -64,7 +64,7 @@ class MFGHMoEModel(SRModel):
     def __init__(self, opt: Dict[str, Any]) -> None:
         super().__init__(opt)
         bare = self.get_bare_model(self.net_g)
-        self.window_size = int(getattr(bare, 'window_size', 1))
+        self.window_size = window_size_of(bare, opt.get('network_g'))
         self.scale = int(opt.get('scale', 1))
         tile = opt.get('tile')
         if tile is not None:
