@@ -264,6 +264,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(error: BaseException) -> str:
+    """The message of ``error``; for one re-raised from a DataLoader worker (whose message is PyTorch's
+    "Caught X in DataLoader worker process N" and the worker's traceback) the original message."""
+    text = str(error)
+    if text.startswith('Caught ') and 'Original Traceback' in text:
+        last = text.rstrip().splitlines()[-1]
+        prefix = f'{type(error).__module__}.{type(error).__qualname__}: '
+        for name in (prefix, f'{type(error).__qualname__}: '):
+            if last.startswith(name):
+                return last[len(name):]
+        return last
+    return text
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logger = get_root_logger()
@@ -284,7 +298,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         else:
             run_pipeline(args)
     except (PrepareError, OptionError, DatasetError) as error:
-        logger.error(f'basicsr {args.command}: {error}')
+        logger.error(f'basicsr {args.command}: {one_line(error)}')
         return 2
     except NonFiniteLossError as error:
         logger.error(f'basicsr {args.command}: {error}')

@@ -80,9 +80,12 @@ def checkpoint_scale(state: Dict[str, torch.Tensor]) -> Optional[int]:
     """The upscaling factor a state_dict was trained for, read from its upsampler's shapes (None if unknown)."""
     experts = state.get('upsample.0.experts.0.weight')
     if experts is not None:
+        if experts.dim() != 4 or min(experts.shape[:2]) < 1 or experts.shape[0] % experts.shape[1]:
+            raise OptionError(f'upsample.0.experts.0.weight has the shape {list(experts.shape)}; an expert of this '
+                              'network is a conv (scale^2 * C, C, k, k)')
         return round(math.sqrt(experts.shape[0] / experts.shape[1]))
     convs = [state[k] for k in sorted(state) if k.startswith('upsample.') and k.endswith('.weight')
-             and state[k].dim() == 4]
+             and state[k].dim() == 4 and min(state[k].shape[:2]) > 0]
     if convs and all(c.shape[0] == 4 * c.shape[1] for c in convs):
         return 2 ** len(convs)
     if len(convs) == 1 and convs[0].shape[0] == 9 * convs[0].shape[1]:
@@ -120,7 +123,11 @@ def load_network(weights: Path, network: Dict[str, Any], device: torch.device, *
         net = build_network(dict(network))
     except (ValueError, TypeError, KeyError) as error:
         raise OptionError(f'network_g: {error}') from error
-    scale, trained = getattr(net, 'upscale', None), checkpoint_scale(state)
+    try:
+        trained = checkpoint_scale(state)
+    except OptionError as error:
+        raise OptionError(f'{label} {weights}: {error}') from None
+    scale = getattr(net, 'upscale', None)
     if scale is not None and trained is not None and scale != trained:
         fix = f'use --arch-args upscale={trained}' if label == '--weights' else f'set network_g.upscale: {trained}'
         raise OptionError(f'{label} {weights}: trained for x{trained}, but the network is x{scale} ({fix})')

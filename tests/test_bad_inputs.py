@@ -264,3 +264,50 @@ def test_option_file_without_a_logger_block(tmp_path: Path, basicsr_log) -> None
     assert main(['train', '-opt', str(option)]) == 2
     assert basicsr_log[-1].endswith('nolog.yml: training needs a `logger:` block with print_freq and '
                                     'save_checkpoint_freq (how often to log and to save checkpoints, in iterations)')
+
+
+def test_dataset_error_in_a_dataloader_worker_is_one_line(run_dir: Path) -> None:
+    for image in sorted((run_dir / 'datasets' / 'UCMerced' / 'Train').glob('*.png')):
+        data = image.read_bytes()
+        image.write_bytes(data[:len(data) // 2])  # the header (size) reads, the pixels do not decode
+    run = cli(['train', '-opt', str(OPTIONS / 'train_ucm_x4.yml'), '--force_yml', *TINY_TRAINING, 'name=broken',
+               'datasets:train:num_worker_per_gpu=1', 'train:total_iter=2'], run_dir)
+    assert run.returncode == 2, run.stderr[-2000:]
+    last = run.stderr.splitlines()[-1]
+    assert re.search(r'ERROR: basicsr train: RSPairedDataset: \S+/Train/\w+\.png: cannot be decoded as an image', last), last
+    assert 'DataLoader worker' not in run.stderr
+
+
+@pytest.mark.parametrize('checkpoint, message', [
+    ([1, 2], 'found a list'),
+    (torch.zeros(3), 'found a Tensor'),
+    ({1: torch.zeros(1)}, r"found the entries \['1'\]"),
+    ({'params': {'conv_first.weight': [1.0]}}, r"found the entries \['conv_first.weight'\]"),
+])
+def test_checkpoints_of_the_wrong_form_are_named(checkpoint, message: str, tmp_path: Path, basicsr_log) -> None:
+    torch.save(checkpoint, tmp_path / 'odd.pth')
+    write_image(tmp_path / 'in.png', 16, 16, 0)
+    assert main(['infer', '--weights', str(tmp_path / 'odd.pth'), '--input', str(tmp_path / 'in.png'), '--output',
+                 str(tmp_path / 'out.png')]) == 2
+    assert re.search(rf'odd.pth: expected a state_dict .*{message}', basicsr_log[-1]), basicsr_log[-1]
+    assert not (tmp_path / 'out.png').exists()
+
+
+def test_expert_weight_of_an_unexpected_shape_is_named(tmp_path: Path, basicsr_log) -> None:
+    torch.save({'params': {'upsample.0.experts.0.weight': torch.zeros(5)}}, tmp_path / 'odd.pth')
+    write_image(tmp_path / 'in.png', 16, 16, 0)
+    assert main(['infer', '--weights', str(tmp_path / 'odd.pth'), '--input', str(tmp_path / 'in.png'), '--output',
+                 str(tmp_path / 'out.png')]) == 2
+    assert basicsr_log[-1].endswith(f'--weights {tmp_path / "odd.pth"}: upsample.0.experts.0.weight has the shape [5]; '
+                                    'an expert of this network is a conv (scale^2 * C, C, k, k)')
+
+
+def test_malformed_lmdb_meta_info_line_is_named(run_dir: Path) -> None:
+    meta = run_dir / 'datasets' / 'UCMerced' / 'Train.lmdb' / 'meta_info.txt'
+    lines = meta.read_text().splitlines()
+    meta.write_text('\n'.join(lines[:2] + ['beach01.png 256x256'] + lines[3:]) + '\n')
+    run = cli(['train', '-opt', str(OPTIONS / 'train_ucm_x4_lmdb.yml'), '--force_yml', *TINY_TRAINING, 'name=lmdb',
+               'train:total_iter=2'], run_dir)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert run.stderr.splitlines()[-1].endswith("Train.lmdb/meta_info.txt:3: expected `<name>.png (<h>,<w>,<c>) "
+                                                "<level>`, got 'beach01.png 256x256'")

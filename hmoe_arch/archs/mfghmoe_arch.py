@@ -400,13 +400,17 @@ def checkpoint_filter_fn(checkpoint: Mapping, param_key: str = 'params', source:
     Raises:
         ValueError: naming ``source`` when no entry holds a state_dict.
     """
-    for key in (param_key, 'params'):
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(f'{source}: expected a state_dict or a dict with a `{param_key}` (or `params`) state_dict, '
+                         f'found a {type(checkpoint).__name__}')
+    for key in dict.fromkeys((param_key, 'params')):
         if isinstance(checkpoint.get(key), Mapping):
             checkpoint = checkpoint[key]
             break
-    if not checkpoint or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        raise ValueError(f'{source}: expected a state_dict or a dict with a `{param_key}` (or `params`) state_dict, '
-                         f'found keys {sorted(checkpoint)[:10]}')
+    names = [str(k) for k in checkpoint][:10]
+    if not checkpoint or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in checkpoint.items()):
+        raise ValueError(f'{source}: expected a state_dict (parameter names -> tensors) or a dict with a '
+                         f'`{param_key}` (or `params`) state_dict, found the entries {names}')
     return {(k[len('module.'):] if k.startswith('module.') else k): v for k, v in checkpoint.items()}
 
 

@@ -12,6 +12,7 @@ with its LR; other phases return full images. Items are BasicSR's dict ``lq``, `
 ``(C, H, W)`` in [0, 1], optionally normalised by ``mean``/``std``), ``lq_path``, ``gt_path``.
 """
 import os
+import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -27,6 +28,8 @@ from .degradations import DEGRADATIONS, crop_to_scale, downsample
 from .prepare import PrepareError, decode_rgb
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp')
+META_LINE = re.compile(r'(\S+) \((\d+),\s*(\d+),\s*\d+\)(?: \d+)?')
+"""A line of an LMDB's ``meta_info.txt`` (basicsr.utils.lmdb_util): ``name (h,w,c) compress_level``."""
 
 DATASET_KEYS = {'type', 'name', 'phase', 'scale', 'dataroot_gt', 'dataroot_lq', 'io_backend', 'split_file',
                 'degradation', 'gt_size', 'use_hflip', 'use_rot', 'mean', 'std'}
@@ -125,10 +128,17 @@ class RSPairedDataset(data.Dataset):
             if not os.path.isfile(meta):
                 raise DatasetNotFoundError(f'RSPairedDataset: {meta} is missing (an LMDB made by '
                                            'basicsr.utils.lmdb_util has one)')
+            shapes = {}
             with open(meta) as f:
-                fields = [line.split() for line in f if line.strip()]
-            self._meta[root] = {Path(name).stem: tuple(int(v) for v in shape.strip('()').split(',')[:2])
-                                for name, shape, *_ in fields}
+                for number, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    match = META_LINE.fullmatch(line.strip())
+                    if match is None:
+                        raise DatasetError(f'{meta}:{number}: expected `<name>.png (<h>,<w>,<c>) <level>`, got '
+                                           f'{line.strip()[:80]!r}')
+                    shapes[Path(match.group(1)).stem] = (int(match.group(2)), int(match.group(3)))
+            self._meta[root] = shapes
         return self._meta[root]
 
     def _select_stems(self, split_file: Optional[str]) -> List[str]:
