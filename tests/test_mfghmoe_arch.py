@@ -328,8 +328,8 @@ def routed_step(routing_grad: str, mfa: bool = True) -> Dict[str, torch.Tensor]:
 
 
 def test_routing_grad_changes_no_output_value() -> None:
-    outputs = [routed_step(mode)['output'] for mode in ('none', 'straight_through', 'isolated')]
-    assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
+    outputs = [routed_step(mode)['output'] for mode in ('none', 'straight_through', 'isolated', 'centered')]
+    assert all(torch.equal(outputs[0], other) for other in outputs[1:])
 
 
 def test_routing_grad_none_is_the_authors_training() -> None:
@@ -341,10 +341,10 @@ def test_routing_grad_none_is_the_authors_training() -> None:
     assert grads['mfg.0.weight'].abs().sum() > 0  # the LayerNorms of MFA sit on the main path
 
 
+@pytest.mark.parametrize('mode', ['isolated', 'centered'])
 @pytest.mark.parametrize('mfa', [True, False])
-def test_isolated_routing_gradient_trains_the_routers_but_stops_at_the_backbone(mfa: bool) -> None:
-    none, isolated, through = routed_step('none', mfa), routed_step('isolated', mfa), routed_step(
-        'straight_through', mfa)
+def test_isolated_routing_gradient_trains_the_routers_but_stops_at_the_backbone(mode: str, mfa: bool) -> None:
+    none, isolated, through = routed_step('none', mfa), routed_step(mode, mfa), routed_step('straight_through', mfa)
     routing = [n for n in none if n.startswith(ROUTING_PARTS)]
     shared = [n for n in none if n != 'output' and n not in routing]
     assert all(isolated[n].abs().sum() > 0 for n in routing)
@@ -365,7 +365,8 @@ def test_isolated_routing_gradient_trains_the_routers_but_stops_at_the_backbone(
     (dict(resi_connection='3conv'), r'`resi_connection` must be one of'),
     (dict(routing='triple'), r'`routing` must be one of'),
     (dict(attention='flash'), r'`attention` must be one of'),
-    (dict(routing_grad='reinforce'), r"`routing_grad` must be one of \('none', 'straight_through', 'isolated'\)"),
+    (dict(routing_grad='reinforce'), r"`routing_grad` must be one of \('none', 'straight_through', 'isolated', "
+                                     r"'centered'\)"),
     (dict(window_size=0), r'`window_size` must be an integer >= 1'),
     (dict(depths=[1, 0]), r'`depths\[1\]` must be an integer >= 1'),
     (dict(img_size=2), r'`img_size` must be at least window_size'),

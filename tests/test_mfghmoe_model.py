@@ -263,3 +263,27 @@ def test_checkpoints_are_written_atomically(tmp_path: Path, monkeypatch: pytest.
         model.save(0, 4)
     assert sorted(p.name for p in (tmp_path / 'models').iterdir()) == ['net_g_2.pth']
     assert torch.load(tmp_path / 'models' / 'net_g_2.pth', weights_only=True)['params']
+
+
+def test_routing_lr_scale_gives_the_routing_parameters_their_own_learning_rate(tmp_path: Path) -> None:
+    opt = options(tmp_path, train={'routing_lr_scale': 0.1})
+    opt['network_g']['routing_grad'] = 'isolated'
+    model = build_model(opt)
+    bare = model.get_bare_model(model.net_g)
+    names = {id(p): n for n, p in bare.named_parameters()}
+    main, routing = model.optimizer_g.param_groups
+    assert main['lr'] == pytest.approx(1e-3) and routing['lr'] == pytest.approx(1e-4)
+    assert sorted(names[id(p)] for p in routing['params']) == sorted(bare.routing_parameter_names())
+    assert len(main['params']) + len(routing['params']) == len(list(bare.parameters()))
+    assert 'upsample.0.gate.group_embedding.weight' in bare.routing_parameter_names()
+    assert 'mfg.0.weight' not in bare.routing_parameter_names()  # MFA's LayerNorms are on the main path
+    feed(model)
+    model.optimize_parameters(1)
+    model.update_learning_rate(2)
+    assert [g['lr'] for g in model.optimizer_g.param_groups] == pytest.approx([1e-3, 1e-4])
+    with pytest.raises(ValueError, match='routing_lr_scale` needs routers that learn'):
+        build_model(options(tmp_path, train={'routing_lr_scale': 0.1},
+                            network_g={**opt['network_g'], 'routing_grad': 'none'}))
+    with pytest.raises(ValueError, match='routing_lr_scale` must be a number > 0'):
+        build_model(options(tmp_path, train={'routing_lr_scale': 0}))
+    assert len(build_model(options(tmp_path)).optimizer_g.param_groups) == 1

@@ -28,6 +28,15 @@ def test_straight_through_weight_is_exactly_one_with_the_gradient_of_log_p() -> 
     torch.testing.assert_close(p.grad, 1 / p.detach())
 
 
+def test_centered_weight_is_one_with_the_mean_of_the_upstream_gradient_removed() -> None:
+    p = torch.tensor([[0.25], [0.5], [0.8]], requires_grad=True)
+    w = selection_weight(p, centered=True)
+    assert torch.equal(w, torch.ones(3, 1))
+    upstream = torch.tensor([[3.0], [-1.0], [1.0]])
+    (w * upstream).sum().backward()
+    torch.testing.assert_close(p.grad, (upstream - 1.0) / p.detach())
+
+
 def test_top_k_weights_are_renormalised_probabilities() -> None:
     router = DualRouter(4, [4, 4], top_k=2)
     routing = router(torch.randn(10, 4))

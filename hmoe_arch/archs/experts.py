@@ -138,6 +138,7 @@ class HeterogeneousMoE(nn.Module):
         ])
         router = DualRouter if routing == 'dual' else SingleRouter
         self.gate = router(routing_dim, [count for _, count in expert_groups], top_k)
+        self.gate.centered = routing_grad == 'centered'
         self.last_routing: Optional[Routing] = None
         self._routing_with_graph: Optional[Routing] = None
         self.last_grid: Tuple[int, int, int] = (0, 0, 0)

@@ -279,7 +279,7 @@ class MFGHMoEArch(nn.Module):
             x = layer(x, x_size, self.relative_position_index_SA, self.relative_position_index_OCA, attn_mask)
             if self.mfa:
                 x = self.mfg.level_norm(i)(x)
-                level = x.detach() if self.routing_grad == 'isolated' else x
+                level = x.detach() if self.routing_grad in ('isolated', 'centered') else x
                 with torch.set_grad_enabled(branch_grad):
                     branch = self.mfg.branch(i)(self.patch_unembed(level, x_size))
                     branch_sum = branch if branch_sum is None else branch_sum + branch
@@ -288,7 +288,7 @@ class MFGHMoEArch(nn.Module):
             return features, None
         with torch.set_grad_enabled(branch_grad):
             tokens = image_to_tokens(branch_sum)
-            if self.routing_grad == 'isolated':  # the shared final norm's parameters stay off the routing path
+            if self.routing_grad in ('isolated', 'centered'):  # the shared final norm stays off the routing path
                 tokens = F.layer_norm(tokens, self.norm.normalized_shape, self.norm.weight.detach(),
                                       self.norm.bias.detach(), self.norm.eps)
             else:
@@ -300,7 +300,7 @@ class MFGHMoEArch(nn.Module):
         x = self.conv_before_upsample(x)
         if self.moe:
             if routing_features is None:  # mfa: false, the routers read these features
-                routing_features = x.detach() if self.routing_grad == 'isolated' else x
+                routing_features = x.detach() if self.routing_grad in ('isolated', 'centered') else x
             x = self.upsample(x, routing_features)
         else:
             x = self.upsample(x)
@@ -327,6 +327,13 @@ class MFGHMoEArch(nn.Module):
         """Load-balancing loss of the last forward, computed when read (1.0 for a perfectly balanced routing);
         ``None`` without MoE. In training it carries the forward's graph: read it before ``backward``."""
         return self.upsample.moe.aux_loss() if self.moe else None
+
+    def routing_parameter_names(self) -> List[str]:
+        """Parameters that only the routing gradient reaches: the routers, the group embedding, the MFA branches
+        and the routing projection (``aggr_conv``); empty without MoE."""
+        return [name for name, _ in self.named_parameters()
+                if name.startswith(('upsample.0.gate.', 'aggr_conv.'))
+                or (name.startswith('mfg.') and int(name.split('.')[1]) % 2 == 1)]
 
     def routing_maps(self) -> Optional[Dict[str, torch.Tensor]]:
         """Routing of the last forward on the LR grid: ``group`` ``(B, H, W)`` and ``expert`` ``(B, H, W, K)``

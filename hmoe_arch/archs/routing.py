@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 
-ROUTING_GRADS = ('none', 'straight_through', 'isolated')
+ROUTING_GRADS = ('none', 'straight_through', 'isolated', 'centered')
 """Values of the ``routing_grad`` network key (see the module docstring)."""
 
 
@@ -63,11 +63,27 @@ class Routing:
                                                self.expert_probs, self.choice)))
 
 
-def selection_weight(top_probs: torch.Tensor) -> torch.Tensor:
-    """Weights of the selected experts from their probabilities ``(N, K)``: ``p / stop_grad(p)`` for K = 1,
-    the renormalised probabilities for K > 1."""
+class _CenteredStraightThrough(torch.autograd.Function):
+    """Value 1; the gradient of ``p`` is ``(s - mean(s)) / p`` for the upstream gradient ``s`` of the weight, the
+    straight-through gradient with the batch mean of ``s`` as baseline."""
+
+    @staticmethod
+    def forward(ctx, probs: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(probs)
+        return torch.ones_like(probs)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        probs, = ctx.saved_tensors
+        return (grad - grad.mean()) / probs
+
+
+def selection_weight(top_probs: torch.Tensor, centered: bool = False) -> torch.Tensor:
+    """Weights of the selected experts from their probabilities ``(N, K)``: ``p / stop_grad(p)`` for K = 1 (with
+    ``centered``, the same value 1 whose gradient subtracts the batch mean of the upstream gradient), the
+    renormalised probabilities for K > 1."""
     if top_probs.shape[-1] == 1:
-        return top_probs / top_probs.detach()
+        return _CenteredStraightThrough.apply(top_probs) if centered else top_probs / top_probs.detach()
     return top_probs / top_probs.sum(dim=-1, keepdim=True)
 
 
@@ -94,6 +110,8 @@ class DualRouter(nn.Module):
         super().__init__()
         self.group_sizes = tuple(group_sizes)
         self.top_k = top_k
+        self.centered = False
+        """Centered straight-through weights (``routing_grad: centered``; set by the expert bank)."""
         self.w_group_gate = nn.Linear(dim, len(group_sizes))
         self.w_expert_gates = nn.ModuleList([nn.Linear(dim, size) for size in group_sizes])
         self.group_embedding = nn.Embedding(len(group_sizes), dim)
@@ -111,7 +129,7 @@ class DualRouter(nn.Module):
         picked = logits.gather(1, group.view(-1, 1, 1).expand(-1, 1, largest)).squeeze(1)
         expert_probs = picked.softmax(dim=-1)
         top_probs, local = expert_probs.topk(self.top_k, dim=-1)
-        weight = selection_weight(top_probs) * selection_weight(group_top.unsqueeze(-1))
+        weight = selection_weight(top_probs, self.centered) * selection_weight(group_top.unsqueeze(-1), self.centered)
         return Routing(group=group, expert=local + self.group_offsets[group].unsqueeze(-1), weight=weight,
                        group_probs=group_probs, expert_probs=expert_probs, choice=local)
 
@@ -138,6 +156,8 @@ class SingleRouter(nn.Module):
     def __init__(self, dim: int, group_sizes: Sequence[int], top_k: int) -> None:
         super().__init__()
         self.top_k = top_k
+        self.centered = False
+        """Centered straight-through weights (``routing_grad: centered``; set by the expert bank)."""
         self.w_gate = nn.Linear(dim, sum(group_sizes))
         group_of_expert = torch.repeat_interleave(torch.arange(len(group_sizes)), torch.tensor(group_sizes))
         self.register_buffer('group_of_expert', group_of_expert, persistent=False)
@@ -150,7 +170,8 @@ class SingleRouter(nn.Module):
         num_groups = int(self.group_of_expert[-1]) + 1
         group_probs = torch.zeros(x.shape[0], num_groups, dtype=probs.dtype, device=x.device)
         group_probs = group_probs.index_add(1, self.group_of_expert, probs)
-        return Routing(group=group, expert=expert, weight=selection_weight(top_probs), group_probs=group_probs,
+        return Routing(group=group, expert=expert, weight=selection_weight(top_probs, self.centered),
+                       group_probs=group_probs,
                        expert_probs=probs, choice=expert)
 
     def aux_loss(self, routing: Routing) -> torch.Tensor:

@@ -10,6 +10,8 @@ Differences from ``SRModel`` (everything else is SRModel's):
 - ``test``: pads LR to a multiple of ``window_size`` and crops the output (HAT's behaviour); with
   ``tile: {tile_size, tile_pad}`` it runs tile by tile (:mod:`hmoe_arch.tiling`), and errors surface; the
   network's train/eval mode is restored afterwards;
+- ``setup_optimizers``: with ``train.routing_lr_scale`` the routing parameters (routers, group embedding, MFA
+  branches, ``aggr_conv``) learn at that multiple of the learning rate (a second Adam parameter group);
 - ``optimize_parameters``: adds ``train.aux_loss_weight * net_g.aux_loss`` (logged as ``l_aux``) when the
   weight is positive, and records which expert each LR pixel used;
 - ``get_current_log``: adds expert usage since the last log (``routing/group_{g}``, ``routing/expert_{e}``:
@@ -57,7 +59,8 @@ class MFGHMoEModel(SRModel):
     """SR model for MFGHMoEArch (and any BasicSR network: the MoE parts apply only where the network has them).
 
     Option keys on top of SRModel's: ``tile: {tile_size, tile_pad}``, ``use_amp: bf16``, ``compile`` (top level),
-    ``train.aux_loss_weight`` (default 0), ``train.skip_nonfinite`` (default 0), ``find_unused_parameters``
+    ``train.aux_loss_weight`` (default 0), ``train.routing_lr_scale`` (default 1),
+    ``train.skip_nonfinite`` (default 0), ``find_unused_parameters``
     (default true, distributed training).
     """
 
@@ -130,6 +133,27 @@ class MFGHMoEModel(SRModel):
             bare.load_pretrained(load_path, param_key=param_key, strict=strict)
         except (ValueError, FileNotFoundError, RuntimeError, KeyError) as error:
             raise OptionError(f'path.pretrain_network_g {load_path}: {error}') from error
+
+    def setup_optimizers(self) -> None:
+        """SRModel's optimizer; with ``train.routing_lr_scale`` the routing parameters
+        (:meth:`MFGHMoEArch.routing_parameter_names`) form a second group at that multiple of the learning rate."""
+        scale = self.opt['train'].get('routing_lr_scale', 1.0)
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+            raise ValueError(f'MFGHMoEModel: `train.routing_lr_scale` must be a number > 0, got {scale!r}')
+        bare = self.get_bare_model(self.net_g)
+        if scale == 1.0:
+            return super().setup_optimizers()
+        if not isinstance(bare, MFGHMoEArch) or not bare.moe or bare.routing_grad == 'none':
+            raise ValueError('MFGHMoEModel: `train.routing_lr_scale` needs routers that learn (an MFGHMoEArch with '
+                             'moe: true and routing_grad other than none)')
+        routing = set(bare.routing_parameter_names())
+        named = [(n, p) for n, p in bare.named_parameters() if p.requires_grad]
+        optim = dict(self.opt['train']['optim_g'])
+        optim_type = optim.pop('type')
+        groups = [{'params': [p for n, p in named if n not in routing]},
+                  {'params': [p for n, p in named if n in routing], 'lr': optim['lr'] * scale}]
+        self.optimizer_g = self.get_optimizer(optim_type, groups, **optim)
+        self.optimizers.append(self.optimizer_g)
 
     def save(self, epoch: int, current_iter: int) -> None:
         if self.opt['dist']:
