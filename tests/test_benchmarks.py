@@ -40,9 +40,11 @@ def test_bench_train_prints_every_row_with_ratios_against_hat() -> None:
 
 def test_bench_tiling_reports_sizes_and_seam_error() -> None:
     out = run('bench_tiling.py', '--sizes', '32', '64', '--tile', '16', '--tile-pad', '8', '--seam-size', '32',
-              '--scale', '2')
+              '--scale', '2', '--infer-sizes', '64')
     assert '| 32x32 |' in out and '| 64x64 |' in out
     assert 'seam error on 32x32 LR' in out
+    infer_row = re.search(r'\| 64x64 \| (\S+) \| (\S+) \| (\S+) \|\n*$', out)
+    assert infer_row and float(infer_row.group(2)) == pytest.approx(128 * 128 * 3 / 2**20, abs=0.05)
 
 
 def test_bench_arch_prints_the_ratio_table() -> None:
