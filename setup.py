@@ -2,8 +2,29 @@
 from pathlib import Path
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+from setuptools.command.editable_wheel import editable_wheel
 
 HERE = Path(__file__).parent
+START_UP = 'hmoe_arch_import_hook.pth'
+"""Put in site-packages: Python runs it at start-up (see hmoe_arch_import_hook.py)."""
+START_UP_LINE = 'import hmoe_arch_import_hook; hmoe_arch_import_hook.install()\n'
+
+
+class BuildWithStartUpHook(build_py):
+    """Wheels and regular installs: the start-up file beside the packages."""
+
+    def run(self) -> None:
+        super().run()
+        Path(self.build_lib, START_UP).write_text(START_UP_LINE)
+
+
+class EditableWithStartUpHook(editable_wheel):
+    """``pip install -e``: the start-up file in the editable wheel (setuptools >= 64)."""
+
+    def _install_namespaces(self, installation_dir, pth_prefix) -> None:
+        super()._install_namespaces(installation_dir, pth_prefix)
+        Path(installation_dir, START_UP).write_text(START_UP_LINE)
 
 
 def read_version() -> str:
@@ -23,6 +44,8 @@ setup(
     license='Apache-2.0',
     python_requires='>=3.9',
     packages=find_packages(include=['hmoe_arch', 'hmoe_arch.*']),
+    py_modules=['hmoe_arch_import_hook'],
+    cmdclass={'build_py': BuildWithStartUpHook, 'editable_wheel': EditableWithStartUpHook},
     install_requires=[
         'basicsr==1.4.2',
         'torch>=2.6',

@@ -1,40 +1,39 @@
-"""Compatibility shims that must run before ``basicsr`` is imported.
+"""Compatibility of basicsr 1.4.2 (and HAT) with current PyTorch, torchvision and OpenCV.
 
-basicsr 1.4.2 imports ``rgb_to_grayscale`` from ``torchvision.transforms.functional_tensor``, a module that
-torchvision removed in 0.17. :func:`install_functional_tensor_stand_in` registers a small stand-in module
-under that name, and only when the real module cannot be found, so older torchvision releases keep theirs.
+- ``torchvision.transforms.functional_tensor`` (removed in torchvision 0.17, imported by basicsr 1.4.2): served
+  by :mod:`hmoe_arch_import_hook`, which the installed ``hmoe_arch_import_hook.pth`` registers at interpreter
+  start-up, so ``import basicsr`` works whatever the import order. :func:`install_functional_tensor_stand_in`
+  registers the same finder when that start-up file did not run (a source checkout on ``PYTHONPATH``).
+- ``basicsr.utils.matlab_functions.rgb2ycbcr``: HAT's datasets import it from there; basicsr 1.4.2 moved it to
+  ``basicsr.utils.color_util``. :func:`restore_basicsr_names` adds the name back, only where it is missing.
 """
-import importlib.util
 import sys
-import types
 
-FUNCTIONAL_TENSOR = 'torchvision.transforms.functional_tensor'
+import hmoe_arch_import_hook
 
-
-def _real_module_exists(name: str) -> bool:
-    if name in sys.modules:
-        return True
-    try:
-        return importlib.util.find_spec(name) is not None
-    except ModuleNotFoundError:
-        return False
+FUNCTIONAL_TENSOR = hmoe_arch_import_hook.FUNCTIONAL_TENSOR
 
 
 def install_functional_tensor_stand_in() -> bool:
-    """Register a stand-in for ``torchvision.transforms.functional_tensor`` where torchvision lacks it.
+    """Make sure the stand-in finder is on ``sys.meta_path`` (it serves the module only where torchvision lacks
+    it); returns True when this call had to add it, False when the start-up hook (or an earlier call) had."""
+    return hmoe_arch_import_hook.install()
 
-    Returns:
-        True when the stand-in was installed by this call, False when the real module (or an earlier
-        stand-in) is already importable and nothing was changed.
-    """
-    if _real_module_exists(FUNCTIONAL_TENSOR):
-        return False
-    from torchvision.transforms import functional
 
-    stand_in = types.ModuleType(FUNCTIONAL_TENSOR)
-    stand_in.__doc__ = ('hmoe_arch stand-in for the module removed in torchvision 0.17; it exposes the '
-                        'functions basicsr 1.4.2 imports from it.')
-    stand_in.rgb_to_grayscale = functional.rgb_to_grayscale
-    stand_in.__hmoe_arch_stand_in__ = True
-    sys.modules[FUNCTIONAL_TENSOR] = stand_in
-    return True
+def restore_basicsr_names() -> list:
+    """Names that older basicsr releases had and HAT imports, added back where basicsr 1.4.2 lacks them;
+    returns what was added."""
+    from basicsr.utils import color_util, matlab_functions
+
+    added = []
+    for name in ('rgb2ycbcr', 'bgr2ycbcr', 'ycbcr2rgb', 'ycbcr2bgr'):
+        if not hasattr(matlab_functions, name) and hasattr(color_util, name):
+            setattr(matlab_functions, name, getattr(color_util, name))
+            added.append(name)
+    return added
+
+
+def is_stand_in() -> bool:
+    """Whether the loaded ``torchvision.transforms.functional_tensor`` is this project's stand-in."""
+    module = sys.modules.get(FUNCTIONAL_TENSOR)
+    return bool(getattr(module, '__hmoe_arch_stand_in__', False))

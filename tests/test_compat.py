@@ -1,58 +1,81 @@
-"""The torchvision stand-in: installed only where torchvision lacks functional_tensor, and it works."""
-import importlib.machinery
-import importlib.util
+"""Compatibility layer: the torchvision stand-in (whatever the import order, only where needed, cheap at start-up)
+and the basicsr names HAT imports."""
+import subprocess
 import sys
 import types
+from importlib.machinery import ModuleSpec
 
 import pytest
 import torch
 from torchvision.transforms import functional
 
-from hmoe_arch import _compat
-from hmoe_arch._compat import FUNCTIONAL_TENSOR, install_functional_tensor_stand_in
+import hmoe_arch_import_hook
+from hmoe_arch._compat import FUNCTIONAL_TENSOR, install_functional_tensor_stand_in, is_stand_in, restore_basicsr_names
 
 
-@pytest.fixture
-def no_module(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A process where the module is neither imported nor importable (torchvision >= 0.17)."""
-    monkeypatch.delitem(sys.modules, FUNCTIONAL_TENSOR, raising=False)
-    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, package=None: None)
+def python(code: str) -> str:
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300, cwd='/')
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout.strip()
 
 
-def test_installed_when_missing(no_module: None) -> None:
-    assert install_functional_tensor_stand_in() is True
-    stand_in = sys.modules[FUNCTIONAL_TENSOR]
-    assert stand_in.__hmoe_arch_stand_in__ is True
+def test_basicsr_imports_first_in_a_fresh_interpreter() -> None:
+    out = python('import basicsr, sys; from basicsr.archs.arch_util import Upsample; '
+                 f'print(getattr(sys.modules[{FUNCTIONAL_TENSOR!r}], "__hmoe_arch_stand_in__", False), '
+                 '"hmoe_arch" in sys.modules)')
+    assert out == 'True False'
+
+
+def test_start_up_hook_is_cheap() -> None:
+    out = python('import sys; print("torch" in sys.modules, "torchvision" in sys.modules, '
+                 '[type(f).__name__ for f in sys.meta_path][-1])')
+    assert out == 'False False FunctionalTensorFinder'
+
+
+def test_stand_in_matches_torchvision() -> None:
+    import importlib
+    module = importlib.import_module(FUNCTIONAL_TENSOR)
     img = torch.rand(2, 3, 5, 7)
-    torch.testing.assert_close(stand_in.rgb_to_grayscale(img), functional.rgb_to_grayscale(img))
-    assert stand_in.rgb_to_grayscale(img, num_output_channels=3).shape == (2, 3, 5, 7)
+    torch.testing.assert_close(module.rgb_to_grayscale(img), functional.rgb_to_grayscale(img))
+    assert module.rgb_to_grayscale(img, num_output_channels=3).shape == (2, 3, 5, 7)
+    assert is_stand_in()
 
 
-def test_second_call_is_a_no_op(no_module: None) -> None:
-    assert install_functional_tensor_stand_in() is True
-    first = sys.modules[FUNCTIONAL_TENSOR]
-    assert install_functional_tensor_stand_in() is False
-    assert sys.modules[FUNCTIONAL_TENSOR] is first
-
-
-def test_not_installed_when_real_module_is_importable(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delitem(sys.modules, FUNCTIONAL_TENSOR, raising=False)
-    spec = importlib.machinery.ModuleSpec(FUNCTIONAL_TENSOR, loader=None)
-    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, package=None: spec)
-    assert install_functional_tensor_stand_in() is False
-    assert FUNCTIONAL_TENSOR not in sys.modules
-
-
-def test_not_installed_when_real_module_is_loaded(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_real_module_wins_over_the_stand_in(monkeypatch: pytest.MonkeyPatch) -> None:
     real = types.ModuleType(FUNCTIONAL_TENSOR)
-    monkeypatch.setitem(sys.modules, FUNCTIONAL_TENSOR, real)
+
+    class RealFinder:  # stands for torchvision < 0.17, whose files the path finder would find
+        @staticmethod
+        def find_spec(fullname, path=None, target=None):
+            if fullname != FUNCTIONAL_TENSOR:
+                return None
+
+            class Loader:
+                create_module = staticmethod(lambda spec: real)
+                exec_module = staticmethod(lambda module: None)
+            return ModuleSpec(fullname, Loader())
+
+    monkeypatch.delitem(sys.modules, FUNCTIONAL_TENSOR, raising=False)
+    monkeypatch.setattr(sys, 'meta_path', [RealFinder()] + [f for f in sys.meta_path if not isinstance(
+        f, hmoe_arch_import_hook.FunctionalTensorFinder)] + [hmoe_arch_import_hook.FunctionalTensorFinder()])
+    import importlib
+    assert importlib.import_module(FUNCTIONAL_TENSOR) is real
+    assert not is_stand_in()
+
+
+def test_install_adds_the_finder_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, 'meta_path', [f for f in sys.meta_path
+                                           if not isinstance(f, hmoe_arch_import_hook.FunctionalTensorFinder)])
+    assert install_functional_tensor_stand_in() is True
     assert install_functional_tensor_stand_in() is False
-    assert sys.modules[FUNCTIONAL_TENSOR] is real
+    assert sum(isinstance(f, hmoe_arch_import_hook.FunctionalTensorFinder) for f in sys.meta_path) == 1
+    assert hmoe_arch_import_hook.FunctionalTensorFinder.find_spec('torchvision.transforms.functional') is None
 
 
-def test_this_torchvision_needs_it() -> None:
-    import torchvision
-    major, minor = (int(p) for p in torchvision.__version__.split('.')[:2])
-    if (major, minor) < (0, 17):
-        pytest.skip(f'torchvision {torchvision.__version__} still ships {FUNCTIONAL_TENSOR}')
-    assert getattr(sys.modules[FUNCTIONAL_TENSOR], '__hmoe_arch_stand_in__', False), _compat.__doc__
+def test_rgb2ycbcr_is_restored_only_where_basicsr_lacks_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from basicsr.utils import color_util, matlab_functions
+    assert matlab_functions.rgb2ycbcr is color_util.rgb2ycbcr  # done by `import hmoe_arch`
+    own = object()
+    monkeypatch.setattr(matlab_functions, 'rgb2ycbcr', own)
+    assert 'rgb2ycbcr' not in restore_basicsr_names()
+    assert matlab_functions.rgb2ycbcr is own
