@@ -41,7 +41,7 @@ from .data.prepare import DATASETS, PrepareError, prepare
 from .data.rs_paired_dataset import DatasetError
 from .infer import infer
 from .models import NonFiniteLossError
-from .options import OptionError, parse_options
+from .options import OptionError, moe_model_warning, parse_options
 
 
 def load_resume_state(opt: Dict[str, Any]) -> Optional[Dict[str, Any]]:
@@ -118,9 +118,13 @@ def basicsr_pipeline(module: Any, args: argparse.Namespace, is_train: bool) -> I
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as held:
         pending_copies = []
         file_handlers = []
+        warnings_at_start = []
 
         def parse(root_path: str, is_train: bool = is_train):
             opt = parse_options(args, root_path, is_train)
+            warning = moe_model_warning(opt)
+            if warning is not None:
+                warnings_at_start.append(warning)
             if opt['rank'] == 0:
                 folder = osp.join(root_path, 'experiments' if is_train else 'results', opt['name'])
                 held.enter_context(run_lock(folder, 'training' if is_train else 'test'))
@@ -138,6 +142,8 @@ def basicsr_pipeline(module: Any, args: argparse.Namespace, is_train: bool) -> I
                 handler.setLevel(log_level)
                 logger.addHandler(handler)
                 file_handlers.append((logger, handler))
+                if warnings_at_start:  # once, now that the log file exists
+                    logger.warning(warnings_at_start.pop())
             return logger
 
         def copy_when_training_starts(opt_file: str, experiments_root: str) -> None:
@@ -203,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help='pytorch: distributed data parallel under torchrun (nccl on GPUs, gloo on CPU)')
         sub.add_argument('--force_yml', nargs='+', default=None, metavar='KEY:SUB=VALUE',
                          help='override options; VALUE is YAML (e.g. train:total_iter=10 network_g:depths=[2,2])')
+        sub.add_argument('--plugin', action='append', default=[], metavar='PACKAGE',
+                         help='import PACKAGE first so its BasicSR types register (repeatable; same as the '
+                              'top-level option `plugins: [PACKAGE]`); HAT is imported by itself when the options '
+                              'name one of its types')
         if name == 'train':
             sub.add_argument('--auto_resume', action='store_true',
                              help='continue from the latest training state of this experiment, if any')

@@ -7,7 +7,7 @@ import os
 import os.path as osp
 import random
 import re
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -25,6 +25,90 @@ MAX_OPTION_VALUES = 100_000
 
 class OptionError(Exception):
     """A bad option file or ``--force_yml`` entry; the message names the key."""
+
+
+KNOWN_PLUGINS: Dict[str, Dict[str, Any]] = {
+    'hat': {
+        'title': 'HAT (the `hat` package)',
+        'install': 'pip install --no-deps -e <your HAT checkout>',
+        'types': {'HATModel': 'model_type: MFGHMoEModel, which adds what HATModel does (window padding, tiling)',
+                  'RealHATGANModel': None, 'RealHATMSEModel': None,
+                  'ImageNetPairedDataset': 'type: RSPairedDataset (or BasicSR\'s PairedImageDataset)',
+                  'RealESRGANDataset': None, 'HAT': 'type: MFGHMoEArch with moe: false, mfa: false, rgb_mean: '
+                                                   '[0.4488, 0.4371, 0.4040] (exactly HAT)'},
+    },
+}
+"""Packages that register BasicSR types users pair with this plugin (names read from their code): imported
+automatically when an option file names one of their types. ``types`` maps each type to this plugin's
+replacement, where there is one."""
+
+
+def import_plugins(opt: Dict[str, Any], requested: Sequence[str] = ()) -> List[str]:
+    """Import the packages listed under the top-level ``plugins`` key and in ``requested`` (``--plugin``), then
+    every known package (:data:`KNOWN_PLUGINS`) that registers a type the options name but BasicSR lacks;
+    returns the imported names.
+
+    Raises:
+        OptionError: naming the key, for a plugin that cannot be imported and for a type nobody registers (for a
+            known package's type: that it comes from there, how to install it, and this plugin's replacement).
+    """
+    import importlib
+
+    from basicsr.archs import build_network  # noqa: F401  (registers BasicSR's own types)
+    from basicsr.data import build_dataset  # noqa: F401
+    from basicsr.models import build_model  # noqa: F401
+    from basicsr.utils.registry import ARCH_REGISTRY, DATASET_REGISTRY, MODEL_REGISTRY
+
+    listed = opt.get('plugins') or []
+    if isinstance(listed, str) or not isinstance(listed, list) or not all(isinstance(n, str) for n in listed):
+        raise OptionError(f'plugins: expected a list of package names, got {listed!r}')
+    imported = []
+    for name in [*listed, *requested]:
+        try:
+            importlib.import_module(name)
+        except ImportError as error:
+            raise OptionError(f'plugins: cannot import {name} ({error})') from None
+        imported.append(name)
+    wanted = [('model_type', opt.get('model_type'), MODEL_REGISTRY, 'model')]
+    wanted += [(f'datasets.{phase}.type', d.get('type'), DATASET_REGISTRY, 'dataset')
+               for phase, d in (opt.get('datasets') or {}).items() if isinstance(d, dict)]
+    wanted += [(f'{key}.type', opt[key].get('type'), ARCH_REGISTRY, 'network') for key in ('network_g', 'network_d')
+               if isinstance(opt.get(key), dict)]
+    for key, type_name, registry, kind in wanted:
+        if type_name is None or type_name in registry:
+            continue
+        package = next((p for p, info in KNOWN_PLUGINS.items() if type_name in info['types']), None)
+        if package is None:
+            raise OptionError(f'{key}: no {kind} named {type_name} is registered in BasicSR or this plugin; if '
+                              'another package provides it, name it under `plugins:` (or --plugin)')
+        info = KNOWN_PLUGINS[package]
+        try:
+            importlib.import_module(package)
+        except ImportError as error:
+            instead = info['types'][type_name]
+            raise OptionError(f'{key}: {type_name} comes from {info["title"]}, which cannot be imported ({error}); '
+                              f'install it ({info["install"]})' + (f' or use {instead}' if instead else '')) \
+                from None
+        imported.append(package)
+    return imported
+
+
+def moe_model_warning(opt: Dict[str, Any]) -> Optional[str]:
+    """A warning for an MoE network trained by a model other than :class:`MFGHMoEModel` (e.g. HAT's ``HATModel``),
+    which neither adds the load-balancing loss nor logs the routing; None otherwise."""
+    from basicsr.utils.registry import MODEL_REGISTRY
+
+    from .models import MFGHMoEModel
+
+    network = opt.get('network_g') or {}
+    if network.get('type') not in ('MFGHMoEArch', 'MFGHMOE') or network.get('moe', True) is False:
+        return None
+    model = MODEL_REGISTRY.get(opt['model_type']) if opt.get('model_type') in MODEL_REGISTRY else None
+    if model is None or issubclass(model, MFGHMoEModel):
+        return None
+    return (f'model_type {opt["model_type"]} trains the MoE network without what MFGHMoEModel adds: '
+            'train.aux_loss_weight (the load-balancing loss) is not applied and the routing is not logged; use '
+            'model_type: MFGHMoEModel for those')
 
 
 def expanded_size(value: Any, limit: int = MAX_OPTION_VALUES) -> int:
@@ -135,6 +219,7 @@ def read_option_file(path: Union[str, os.PathLike], force_yml: Sequence[str] = (
 def parse_options(args: argparse.Namespace, root_path: str, is_train: bool) -> Dict[str, Any]:
     """BasicSR's option semantics (paths, phases, seeds, debug mode) with safe ``--force_yml``."""
     opt = read_option_file(args.opt, args.force_yml or (), required=('name', 'datasets', 'path'))
+    import_plugins(opt, getattr(args, 'plugin', None) or ())
 
     if args.launcher == 'pytorch':
         init_distributed()
