@@ -41,7 +41,7 @@ from .data.prepare import DATASETS, PrepareError, prepare
 from .data.rs_paired_dataset import DatasetError
 from .infer import infer
 from .models import NonFiniteLossError
-from .options import OptionError, moe_model_warning, parse_options
+from .options import OptionError, moe_model_warning, parse_options, plain_options
 
 
 def load_resume_state(opt: Dict[str, Any]) -> Optional[Dict[str, Any]]:
@@ -131,7 +131,7 @@ def basicsr_pipeline(module: Any, args: argparse.Namespace, is_train: bool) -> I
             used = osp.join(tmp, osp.basename(args.opt))
             with open(used, 'w') as f:
                 f.write(f'# {" ".join(sys.argv)}\n')
-                yaml.safe_dump(_plain(opt), f, sort_keys=False)
+                yaml.safe_dump(plain_options(opt), f, sort_keys=False)
             return opt, argparse.Namespace(opt=used)
 
         def root_logger(logger_name: str = 'basicsr', log_level: int = logging.INFO, log_file: Optional[str] = None):
@@ -170,15 +170,6 @@ def basicsr_pipeline(module: Any, args: argparse.Namespace, is_train: bool) -> I
             for logger, handler in file_handlers:
                 logger.removeHandler(handler)
                 handler.close()
-
-
-def _plain(value: Any) -> Any:
-    """Options as plain dicts/lists for YAML output."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 def run_pipeline(args: argparse.Namespace) -> None:

@@ -8,7 +8,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
@@ -19,7 +19,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from .archs import MFGHMoEArch
+from .archs.config import ConfigError, network_config
 from .archs.mfghmoe_arch import checkpoint_filter_fn
+from .checkpoints import CheckpointError, fetch_weights, is_url, read_checkpoint_file
 from .data.prepare import PrepareError, decode_rgb
 from .data.rs_paired_dataset import IMAGE_SUFFIXES
 from .expert_maps import group_sizes_of, save_expert_map
@@ -30,20 +32,15 @@ from .tiling import blended_tiled_forward, window_size_of
 
 # ----------------------------------------------------------------------------------------------------------
 # network
-def read_weights(weights: Path, param_key: str, label: str) -> Dict[str, torch.Tensor]:
-    """The state_dict in a checkpoint file, read with ``weights_only=True``; every tensor must be finite.
+def read_weights(weights: Path, param_key: str, label: str) -> Tuple[Mapping[str, Any], Dict[str, torch.Tensor]]:
+    """The checkpoint in a file (``.pth`` or ``.safetensors``) and the state_dict in it; every tensor must be finite.
 
     Raises:
         OptionError: naming ``label`` and the file: not a readable checkpoint (without PyTorch's advice to
             unpickle it unsafely), no state_dict inside, or NaN/Inf values.
     """
     try:
-        checkpoint = torch.load(weights, map_location='cpu', weights_only=True)
-    except Exception:
-        raise OptionError(f'{label} {weights}: not a PyTorch checkpoint of tensors (torch.load with '
-                          'weights_only=True cannot read it; files that need arbitrary unpickling are refused)') \
-            from None
-    try:
+        checkpoint = read_checkpoint_file(weights)
         state = checkpoint_filter_fn(checkpoint, param_key, str(weights))
     except ValueError as error:
         raise OptionError(f'{label} {error}') from None
@@ -51,7 +48,7 @@ def read_weights(weights: Path, param_key: str, label: str) -> Dict[str, torch.T
     if broken:
         raise OptionError(f'{label} {weights}: {len(broken)} tensor(s) hold NaN or Inf values, e.g. {broken[:3]}; the '
                           'network would write black images (was training stopped by a diverged loss?)')
-    return state
+    return checkpoint, state
 
 
 def measured_scale(net: torch.nn.Module, declared: Dict[str, int], device: torch.device, window: int,
@@ -111,16 +108,39 @@ def _options(opt_path: Optional[Path], arch_args: Sequence[str]) -> Tuple[Dict[s
     return holder['network_g'], scale
 
 
-def load_network(weights: Path, network: Dict[str, Any], device: torch.device, *, param_key: str = 'params_ema',
-                 strict: bool = True, label: str = '--weights') -> torch.nn.Module:
-    """Build ``network`` and load ``weights``: the ``param_key`` entry, else ``params``, else the file itself
-    as a state_dict (``weights_only``). A checkpoint trained for another scale is refused before loading.
-    Errors are :class:`OptionError` naming ``label`` (the flag or option key that gave the path)."""
+def local_weights(weights: Union[str, Path], label: str = '--weights') -> Path:
+    """``weights`` itself, or for an ``https://`` URL its cached download (:func:`hmoe_arch.checkpoints.fetch_weights`)."""
+    if not is_url(weights):
+        return Path(weights)
+    try:
+        return fetch_weights(str(weights))
+    except CheckpointError as error:
+        raise OptionError(f'{label} {error}') from None
+
+
+def load_network(weights: Union[str, Path], network: Optional[Dict[str, Any]], device: torch.device, *,
+                 param_key: str = 'params_ema', strict: bool = True, label: str = '--weights',
+                 overrides: Sequence[str] = ()) -> torch.nn.Module:
+    """Build the network and load ``weights`` (a file or URL): the ``param_key`` entry, else ``params``, else the
+    file itself as a state_dict (``weights_only``). With ``network`` None its options come from the checkpoint
+    (:func:`hmoe_arch.archs.config.network_config`); ``overrides`` (``key=value``) apply on top. A checkpoint
+    trained for another scale is refused before loading. Errors are :class:`OptionError` naming ``label`` (the
+    flag or option key that gave the path)."""
+    weights = local_weights(weights, label)
     if not weights.is_file():
         raise OptionError(f'{label} {weights}: no such file')
-    state = read_weights(weights, param_key, label)
+    checkpoint, state = read_weights(weights, param_key, label)
+    if network is None:
+        try:
+            network = network_config(checkpoint, state)
+        except ConfigError as error:
+            raise OptionError(f'{label} {weights}: cannot tell the network from the file ({error}); give its option '
+                              'file with -opt') from None
+    holder = {'network_g': dict(network)}
+    for entry in overrides:
+        apply_force_yml(holder, f'network_g:{entry}')
     try:
-        net = build_network(dict(network))
+        net = build_network(holder['network_g'])
     except (ValueError, TypeError, KeyError) as error:
         raise OptionError(f'network_g: {error}') from error
     try:
@@ -138,6 +158,7 @@ def load_network(weights: Path, network: Dict[str, Any], device: torch.device, *
             net.load_state_dict(state, strict=strict)
     except (ValueError, RuntimeError) as error:
         raise OptionError(f'{label} {weights}: does not fit the network: {error}') from error
+    net.network_options = holder['network_g']
     return net.to(device).eval()
 
 
@@ -308,9 +329,9 @@ def infer(weights: Path, input_path: Path, output: Path, *, opt_path: Optional[P
     inputs, failed = input_files(input_path)
     pairs = output_paths(inputs, input_path, output)
     total = len(pairs) + len(failed)
-    network, option_scale = _options(opt_path, arch_args)
-    net = load_network(weights, network, torch.device(device))
-    window = window_size_of(net, network)
+    network, option_scale = _options(opt_path, ()) if opt_path is not None else (None, None)
+    net = load_network(weights, network, torch.device(device), overrides=arch_args)
+    window = window_size_of(net, net.network_options)
     declared = {'the option file\'s scale': option_scale,
                 'the network\'s upscale': getattr(net, 'upscale', getattr(net, 'scale', None))}
     scale = measured_scale(net, declared, torch.device(device), window)

@@ -111,6 +111,15 @@ def moe_model_warning(opt: Dict[str, Any]) -> Optional[str]:
             'model_type: MFGHMoEModel for those')
 
 
+def plain_options(value: Any) -> Any:
+    """Options as plain dicts, lists and scalars (for YAML/JSON output and checkpoint metadata)."""
+    if isinstance(value, dict):
+        return {str(k): plain_options(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_options(v) for v in value]
+    return value
+
+
 def expanded_size(value: Any, limit: int = MAX_OPTION_VALUES) -> int:
     """How many values ``value`` holds with every shared (aliased) node counted each time it is used; stops
     counting past ``limit``. Linear in the number of distinct nodes."""

@@ -493,7 +493,8 @@ def test_checkpoints_that_need_arbitrary_unpickling_are_refused(tmp_path) -> Non
     path = tmp_path / 'evil.pth'
     torch.save({'params': CodeOnLoad(marker)}, path)
     net = MFGHMoEArch(**tiny_hat())
-    with pytest.raises(ValueError, match=r'evil.pth: not a checkpoint that torch.load\(weights_only=True\) can read'):
+    with pytest.raises(ValueError, match=r'evil.pth: not a PyTorch checkpoint of tensors \(torch.load with '
+                                         r'weights_only=True cannot read it'):
         net.load_pretrained(path)
     from hmoe_arch.infer import load_network
     from hmoe_arch.options import OptionError

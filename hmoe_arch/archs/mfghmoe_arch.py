@@ -25,6 +25,7 @@ from basicsr.utils import get_root_logger
 from basicsr.utils.registry import ARCH_REGISTRY
 from timm.layers import trunc_normal_
 
+from ..checkpoints import fetch_weights, is_url, read_checkpoint_file
 from .experts import MoEUpsampler
 from .hat_blocks import (PatchEmbed, PatchUnEmbed, ResidualHybridAttentionGroup, image_to_tokens,
                          relative_position_index_overlap, relative_position_index_self, shifted_window_mask)
@@ -390,13 +391,11 @@ ARCH_REGISTRY._do_register('MFGHMOE', MFGHMoEArch)
 def _read_checkpoint(checkpoint: Union[str, os.PathLike, Mapping], source: str) -> Mapping:
     if isinstance(checkpoint, Mapping):
         return checkpoint
+    if is_url(source):
+        source = fetch_weights(source)
     if not os.path.isfile(source):
         raise FileNotFoundError(f'checkpoint not found: {source}')
-    try:
-        return torch.load(source, map_location='cpu', weights_only=True)
-    except Exception as error:
-        raise ValueError(f'{source}: not a checkpoint that torch.load(weights_only=True) can read: {error}') \
-            from error
+    return read_checkpoint_file(source)
 
 
 def checkpoint_filter_fn(checkpoint: Mapping, param_key: str = 'params', source: str = '<state_dict>'

@@ -45,8 +45,9 @@ from basicsr.utils.registry import MODEL_REGISTRY
 from torch.nn.parallel import DistributedDataParallel
 
 from ..archs import MFGHMoEArch
+from ..checkpoints import CONFIG_ENTRY
 from ..expert_maps import UsageByClass, group_sizes_of, lr_expert_map, save_expert_map
-from ..options import OptionError
+from ..options import OptionError, plain_options
 from ..tiling import padded_forward, tiled_forward, window_size_of
 
 
@@ -161,8 +162,25 @@ class MFGHMoEModel(SRModel):
         super().save(epoch, current_iter)
 
     def save_network(self, net, net_label, current_iter, param_key='params') -> None:
-        self._atomically('models', lambda: super(MFGHMoEModel, self).save_network(net, net_label, current_iter,
-                                                                                  param_key))
+        """BasicSR's checkpoint (``{param_key: state_dict}``, ``module.`` prefixes removed, on the CPU) plus the
+        network's options under ``network_g`` (:data:`~hmoe_arch.archs.config.CONFIG_ENTRY`), so that ``infer``,
+        ``export`` and spandrel rebuild it from the file alone; written atomically."""
+        nets = net if isinstance(net, list) else [net]
+        keys = param_key if isinstance(param_key, list) else [param_key]
+        if len(nets) != len(keys):
+            raise ValueError(f'save_network: {len(nets)} networks but {len(keys)} parameter keys')
+        label = 'latest' if current_iter == -1 else current_iter
+        checkpoint: Dict[str, Any] = {}
+        for one, key in zip(nets, keys):
+            checkpoint[key] = {(k[len('module.'):] if k.startswith('module.') else k): v.cpu()
+                               for k, v in self.get_bare_model(one).state_dict().items()}
+        if net_label == 'net_g' and isinstance(self.opt.get('network_g'), dict):
+            checkpoint[CONFIG_ENTRY] = plain_options(self.opt['network_g'])
+
+        def write() -> None:
+            torch.save(checkpoint, os.path.join(self.opt['path']['models'], f'{net_label}_{label}.pth'))
+
+        self._atomically('models', write)
 
     def save_training_state(self, epoch, current_iter) -> None:
         self._atomically('training_states',
