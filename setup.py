@@ -57,7 +57,12 @@ setup(
         'numpy',
         'pyyaml',
     ],
-    extras_require={'test': ['pytest>=7', 'rasterio>=1.3'], 'geo': ['rasterio>=1.3']},
+    extras_require={
+        'test': ['pytest>=7', 'rasterio>=1.3', 'spandrel>=0.4', 'safetensors>=0.4'],
+        'geo': ['rasterio>=1.3'],
+        'spandrel': ['spandrel>=0.4'],
+        'export': ['safetensors>=0.4'],
+    },
     entry_points={'console_scripts': ['basicsr = hmoe_arch.cli:main']},
     classifiers=[
         'Programming Language :: Python :: 3',

@@ -39,6 +39,7 @@ from .bench import run_bench
 from .data.degradations import DEGRADATIONS
 from .data.prepare import DATASETS, PrepareError, prepare
 from .data.rs_paired_dataset import DatasetError
+from .export import FORMATS, export
 from .infer import infer
 from .models import NonFiniteLossError
 from .options import OptionError, moe_model_warning, parse_options, plain_options
@@ -245,8 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     inf = commands.add_parser(
         'infer', help='super-resolve images, folders and GeoTIFFs (tiled, feathered blending)',
         description='Super-resolve an image, a GeoTIFF or every one of a folder with tiled inference.')
-    inf.add_argument('--weights', type=Path, required=True, help='checkpoint (this project, the authors\' release '
-                     'or HAT with the exact HAT network); params_ema is used when present')
+    inf.add_argument('--weights', required=True, help='checkpoint file (.pth or .safetensors: this project\'s, the '
+                     'authors\' release or HAT\'s) or https:// URL (cached; #sha256=<hex> checks it); params_ema is '
+                     'used when present; the network is read from the checkpoint unless -opt/--arch-args say otherwise')
     inf.add_argument('-opt', type=Path, default=None, help='option file whose network_g builds the network '
                      '(default: MFGHMoEArch defaults, the paper x4 model)')
     inf.add_argument('--arch-args', nargs='+', default=(), metavar='KEY=VALUE',
@@ -262,6 +264,15 @@ def build_parser() -> argparse.ArgumentParser:
                      metavar='R,G,B', help='GeoTIFF bands (1-based) to use as RGB, e.g. 3,2,1')
     inf.add_argument('--block', type=int, default=1024, help='GeoTIFF block side in LR pixels (bounds memory)')
     inf.add_argument('--no-progress', action='store_true')
+    exp = commands.add_parser('export', help='write a checkpoint as .safetensors with its network options',
+                              description='write a checkpoint as .safetensors, with the network options in its '
+                                          'metadata (readable by infer, load_pretrained and pretrain_network_g)')
+    exp.add_argument('--weights', required=True, help='checkpoint file or https:// URL (#sha256=... to check it)')
+    exp.add_argument('--format', dest='fmt', choices=FORMATS, default='safetensors')
+    exp.add_argument('--out', type=Path, required=True, help='output file (must not exist)')
+    exp.add_argument('-opt', type=Path, default=None, help='option file whose network_g builds the network '
+                                                           '(default: read from the checkpoint)')
+    exp.add_argument('--arch-args', nargs='+', default=(), metavar='KEY=VALUE', help='network_g overrides')
     return parser
 
 
@@ -293,6 +304,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             infer(args.weights, args.input, args.output, opt_path=args.opt, arch_args=args.arch_args, tile=args.tile,
                   tile_pad=args.tile_pad, device=args.device, expert_map=args.expert_map, bands=args.bands,
                   block=args.block, progress=not args.no_progress)
+        elif args.command == 'export':
+            export(args.weights, args.out, fmt=args.fmt, opt_path=args.opt, arch_args=args.arch_args)
         elif args.command == 'bench':
             run_bench(args.sources, args.out, device=args.device, lr_size=args.lr_size, runs=args.runs,
                       per_class=args.per_class, expert_maps=args.expert_maps, force_yml=args.force_yml)

@@ -310,7 +310,7 @@ def super_resolve_image(net: torch.nn.Module, lr: np.ndarray, *, scale: int, win
     return out
 
 
-def infer(weights: Path, input_path: Path, output: Path, *, opt_path: Optional[Path] = None,
+def infer(weights: Union[str, Path], input_path: Path, output: Path, *, opt_path: Optional[Path] = None,
           arch_args: Sequence[str] = (), tile: int = 256, tile_pad: int = 32, device: str = 'cpu',
           expert_map: bool = False, bands: Optional[Sequence[int]] = None, block: int = 1024,
           progress: bool = True) -> List[Path]:

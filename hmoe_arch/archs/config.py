@@ -146,8 +146,9 @@ def config_from_state_dict(state: Mapping[str, torch.Tensor]) -> Dict[str, Any]:
     if config['moe']:
         config['expert_groups'] = _expert_groups(state)
         config['routing'] = 'dual' if 'upsample.0.gate.w_group_gate.weight' in state else 'single'
+        config.update(top_k=1, rgb_mean=None, img_range=1.0)  # the authors' values
     else:
-        config['rgb_mean'] = list(HAT_RGB_MEAN) if in_chans == 3 else None
+        config.update(rgb_mean=list(HAT_RGB_MEAN) if in_chans == 3 else None, img_range=1.0)  # HAT's
     return config
 
 

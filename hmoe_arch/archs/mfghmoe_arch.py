@@ -356,7 +356,7 @@ class MFGHMoEArch(nn.Module):
         Args:
             checkpoint: A path (read with ``torch.load(..., weights_only=True)``) or a loaded dict.
             param_key: Entry holding the weights in a BasicSR checkpoint (``params`` or ``params_ema``);
-                falls back to ``params``, then to the dict itself when it maps names to tensors.
+                falls back to ``params``, then ``params_ema``, then to the dict itself when it maps names to tensors.
             strict: Raise ``ValueError`` unless every network tensor is filled and every checkpoint tensor used.
 
         Returns:
@@ -407,16 +407,16 @@ def checkpoint_filter_fn(checkpoint: Mapping, param_key: str = 'params', source:
         ValueError: naming ``source`` when no entry holds a state_dict.
     """
     if not isinstance(checkpoint, Mapping):
-        raise ValueError(f'{source}: expected a state_dict or a dict with a `{param_key}` (or `params`) state_dict, '
-                         f'found a {type(checkpoint).__name__}')
-    for key in dict.fromkeys((param_key, 'params')):
+        raise ValueError(f'{source}: expected a state_dict or a dict with a `{param_key}` (or `params`, `params_ema`) '
+                         f'state_dict, found a {type(checkpoint).__name__}')
+    for key in dict.fromkeys((param_key, 'params', 'params_ema')):
         if isinstance(checkpoint.get(key), Mapping):
             checkpoint = checkpoint[key]
             break
     names = [str(k) for k in checkpoint][:10]
     if not checkpoint or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in checkpoint.items()):
         raise ValueError(f'{source}: expected a state_dict (parameter names -> tensors) or a dict with a '
-                         f'`{param_key}` (or `params`) state_dict, found the entries {names}')
+                         f'`{param_key}` (or `params`, `params_ema`) state_dict, found the entries {names}')
     return {(k[len('module.'):] if k.startswith('module.') else k): v for k, v in checkpoint.items()}
 
 

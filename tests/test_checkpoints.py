@@ -1,0 +1,151 @@
+"""Checkpoint files: .safetensors with the network options, export, weights from a URL with a SHA-256 check, and
+networks rebuilt from checkpoints alone (ours, the authors', HAT's)."""
+import functools
+import hashlib
+import http.server
+import threading
+from pathlib import Path
+
+import cv2
+import pytest
+import torch
+
+from conftest import HAT_RGB_MEAN, load_reference, tiny, write_image
+from hmoe_arch import MFGHMoEArch
+from hmoe_arch.checkpoints import CheckpointError, fetch_weights, read_checkpoint_file, write_safetensors
+from hmoe_arch.cli import main
+from hmoe_arch.infer import infer, load_network
+from hmoe_arch.options import OptionError
+
+pytest.importorskip('safetensors', reason='safetensors is not installed (pip install -e .[export])')
+
+OURS = tiny(upscale=2, top_k=2, rgb_mean=[0.5, 0.4, 0.3], img_range=2.0,
+            expert_groups=[{'kernel_size': 1, 'num_experts': 2}, {'kernel_size': 3, 'num_experts': 2}])
+
+
+@pytest.fixture
+def ours(tmp_path: Path) -> Path:
+    """A checkpoint as MFGHMoEModel writes it: params, params_ema and network_g."""
+    net = MFGHMoEArch(**OURS)
+    path = tmp_path / 'net_g_latest.pth'
+    torch.save({'params': net.state_dict(), 'params_ema': net.state_dict(), 'network_g': {'type': 'MFGHMoEArch',
+                                                                                          **OURS}}, path)
+    return path
+
+
+def test_infer_rebuilds_each_origin_from_the_checkpoint_alone(ours: Path, tmp_path: Path) -> None:
+    write_image(tmp_path / 'in.png', 16, 16, 1)
+    for label, path, options in [('ours', ours, OURS)] + [
+            (name, tmp_path / f'{name}.pth', None) for name in ('official_mfghmoe_x4', 'hat_x4')]:
+        if options is None:
+            ref = load_reference(f'{label}.pt')
+            torch.save({'params': ref['state_dict']}, path)
+            options = ref['config'] if label == 'official_mfghmoe_x4' else {
+                **ref['config'], 'moe': False, 'mfa': False, 'rgb_mean': HAT_RGB_MEAN}
+        net = load_network(path, None, torch.device('cpu'))
+        expected = MFGHMoEArch(**options).eval()
+        expected.load_state_dict(torch.load(path, weights_only=True)['params'])
+        x = torch.rand(1, 3, 16, 16)
+        with torch.no_grad():
+            torch.testing.assert_close(net(x), expected(x), msg=label)
+        written = infer(path, tmp_path / 'in.png', tmp_path / f'{label}_sr.png', progress=False)
+        assert cv2.imread(str(written[0])).shape[0] == 16 * options['upscale']
+
+
+def test_arch_args_still_override_the_checkpoint(ours: Path) -> None:
+    net = load_network(ours, None, torch.device('cpu'), overrides=['top_k=1', 'attention=plain'])
+    assert net.upsample.moe.gate.top_k == 1 and net.network_options['attention'] == 'plain'
+
+
+def test_a_checkpoint_no_network_can_be_read_from_asks_for_the_options(tmp_path: Path) -> None:
+    torch.save({'params': {'body.0.weight': torch.zeros(4, 3, 3, 3)}}, tmp_path / 'other.pth')
+    with pytest.raises(OptionError, match=r'other.pth: cannot tell the network from the file \(not an MFGHMoEArch/HAT '
+                                          r'state_dict: no tensor conv_first.weight\); give its option file with -opt'):
+        load_network(tmp_path / 'other.pth', None, torch.device('cpu'))
+
+
+def test_export_safetensors_round_trip(ours: Path, tmp_path: Path, basicsr_log) -> None:
+    out = tmp_path / 'model.safetensors'
+    assert main(['export', '--weights', str(ours), '--out', str(out)]) == 0
+    checkpoint = read_checkpoint_file(out)
+    original = torch.load(ours, weights_only=True)
+    assert checkpoint['network_g']['top_k'] == 2 and checkpoint['network_g']['rgb_mean'] == [0.5, 0.4, 0.3]
+    assert set(checkpoint['params_ema']) == set(original['params_ema'])
+    assert all(torch.equal(checkpoint['params_ema'][k], v) for k, v in original['params_ema'].items())
+    net = MFGHMoEArch(**OURS)
+    assert net.load_pretrained(out, strict=True).unused == []
+    x = torch.rand(1, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(load_network(out, None, torch.device('cpu'))(x),
+                                   load_network(ours, None, torch.device('cpu'))(x))
+    assert main(['export', '--weights', str(ours), '--out', str(out)]) == 2
+    assert 'already exists; choose another name (nothing is overwritten)' in basicsr_log[-1]
+
+
+def test_safetensors_initialise_training(ours: Path, tmp_path: Path) -> None:
+    from basicsr.models import build_model
+    write_safetensors(MFGHMoEArch(**OURS).state_dict(), tmp_path / 'init.safetensors', {'type': 'MFGHMoEArch'})
+    opt = {'name': 'unit', 'model_type': 'MFGHMoEModel', 'scale': 2, 'num_gpu': 0, 'dist': False, 'rank': 0,
+           'world_size': 1, 'is_train': False, 'network_g': {'type': 'MFGHMoEArch', **OURS},
+           'path': {'pretrain_network_g': str(tmp_path / 'init.safetensors'), 'strict_load_g': True,
+                    'param_key_g': 'params_ema'}, 'val': {}}
+    model = build_model(opt)
+    expected = read_checkpoint_file(tmp_path / 'init.safetensors')['params_ema']
+    assert all(torch.equal(model.net_g.state_dict()[k], v) for k, v in expected.items())
+
+
+def test_missing_safetensors_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / 'w.safetensors').write_bytes(b'x')
+    monkeypatch.setitem(__import__('sys').modules, 'safetensors', None)
+    with pytest.raises(CheckpointError, match=r'^.safetensors files need the safetensors package: pip install -e '
+                                              r'.\[export\]$'):
+        read_checkpoint_file(tmp_path / 'w.safetensors')
+
+
+@pytest.fixture
+def server(tmp_path: Path):
+    """A local HTTP server over ``tmp_path / 'served'`` (these machines have no internet); yields its base URL and
+    the list of requested paths."""
+    folder = tmp_path / 'served'
+    folder.mkdir()
+    requests = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            requests.append(self.path)
+
+    httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), functools.partial(Handler, directory=str(folder)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f'http://127.0.0.1:{httpd.server_address[1]}', folder, requests
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_weights_from_a_url_are_cached_and_checked(ours: Path, tmp_path: Path, server) -> None:
+    base, folder, requests = server
+    (folder / 'w.pth').write_bytes(ours.read_bytes())
+    digest = hashlib.sha256(ours.read_bytes()).hexdigest()
+    cache = tmp_path / 'cache'
+    first = fetch_weights(f'{base}/w.pth#sha256={digest}', cache)
+    assert first.read_bytes() == ours.read_bytes()
+    assert fetch_weights(f'{base}/w.pth#sha256={digest}', cache) == first
+    assert len([r for r in requests if 'w.pth' in r]) == 1  # the second call used the cache
+    with pytest.raises(CheckpointError, match=f'the downloaded file has SHA-256 {digest}, not {"0" * 64}; it was '
+                                              'not kept'):
+        fetch_weights(f'{base}/w.pth#sha256={"0" * 64}', cache)
+    assert sorted(p.name for p in cache.iterdir()) == [first.name]
+    with pytest.raises(CheckpointError, match='cannot download it'):
+        fetch_weights(f'{base}/missing.pth', cache)
+    with pytest.raises(CheckpointError, match='the part after # must be sha256=<64 hex digits>'):
+        fetch_weights(f'{base}/w.pth#md5=abc', cache)
+
+
+def test_infer_takes_a_url(ours: Path, tmp_path: Path, server, monkeypatch: pytest.MonkeyPatch) -> None:
+    base, folder, _ = server
+    (folder / 'w.pth').write_bytes(ours.read_bytes())
+    monkeypatch.setattr(torch.hub, '_hub_dir', str(tmp_path / 'hub'))
+    write_image(tmp_path / 'in.png', 16, 16, 1)
+    assert main(['infer', '--weights', f'{base}/w.pth', '--input', str(tmp_path / 'in.png'), '--output',
+                 str(tmp_path / 'out.png'), '--no-progress']) == 0
+    assert (tmp_path / 'hub' / 'checkpoints' / 'w.pth').is_file() and (tmp_path / 'out.png').is_file()

@@ -1,0 +1,63 @@
+"""spandrel loads MFG-HMoE checkpoints (ours and the authors') once hmoe_arch.spandrel is imported; HAT stays HAT."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import HAT_RGB_MEAN, load_reference, tiny
+from hmoe_arch import MFGHMoEArch
+
+spandrel = pytest.importorskip('spandrel', reason='spandrel is not installed (pip install -e .[spandrel])')
+import hmoe_arch.spandrel  # noqa: E402  (registers the architecture)
+
+VARIANTS = [
+    tiny(upscale=2),
+    tiny(upscale=4, routing='single', mfa=False, window_size=8, img_size=32),
+    tiny(upscale=3, expert_groups=[{'kernel_size': 1, 'num_experts': 2}, {'kernel_size': 3, 'num_experts': 1},
+                                   {'kernel_size': 5, 'num_experts': 2}]),
+]
+
+
+@pytest.mark.parametrize('config', VARIANTS, ids=range(len(VARIANTS)))
+def test_our_checkpoints_load_as_mfghmoe_with_equal_outputs(config: dict, tmp_path: Path) -> None:
+    net = MFGHMoEArch(**config).eval()
+    torch.save({'params': net.state_dict(), 'params_ema': net.state_dict(), 'network_g': config}, tmp_path / 'w.pth')
+    model = spandrel.ModelLoader().load_from_file(tmp_path / 'w.pth')
+    assert isinstance(model, spandrel.ImageModelDescriptor) and model.architecture.id == 'MFGHMoE'
+    assert model.scale == config['upscale'] and model.size_requirements.multiple_of == config['window_size']
+    assert (model.supports_half, model.supports_bfloat16) == (False, True)
+    x = torch.rand(1, 3, 13, 18)  # not a multiple of the window: spandrel pads and crops
+    with torch.no_grad():
+        from hmoe_arch.tiling import padded_forward
+        expected = padded_forward(net, x, config['upscale'], config['window_size']).clamp(0, 1)
+        assert (model(x) - expected).abs().max() <= 1e-5
+
+
+def test_the_authors_checkpoint_loads_and_reproduces_their_output(tmp_path: Path) -> None:
+    ref = load_reference('official_mfghmoe_x4.pt')
+    torch.save({'params': ref['state_dict']}, tmp_path / 'authors.pth')
+    model = spandrel.ModelLoader().load_from_file(tmp_path / 'authors.pth')
+    assert model.architecture.id == 'MFGHMoE' and model.scale == 4
+    with torch.no_grad():
+        assert (model(ref['input']) - ref['output'].clamp(0, 1)).abs().max() <= 1e-5
+
+
+def test_hat_checkpoints_keep_loading_as_hat(tmp_path: Path) -> None:
+    net = MFGHMoEArch(**tiny(moe=False, mfa=False, rgb_mean=HAT_RGB_MEAN, upscale=2))
+    torch.save({'params_ema': net.state_dict()}, tmp_path / 'hat.pth')
+    assert spandrel.ModelLoader().load_from_file(tmp_path / 'hat.pth').architecture.id == 'HAT'
+
+
+def test_registration_is_idempotent_and_before_hat() -> None:
+    assert hmoe_arch.spandrel.register() is False
+    order = [support.architecture.id for support in spandrel.MAIN_REGISTRY.architectures('detection')]
+    assert order.index('MFGHMoE') < order.index('HAT')
+
+
+def test_without_spandrel_the_import_names_the_extra() -> None:
+    code = ('import sys; sys.modules["spandrel"] = None\n'
+            'try:\n    import hmoe_arch.spandrel\nexcept ImportError as error:\n    print(error)')
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300).stdout.strip()
+    assert out == 'hmoe_arch.spandrel needs spandrel: pip install -e .[spandrel]'
