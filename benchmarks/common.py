@@ -10,7 +10,7 @@ TINY = dict(embed_dim=60, depths=[2, 2], num_heads=[6, 6], window_size=8, squeez
 
 KINDS = ('hat', 'moe', 'moe_dense')
 """``hat``: the exact HAT configuration; ``moe``: MFGHMoEArch's defaults; ``moe_dense``: the same with the
-authors' dense expert evaluation (:meth:`HeterogeneousMoE.dense_dispatch`), which exists only here."""
+authors' dense expert evaluation (``HeterogeneousMoE.dense``, :meth:`HeterogeneousMoE.dense_dispatch`)."""
 
 
 def build(kind: str, scale: int, device: str, *, tiny: bool = False, attention: str = 'sdpa') -> MFGHMoEArch:
@@ -21,8 +21,7 @@ def build(kind: str, scale: int, device: str, *, tiny: bool = False, attention: 
         net = MFGHMoEArch(upscale=scale, moe=False, mfa=False, rgb_mean=HAT_RGB_MEAN, attention=attention, **size)
     else:
         net = MFGHMoEArch(upscale=scale, attention=attention, **size)
-        if kind == 'moe_dense':
-            net.upsample.moe.dispatch = net.upsample.moe.dense_dispatch
+        net.upsample.moe.dense = kind == 'moe_dense'
     return net.to(device)
 
 

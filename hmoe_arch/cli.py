@@ -264,9 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
                      metavar='R,G,B', help='GeoTIFF bands (1-based) to use as RGB, e.g. 3,2,1')
     inf.add_argument('--block', type=int, default=1024, help='GeoTIFF block side in LR pixels (bounds memory)')
     inf.add_argument('--no-progress', action='store_true')
-    exp = commands.add_parser('export', help='write a checkpoint as .safetensors with its network options',
+    exp = commands.add_parser('export', help='write a checkpoint as .safetensors (with its network options) or ONNX',
                               description='write a checkpoint as .safetensors, with the network options in its '
-                                          'metadata (readable by infer, load_pretrained and pretrain_network_g)')
+                                          'metadata (readable by infer, load_pretrained and pretrain_network_g), or '
+                                          'as ONNX with dynamic batch, height and width (checked with onnxruntime)')
     exp.add_argument('--weights', required=True, help='checkpoint file or https:// URL (#sha256=... to check it)')
     exp.add_argument('--format', dest='fmt', choices=FORMATS, default='safetensors')
     exp.add_argument('--out', type=Path, required=True, help='output file (must not exist)')

@@ -53,3 +53,10 @@ def test_bench_arch_prints_the_ratio_table() -> None:
         assert f'| {measure} |' in out
     # the authors' dense head runs on the same weights as the sparse one, so their outputs agree
     assert float(re.search(r'dense vs sparse max \|diff\| (\S+)', out).group(1)) < 1e-4
+
+
+def test_bench_onnx_prints_both_runtimes_and_the_ratio() -> None:
+    pytest.importorskip('onnxruntime', reason='onnxruntime is not installed (pip install -e .[export])')
+    out = run('bench_onnx.py', '--tiny', '--size', '16', '--runs', '1')
+    assert '| PyTorch eager (sparse experts) |' in out and '| onnxruntime (dense experts) |' in out
+    assert re.search(r'ONNX / PyTorch: \d+\.\d\dx', out)

@@ -149,3 +149,22 @@ def test_infer_takes_a_url(ours: Path, tmp_path: Path, server, monkeypatch: pyte
     assert main(['infer', '--weights', f'{base}/w.pth', '--input', str(tmp_path / 'in.png'), '--output',
                  str(tmp_path / 'out.png'), '--no-progress']) == 0
     assert (tmp_path / 'hub' / 'checkpoints' / 'w.pth').is_file() and (tmp_path / 'out.png').is_file()
+
+
+@pytest.mark.parametrize('config', [tiny(upscale=2, window_size=8, img_size=32),
+                                    tiny(upscale=3, routing='single', attention='plain'),
+                                    tiny(moe=False, mfa=False, rgb_mean=HAT_RGB_MEAN, upscale=4)], ids=range(3))
+def test_onnx_export_has_dynamic_sizes_and_matches_pytorch(config: dict, tmp_path: Path) -> None:
+    onnxruntime = pytest.importorskip('onnxruntime', reason='onnxruntime is not installed (pip install -e .[export])')
+    net = MFGHMoEArch(**config).eval()
+    torch.save({'params': net.state_dict(), 'network_g': {'type': 'MFGHMoEArch', **config}}, tmp_path / 'w.pth')
+    assert main(['export', '--weights', str(tmp_path / 'w.pth'), '--format', 'onnx', '--out',
+                 str(tmp_path / 'w.onnx')]) == 0
+    session = onnxruntime.InferenceSession(str(tmp_path / 'w.onnx'), providers=['CPUExecutionProvider'])
+    window = config['window_size']
+    for shape in [(1, 2 * window, 3 * window), (2, 5 * window, window)]:
+        x = torch.rand(shape[0], 3, *shape[1:])
+        with torch.no_grad():
+            expected = net(x).numpy()
+        out = session.run(None, {'lr': x.numpy()})[0]
+        assert out.shape == expected.shape and abs(out - expected).max() <= 1e-4

@@ -139,6 +139,9 @@ class HeterogeneousMoE(nn.Module):
         router = DualRouter if routing == 'dual' else SingleRouter
         self.gate = router(routing_dim, [count for _, count in expert_groups], top_k)
         self.gate.centered = routing_grad == 'centered'
+        self.dense = False
+        """Evaluate every expert on every pixel and mask (:meth:`dense_dispatch`, the authors' computation): shapes
+        that do not depend on the routing, for ONNX export and as the reference of tests and benchmarks."""
         self.last_routing: Optional[Routing] = None
         self._routing_with_graph: Optional[Routing] = None
         self.last_grid: Tuple[int, int, int] = (0, 0, 0)
@@ -169,7 +172,8 @@ class HeterogeneousMoE(nn.Module):
         self.last_routing = routing.detach()
         self._routing_with_graph = routing
         self.last_grid = (batch, height, width)
-        return rearrange(self.dispatch(x, routing), '(b h w) o -> b o h w', b=batch, h=height, w=width)
+        rows = self.dense_dispatch(x, routing) if self.dense else self.dispatch(x, routing)
+        return rearrange(rows, '(b h w) o -> b o h w', b=batch, h=height, w=width)
 
     def aux_loss(self) -> torch.Tensor:
         """Load-balancing loss of the last forward's routing (differentiable in training)."""
@@ -220,7 +224,7 @@ class HeterogeneousMoE(nn.Module):
     def dense_dispatch(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """The authors' evaluation: every expert on every pixel (plain ``Conv2d``), masked by the routing
         weights; the same ``(N, scale**2 * C)`` rows as :meth:`dispatch` at ``experts`` times the compute and
-        memory. The forward never calls it: it is the reference that tests and benchmarks compare against."""
+        memory. The forward uses it only with :attr:`dense` set (ONNX export, benchmarks, tests)."""
         mask = x.new_zeros(routing.expert.shape[0], len(self.experts))
         mask = mask.scatter_add(1, routing.expert, routing.weight.to(x.dtype))
         outputs = torch.stack([expert(x) for expert in self.experts])
