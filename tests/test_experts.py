@@ -29,7 +29,7 @@ def grads(tensors: List[torch.Tensor]) -> List[torch.Tensor]:
 @pytest.mark.parametrize('routing_kind', ['dual', 'single'])
 @pytest.mark.parametrize('top_k', [1, 2])
 def test_sparse_equals_dense_outputs_and_gradients(routing_kind: str, top_k: int) -> None:
-    moe = HeterogeneousMoE(3, 2, 6, UNEVEN, top_k, routing_kind)
+    moe = HeterogeneousMoE(3, 2, 6, UNEVEN, top_k, routing_kind, 'straight_through')
     spread(moe)
     x = torch.randn(2, 3, 8, 7, requires_grad=True)
     features = torch.randn(2, 6, 8, 7, requires_grad=True)

@@ -422,7 +422,8 @@ def test_uneven_groups_over_three_kernel_sizes() -> None:
 
 @pytest.mark.parametrize('routing, top_k', [('single', 1), ('single', 3), ('dual', 2)])
 def test_routing_variants_train(routing: str, top_k: int) -> None:
-    net = MFGHMoEArch(**tiny(expert_groups=SMALL_GROUPS, routing=routing, top_k=top_k, upscale=2)).train()
+    net = MFGHMoEArch(**tiny(expert_groups=SMALL_GROUPS, routing=routing, top_k=top_k, upscale=2,
+                             routing_grad='straight_through')).train()
     out = net(torch.rand(2, 3, 8, 8))
     assert out.shape == (2, 3, 16, 16)
     assert net.routing_maps()['expert'].shape == (2, 8, 8, top_k)

@@ -87,7 +87,8 @@ def test_tile_option_is_validated(tmp_path: Path, tile: dict, message: str) -> N
 
 
 def test_aux_loss_is_added_with_its_weight(tmp_path: Path) -> None:
-    model = build_model(options(tmp_path, train={'aux_loss_weight': 0.5}))
+    learning = {'type': 'MFGHMoEArch', **tiny(upscale=2, expert_groups=SMALL_GROUPS), 'routing_grad': 'isolated'}
+    model = build_model(options(tmp_path, network_g=learning, train={'aux_loss_weight': 0.5}))
     feed(model)
     model.optimize_parameters(1)
     log = model.get_current_log()
@@ -176,8 +177,9 @@ def test_validation_saves_expert_maps_and_usage(tmp_path: Path, workdir: Path) -
 
 
 def test_bf16_training_and_inference_keep_routing_in_fp32(tmp_path: Path) -> None:
-    fp32 = build_model(options(tmp_path))
-    bf16 = build_model(options(tmp_path, use_amp='bf16'))
+    learning = {'type': 'MFGHMoEArch', **tiny(upscale=2, expert_groups=SMALL_GROUPS), 'routing_grad': 'straight_through'}
+    fp32 = build_model(options(tmp_path, network_g=learning))
+    bf16 = build_model(options(tmp_path, network_g=learning, use_amp='bf16'))
     bf16.net_g.load_state_dict(fp32.net_g.state_dict())
     lq = torch.rand(1, 3, 8, 8)
     for model in (fp32, bf16):

@@ -124,7 +124,7 @@ class HeterogeneousMoE(nn.Module):
     """
 
     def __init__(self, channels: int, scale: int, routing_dim: int, expert_groups: Sequence[ExpertGroup],
-                 top_k: int, routing: str, routing_grad: str = 'straight_through') -> None:
+                 top_k: int, routing: str, routing_grad: str = 'none') -> None:
         super().__init__()
         if routing_grad not in ROUTING_GRADS:
             raise ValueError(f'HeterogeneousMoE: routing_grad must be one of {ROUTING_GRADS}, got {routing_grad!r}')
@@ -239,7 +239,7 @@ class MoEUpsampler(nn.Sequential):
     """
 
     def __init__(self, scale: int, num_feat: int, routing_dim: int, expert_groups: Sequence[ExpertGroup],
-                 top_k: int, routing: str, routing_grad: str = 'straight_through') -> None:
+                 top_k: int, routing: str, routing_grad: str = 'none') -> None:
         super().__init__(HeterogeneousMoE(num_feat, scale, routing_dim, expert_groups, top_k, routing, routing_grad),
                          nn.PixelShuffle(scale))
 

@@ -111,7 +111,7 @@ class MFGHMoEArch(nn.Module):
                  upsampler: str = 'pixelshuffle', resi_connection: str = '1conv',
                  rgb_mean: Optional[Sequence[float]] = None, mfa: bool = True, moe: bool = True,
                  expert_groups: Sequence[Mapping] = PAPER_EXPERT_GROUPS, top_k: int = 1, routing: str = 'dual',
-                 routing_grad: str = 'straight_through', attention: str = 'sdpa', **unknown: Any) -> None:
+                 routing_grad: str = 'none', attention: str = 'sdpa', **unknown: Any) -> None:
         super().__init__()
         if unknown:
             valid = [name for name in inspect.signature(MFGHMoEArch.__init__).parameters if name not in
