@@ -240,27 +240,31 @@ def plot_curves(runs: Sequence[Run], bicubic: float, path: Path, title: str) -> 
     canvas = np.full((height, width, 3), 255, np.uint8)
     iters = sorted({it for run in runs for it, _ in run.curve})
     values = [p for run in runs for _, p in run.curve] + [bicubic]
-    y_lo, y_hi = math.floor(min(values) * 4) / 4, math.ceil(max(values) * 4) / 4 + 1e-9
+    # the axis starts 1.5 dB under bicubic: early collapses below it are drawn on the lower edge
+    y_lo = max(math.floor(min(values) * 2) / 2, math.floor((bicubic - 1.5) * 2) / 2)
+    y_hi = math.ceil(max(values) * 2) / 2 + 1e-9
     x_lo, x_hi = 0, max(iters)
 
     def position(x: float, y: float) -> Tuple[int, int]:
+        y = max(y, y_lo)
         return (int(left + (x - x_lo) / (x_hi - x_lo) * (width - left - right)),
                 int(height - bottom - (y - y_lo) / (y_hi - y_lo) * (height - top - bottom)))
 
     text = dict(fontFace=cv2.FONT_HERSHEY_SIMPLEX, fontScale=0.45, color=(0, 0, 0), thickness=1, lineType=cv2.LINE_AA)
     cv2.rectangle(canvas, position(x_lo, y_hi), position(x_hi, y_lo), (0, 0, 0), 1)
-    cv2.putText(canvas, title, (left, 25), **text)
+    cv2.putText(canvas, title, (left + 40, 25), **text)
     cv2.putText(canvas, 'iteration', (width // 2 - 60, height - 15), **text)
     cv2.putText(canvas, 'PSNR Y (dB)', (5, top - 10), **text)
-    step = 0.25 if y_hi - y_lo <= 3 else 0.5
+    step = next(s for s in (0.1, 0.25, 0.5, 1.0, 2.0, 5.0) if (y_hi - y_lo) / s <= 12)
     for k in range(int((y_hi - y_lo) / step) + 1):
         y = y_lo + k * step
         cv2.line(canvas, position(x_lo, y), position(x_hi, y), (225, 225, 225), 1)
         cv2.putText(canvas, f'{y:.2f}', (left - 50, position(x_lo, y)[1] + 4), **text)
     for x in iters:
         cv2.putText(canvas, str(x), (position(x, y_lo)[0] - 12, height - bottom + 18), **text)
-    for start in range(x_lo, x_hi, 24):  # dashed bicubic line
-        cv2.line(canvas, position(start, bicubic), position(min(start + 12, x_hi), bicubic), (90, 90, 90), 1)
+    (x0, y_bicubic), (x1, _) = position(x_lo, bicubic), position(x_hi, bicubic)
+    for start in range(x0, x1, 14):  # dashed bicubic line
+        cv2.line(canvas, (start, y_bicubic), (min(start + 7, x1), y_bicubic), (90, 90, 90), 1)
     legend = [('bicubic', (90, 90, 90))]
     for index, config in enumerate(configs):
         colour = COLOURS[index % len(COLOURS)]
@@ -357,7 +361,7 @@ def main(argv=None) -> int:
     report = summarise(runs, budgets, args.reference, bicubic, settings)
     (args.out / 'quality.md').write_text(report)
     plot_curves(runs, bicubic, args.out / 'quality.png', f'{args.preset} network, x{args.scale}, {len(args.seeds)} '
-                f'seeds (band: lowest to highest seed)')
+                f'seeds (line: mean; band: lowest to highest seed; values below the axis on its edge)')
     print(report)
     print(f'written {args.out / "quality.md"}, quality.csv, quality.png ({(time.monotonic() - started) / 60:.1f} min)')
     return 0

@@ -60,3 +60,29 @@ def test_bench_onnx_prints_both_runtimes_and_the_ratio() -> None:
     out = run('bench_onnx.py', '--tiny', '--size', '16', '--runs', '1')
     assert '| PyTorch eager (sparse experts) |' in out and '| onnxruntime (dense experts) |' in out
     assert re.search(r'ONNX / PyTorch: \d+\.\d\dx', out)
+
+
+def test_bench_quality_trains_every_configuration_and_resumes(workdir: Path, tmp_path: Path) -> None:
+    args = ['--data', str(workdir / 'datasets' / 'UCMerced'), '--out', str(tmp_path / 'q'), '--iters', '4',
+            '--val-every', '2', '--budgets', '2', '4', '--seeds', '0', '1', '--configs', 'hat', 'authors', 'slow',
+            '--define', 'slow', 'network_g:routing_grad=isolated', 'train:routing_lr_scale=0.1',
+            '--preset', 'tiny', '--base', str(BENCHMARKS.parent / 'options' / 'train_ucm_x4.yml')]
+    out = run('bench_quality.py', *args, '--jobs', '2')
+    assert '0 of 6 runs already done; 6 to go, 2 at a time' in out
+    assert re.search(r'\[slow seed 1\] iteration 4/4: PSNR \d+\.\d{3} dB', out)
+    table = (tmp_path / 'q' / 'quality.md').read_text()
+    rows = {line.split(' | ')[0].strip('| '): line for line in table.splitlines() if line.startswith('| ')}
+    assert set(rows) >= {'hat', 'authors', 'slow'} and '2 it: vs authors (paired)' in table
+    csv_rows = (tmp_path / 'q' / 'quality.csv').read_text().splitlines()
+    assert len(csv_rows) == 1 + 3 * 2 * 2 + 1 and csv_rows[-1].startswith('bicubic,')
+    assert (tmp_path / 'q' / 'quality.png').stat().st_size > 1000
+    assert '6 of 6 runs already done' in run('bench_quality.py', *args)
+
+
+def test_diagnose_routing_reports_each_mode(workdir: Path, tmp_path: Path) -> None:
+    out = run('diagnose_routing.py', '--data', str(workdir / 'datasets' / 'UCMerced'), '--out', str(tmp_path / 'd'),
+              '--iters', '4', '--every', '2', '--modes', 'none', 'straight_through')
+    rows = [line for line in (tmp_path / 'd' / 'diagnose.md').read_text().splitlines() if line.startswith('| none')
+            or line.startswith('| straight_through')]
+    assert len(rows) == 6  # iterations 1, 2 and 4 of each mode
+    assert all(line.split(' | ')[5] == '0' for line in rows if line.startswith('| none'))  # backbone shift
