@@ -1,4 +1,4 @@
-"""Start-up hook of hmoe_arch: ``torchvision.transforms.functional_tensor`` for basicsr 1.4.2, whatever the import order.
+"""Start-up hook of hmoe_arch: ``torchvision.transforms.functional_tensor`` for basicsr 1.4.2 in any import order.
 
 basicsr 1.4.2 imports ``rgb_to_grayscale`` from ``torchvision.transforms.functional_tensor``, which torchvision
 removed in 0.17. Installing hmoe_arch puts ``hmoe_arch_import_hook.pth`` in site-packages; Python runs it at

@@ -58,7 +58,8 @@ setup(
         'pyyaml',
     ],
     extras_require={
-        'test': ['pytest>=7', 'rasterio>=1.3', 'spandrel>=0.4', 'safetensors>=0.4', 'onnx>=1.15', 'onnxruntime>=1.17'],
+        'test': ['pytest>=7', 'pytest-timeout>=2', 'ruff>=0.5', 'rasterio>=1.3', 'spandrel>=0.4', 'safetensors>=0.4',
+                 'onnx>=1.15', 'onnxruntime>=1.17'],
         'geo': ['rasterio>=1.3'],
         'spandrel': ['spandrel>=0.4'],
         'export': ['safetensors>=0.4', 'onnx>=1.15', 'onnxruntime>=1.17'],

@@ -25,9 +25,10 @@ from typing import Callable, Dict
 
 import torch
 
-from common import build, device_label
 from hmoe_arch import MFGHMoEArch
 from hmoe_arch.bench import fix_malloc_threshold, forward_peak_mib
+
+from common import build, device_label
 
 
 def synchronize(device: str) -> None:

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
-from common import TINY, network_label
 from hmoe_arch import MFGHMoEArch
 from hmoe_arch.export import export_onnx
+
+from common import TINY, network_label
 
 
 def main() -> None:

@@ -11,9 +11,9 @@ subprocess per size runs :func:`hmoe_arch.infer.super_resolve_image` with infer'
 block 1024) and reports the rise of its peak resident set against the size of the uint8 output it returns.
 
 Usage: ``python benchmarks/bench_tiling.py [--device cuda] [--sizes 256 512 1024] [--tile 64]
-[--tile-pad 16] [--tiny] [--infer-sizes 256 512 1024 2048]``. ``--tiny`` (the default on CPU) uses a small network (embed 60, depths [2, 2],
-window 8) so that 1024^2 LR finishes in minutes; on CUDA the default is the paper-size network. It asserts
-nothing.
+[--tile-pad 16] [--tiny] [--infer-sizes 256 512 1024 2048]``. ``--tiny`` (the default on CPU) uses a small
+network (embed 60, depths [2, 2], window 8) so that 1024^2 LR finishes in minutes; on CUDA the default is the
+paper-size network. It asserts nothing.
 """
 import argparse
 import json
@@ -22,9 +22,10 @@ import sys
 
 import torch
 
-from common import build, device_label, network_label
 from hmoe_arch.bench import fix_malloc_threshold, peak_memory_mib
 from hmoe_arch.tiling import padded_forward, tiled_forward
+
+from common import build, device_label, network_label
 
 
 def worker(args: argparse.Namespace) -> dict:

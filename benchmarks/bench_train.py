@@ -28,8 +28,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from common import KINDS, build, device_label, network_label
 from hmoe_arch.bench import fix_malloc_threshold, peak_memory_mib
+
+from common import KINDS, build, device_label, network_label
 
 MODES = {
     'fp32-plain': dict(attention='plain', amp=False, compile=False),

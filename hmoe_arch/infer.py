@@ -109,7 +109,8 @@ def _options(opt_path: Optional[Path], arch_args: Sequence[str]) -> Tuple[Dict[s
 
 
 def local_weights(weights: Union[str, Path], label: str = '--weights') -> Path:
-    """``weights`` itself, or for an ``https://`` URL its cached download (:func:`hmoe_arch.checkpoints.fetch_weights`)."""
+    """``weights`` itself, or for an ``https://`` URL its cached download
+    (:func:`hmoe_arch.checkpoints.fetch_weights`)."""
     if not is_url(weights):
         return Path(weights)
     try:

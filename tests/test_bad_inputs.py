@@ -14,8 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY_TRAINING, make_ucmerced_tree, write_image
 from hmoe_arch.cli import main
+
+from conftest import TINY_TRAINING, make_ucmerced_tree, write_image
 
 OPTIONS = Path(__file__).resolve().parents[1] / 'options'
 NETWORK = [e for e in TINY_TRAINING if e.startswith('network_g')]
@@ -274,7 +275,8 @@ def test_dataset_error_in_a_dataloader_worker_is_one_line(run_dir: Path) -> None
                'datasets:train:num_worker_per_gpu=1', 'train:total_iter=2'], run_dir)
     assert run.returncode == 2, run.stderr[-2000:]
     last = run.stderr.splitlines()[-1]
-    assert re.search(r'ERROR: basicsr train: RSPairedDataset: \S+/Train/\w+\.png: cannot be decoded as an image', last), last
+    assert re.search(r'ERROR: basicsr train: RSPairedDataset: \S+/Train/\w+\.png: cannot be decoded as an image',
+                     last), last
     assert 'DataLoader worker' not in run.stderr
 
 

@@ -80,7 +80,7 @@ def test_bench_quality_trains_every_configuration_and_resumes(workdir: Path, tmp
 
 
 def test_diagnose_routing_reports_each_mode(workdir: Path, tmp_path: Path) -> None:
-    out = run('diagnose_routing.py', '--data', str(workdir / 'datasets' / 'UCMerced'), '--out', str(tmp_path / 'd'),
+    run('diagnose_routing.py', '--data', str(workdir / 'datasets' / 'UCMerced'), '--out', str(tmp_path / 'd'),
               '--iters', '4', '--every', '2', '--modes', 'none', 'straight_through')
     rows = [line for line in (tmp_path / 'd' / 'diagnose.md').read_text().splitlines() if line.startswith('| none')
             or line.startswith('| straight_through')]

@@ -10,12 +10,13 @@ import cv2
 import pytest
 import torch
 
-from conftest import HAT_RGB_MEAN, load_reference, tiny, write_image
 from hmoe_arch import MFGHMoEArch
 from hmoe_arch.checkpoints import CheckpointError, fetch_weights, read_checkpoint_file, write_safetensors
 from hmoe_arch.cli import main
 from hmoe_arch.infer import infer, load_network
 from hmoe_arch.options import OptionError
+
+from conftest import HAT_RGB_MEAN, load_reference, tiny, write_image
 
 pytest.importorskip('safetensors', reason='safetensors is not installed (pip install -e .[export])')
 

@@ -12,8 +12,9 @@ from typing import List
 import pytest
 import torch
 
-from conftest import TINY_TRAINING
 from hmoe_arch.cli import build_parser, main
+
+from conftest import TINY_TRAINING
 
 OPTIONS = Path(__file__).resolve().parents[1] / 'options'
 

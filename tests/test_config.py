@@ -3,9 +3,10 @@ checkpoints, and the options this project stores in its checkpoints."""
 import pytest
 import torch
 
-from conftest import HAT_RGB_MEAN, load_reference, tiny
 from hmoe_arch import MFGHMoEArch
 from hmoe_arch.archs.config import ConfigError, config_from_state_dict, network_config
+
+from conftest import HAT_RGB_MEAN, load_reference, tiny
 
 CONFIGS = [
     tiny(),

@@ -5,8 +5,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from hmoe_arch.expert_maps import (GAP, UsageByClass, expert_palette, map_image, render, save_expert_map,
-                                   scene_class)
+from hmoe_arch.expert_maps import GAP, UsageByClass, expert_palette, map_image, render, save_expert_map, scene_class
 
 
 def test_palette_has_one_distinct_colour_per_expert() -> None:

@@ -1,14 +1,24 @@
 """HAT building blocks against brute-force computations of the same definitions."""
 import pytest
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from hmoe_arch.archs.hat_blocks import (OverlappingCrossAttentionBlock, PatchEmbed, PatchUnEmbed,
-                                        ResidualHybridAttentionGroup, WindowAttention, image_to_tokens,
-                                        relative_position_index_overlap, relative_position_index_self,
-                                        scaled_attention, shifted_window_mask, tokens_to_image, window_partition,
-                                        window_reverse)
+from hmoe_arch.archs.hat_blocks import (
+    OverlappingCrossAttentionBlock,
+    PatchEmbed,
+    PatchUnEmbed,
+    ResidualHybridAttentionGroup,
+    WindowAttention,
+    image_to_tokens,
+    relative_position_index_overlap,
+    relative_position_index_self,
+    scaled_attention,
+    shifted_window_mask,
+    tokens_to_image,
+    window_partition,
+    window_reverse,
+)
 
 
 def test_window_partition_layout_and_round_trip() -> None:

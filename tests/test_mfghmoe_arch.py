@@ -6,8 +6,9 @@ from typing import Any, Dict, List
 import pytest
 import torch
 
-from conftest import HAT_RGB_MEAN, SMALL_GROUPS, load_reference, reference_file, tiny, tiny_hat
 from hmoe_arch import MFGHMoEArch
+
+from conftest import HAT_RGB_MEAN, SMALL_GROUPS, load_reference, reference_file, tiny, tiny_hat
 
 
 def spec_keys(name: str) -> Dict[str, Any]:

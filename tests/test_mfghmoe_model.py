@@ -9,10 +9,11 @@ import torch
 from basicsr.models import build_model
 from basicsr.utils.registry import MODEL_REGISTRY
 
-from conftest import SMALL_GROUPS, load_reference, tiny
 from hmoe_arch import MFGHMoEArch, MFGHMoEModel
 from hmoe_arch.options import OptionError
 from hmoe_arch.tiling import padded_forward
+
+from conftest import SMALL_GROUPS, load_reference, tiny
 
 
 def options(tmp_path: Path, **overrides: Any) -> Dict[str, Any]:
@@ -177,7 +178,8 @@ def test_validation_saves_expert_maps_and_usage(tmp_path: Path, workdir: Path) -
 
 
 def test_bf16_training_and_inference_keep_routing_in_fp32(tmp_path: Path) -> None:
-    learning = {'type': 'MFGHMoEArch', **tiny(upscale=2, expert_groups=SMALL_GROUPS), 'routing_grad': 'straight_through'}
+    learning = {'type': 'MFGHMoEArch', **tiny(upscale=2, expert_groups=SMALL_GROUPS),
+                'routing_grad': 'straight_through'}
     fp32 = build_model(options(tmp_path, network_g=learning))
     bf16 = build_model(options(tmp_path, network_g=learning, use_amp='bf16'))
     bf16.net_g.load_state_dict(fp32.net_g.state_dict())

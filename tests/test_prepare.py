@@ -17,10 +17,11 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import UCMERCED_CLASSES, make_aid_tree, make_ucmerced_tree, ucmerced_mini, write_image
 from hmoe_arch.data import prepare as prepare_module
 from hmoe_arch.data.degradations import downsample
 from hmoe_arch.data.prepare import DATASETS, DatasetSpec, PrepareError, download_archive, prepare
+
+from conftest import UCMERCED_CLASSES, make_aid_tree, make_ucmerced_tree, ucmerced_mini, write_image
 
 SPLITS = Path(__file__).resolve().parents[1] / 'datasets' / 'splits'
 
@@ -295,7 +296,7 @@ def test_archive_member_declaring_a_huge_size_is_refused_before_it_is_read(tmp_p
     monkeypatch.setattr(prepare_module, 'MAX_IMAGE_BYTES', 100)
     read = []
     monkeypatch.setattr(zipfile.ZipFile, 'read', lambda self, name, pwd=None: read.append(name))
-    with pytest.raises(PrepareError, match=rf'UCMerced_LandUse.zip:UCMerced_LandUse/Images/agricultural/agricultural'
+    with pytest.raises(PrepareError, match=r'UCMerced_LandUse.zip:UCMerced_LandUse/Images/agricultural/agricultural'
                                            r'\d\d.tif: \d+ bytes, more than the 0 MiB'):
         prepare('ucmerced', archive, tmp_path / 'out', progress=False)
     assert read == [] and not (tmp_path / 'out').exists() and not (tmp_path / 'out.incomplete').exists()

@@ -6,11 +6,12 @@ import pytest
 import torch
 from basicsr.data import build_dataset
 
-from conftest import make_ucmerced_tree, ucmerced_mini
 from hmoe_arch.data import RSPairedDataset
-from hmoe_arch.data.rs_paired_dataset import DatasetError
 from hmoe_arch.data.degradations import downsample
 from hmoe_arch.data.prepare import prepare
+from hmoe_arch.data.rs_paired_dataset import DatasetError
+
+from conftest import make_ucmerced_tree, ucmerced_mini
 
 
 @pytest.fixture(scope='module')

@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import HAT_RGB_MEAN, load_reference, tiny
 from hmoe_arch import MFGHMoEArch
+
+from conftest import HAT_RGB_MEAN, load_reference, tiny
 
 spandrel = pytest.importorskip('spandrel', reason='spandrel is not installed (pip install -e .[spandrel])')
 import hmoe_arch.spandrel  # noqa: E402  (registers the architecture)

@@ -2,8 +2,9 @@
 import random
 from pathlib import Path
 
-from conftest import UCMERCED_CLASSES
 from hmoe_arch.data.splits import split_class, stratified_split
+
+from conftest import UCMERCED_CLASSES
 
 SPLITS = Path(__file__).resolve().parents[1] / 'datasets' / 'splits'
 

@@ -27,8 +27,15 @@ from timm.layers import trunc_normal_
 
 from ..checkpoints import fetch_weights, is_url, read_checkpoint_file
 from .experts import MoEUpsampler
-from .hat_blocks import (PatchEmbed, PatchUnEmbed, ResidualHybridAttentionGroup, image_to_tokens,
-                         relative_position_index_overlap, relative_position_index_self, shifted_window_mask)
+from .hat_blocks import (
+    PatchEmbed,
+    PatchUnEmbed,
+    ResidualHybridAttentionGroup,
+    image_to_tokens,
+    relative_position_index_overlap,
+    relative_position_index_self,
+    shifted_window_mask,
+)
 from .mfa import MultiLevelFeatureAggregation, routing_projection
 from .routing import ROUTING_GRADS
 

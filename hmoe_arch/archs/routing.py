@@ -30,7 +30,6 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-
 ROUTING_GRADS = ('none', 'straight_through', 'isolated', 'centered')
 """Values of the ``routing_grad`` network key (see the module docstring)."""
 
