@@ -16,7 +16,7 @@ from PIL import Image
 
 from hmoe_arch.cli import main
 
-from conftest import TINY_TRAINING, make_ucmerced_tree, write_image
+from util import TINY_TRAINING, make_ucmerced_tree, write_image
 
 OPTIONS = Path(__file__).resolve().parents[1] / 'options'
 NETWORK = [e for e in TINY_TRAINING if e.startswith('network_g')]

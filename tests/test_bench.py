@@ -21,7 +21,7 @@ from hmoe_arch.bench import COLUMNS, build, count_macs, forward_memory, model_fr
 from hmoe_arch.options import OptionError
 from hmoe_arch.tiling import padded_forward
 
-from conftest import SMALL_GROUPS, TINY_TRAINING, tiny
+from util import SMALL_GROUPS, TINY_TRAINING, tiny
 
 OPTIONS = Path(__file__).resolve().parents[1] / 'options'
 EDSR_TINY = ['network_g:num_feat=8', 'network_g:num_block=1', 'datasets:train:gt_size=32',

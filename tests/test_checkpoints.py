@@ -16,7 +16,7 @@ from hmoe_arch.cli import main
 from hmoe_arch.infer import infer, load_network
 from hmoe_arch.options import OptionError
 
-from conftest import HAT_RGB_MEAN, load_reference, tiny, write_image
+from util import HAT_RGB_MEAN, load_reference, tiny, write_image
 
 pytest.importorskip('safetensors', reason='safetensors is not installed (pip install -e .[export])')
 

@@ -14,7 +14,7 @@ import torch
 
 from hmoe_arch.cli import build_parser, main
 
-from conftest import TINY_TRAINING
+from util import TINY_TRAINING
 
 OPTIONS = Path(__file__).resolve().parents[1] / 'options'
 

@@ -6,7 +6,7 @@ import torch
 from hmoe_arch import MFGHMoEArch
 from hmoe_arch.archs.config import ConfigError, config_from_state_dict, network_config
 
-from conftest import HAT_RGB_MEAN, load_reference, tiny
+from util import HAT_RGB_MEAN, load_reference, tiny
 
 CONFIGS = [
     tiny(),

@@ -10,7 +10,7 @@ from hmoe_arch.geotiff import is_georeferenced, super_resolve_geotiff
 from hmoe_arch.infer import infer
 from hmoe_arch.options import OptionError
 
-from conftest import SMALL_GROUPS, tiny
+from util import SMALL_GROUPS, tiny
 
 rasterio = pytest.importorskip('rasterio', reason='GeoTIFF support needs rasterio (pip install -e .[geo])')
 from rasterio.transform import from_origin  # noqa: E402

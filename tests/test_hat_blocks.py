@@ -110,8 +110,13 @@ def test_overlapping_cross_attention_matches_brute_force() -> None:
 
 
 def test_residual_group_is_a_residual() -> None:
-    group = ResidualHybridAttentionGroup(8, 2, 2, 2, 1, 2, 2, 0.01, 1.0, 2.0, True, None, 0.0, 0.0, (0.0, 0.0),
-                                         False, '1conv')
+    group = ResidualHybridAttentionGroup(dim=8, depth=2, num_heads=2, window_size=2, shift_size=1, compress_ratio=2,
+                                         squeeze_factor=2, conv_scale=0.01, overlap_ratio=1.0, mlp_ratio=2.0,
+                                         qkv_bias=True, qk_scale=None, drop=0.0, attn_drop=0.0, drop_path=(0.0, 0.0),
+                                         use_checkpoint=False, resi_connection='1conv')
+    with pytest.raises(TypeError):  # blocks are built with keywords only
+        ResidualHybridAttentionGroup(8, 2, 2, 2, 1, 2, 2, 0.01, 1.0, 2.0, True, None, 0.0, 0.0, (0.0, 0.0), False,
+                                     '1conv')
     x = torch.rand(2, 16, 8)
     torch.nn.init.zeros_(group.conv.weight)
     torch.nn.init.zeros_(group.conv.bias)

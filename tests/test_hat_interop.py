@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REFERENCE_DIR
+from util import REFERENCE_DIR
 
 HAT_SOURCE = REFERENCE_DIR.parent / 'peers' / 'HAT'
 OPTIONS = Path(__file__).resolve().parents[1] / 'options'

@@ -11,7 +11,7 @@ from hmoe_arch.infer import checkpoint_scale, infer, load_network, network_optio
 from hmoe_arch.options import OptionError
 from hmoe_arch.tiling import blended_tiled_forward
 
-from conftest import HAT_RGB_MEAN, SMALL_GROUPS, load_reference, tiny, write_image
+from util import HAT_RGB_MEAN, SMALL_GROUPS, load_reference, tiny, write_image
 
 TINY_ARGS = ['embed_dim=24', 'depths=[1, 1]', 'num_heads=[2, 2]', 'window_size=4', 'img_size=16',
              'squeeze_factor=6', 'expert_groups=[{kernel_size: 1, num_experts: 2}, {kernel_size: 3, num_experts: 2}]']

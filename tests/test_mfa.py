@@ -6,7 +6,7 @@ from hmoe_arch import MFGHMoEArch
 from hmoe_arch.archs.hat_blocks import shifted_window_mask
 from hmoe_arch.archs.mfa import MultiLevelFeatureAggregation, routing_projection
 
-from conftest import SMALL_GROUPS, tiny
+from util import SMALL_GROUPS, tiny
 
 
 def test_interleaved_layout_and_named_access() -> None:

@@ -8,7 +8,7 @@ import torch
 
 from hmoe_arch import MFGHMoEArch
 
-from conftest import HAT_RGB_MEAN, SMALL_GROUPS, load_reference, reference_file, tiny, tiny_hat
+from util import HAT_RGB_MEAN, SMALL_GROUPS, load_reference, reference_file, tiny, tiny_hat
 
 
 def spec_keys(name: str) -> Dict[str, Any]:

@@ -13,7 +13,7 @@ from hmoe_arch import MFGHMoEArch, MFGHMoEModel
 from hmoe_arch.options import OptionError
 from hmoe_arch.tiling import padded_forward
 
-from conftest import SMALL_GROUPS, load_reference, tiny
+from util import SMALL_GROUPS, load_reference, tiny
 
 
 def options(tmp_path: Path, **overrides: Any) -> Dict[str, Any]:

@@ -15,7 +15,7 @@ from hmoe_arch.archs.mfghmoe_arch import HAT_RGB_MEAN
 from hmoe_arch.cli import main
 from hmoe_arch.options import OptionError, apply_force_yml, parse_options
 
-from conftest import reference_file
+from util import reference_file
 
 OPTIONS = Path(__file__).resolve().parents[1] / 'options'
 EXPERIMENT_FILES = sorted(p.name for p in OPTIONS.glob('*.yml'))

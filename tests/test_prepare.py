@@ -21,7 +21,7 @@ from hmoe_arch.data import prepare as prepare_module
 from hmoe_arch.data.degradations import downsample
 from hmoe_arch.data.prepare import DATASETS, DatasetSpec, PrepareError, download_archive, prepare
 
-from conftest import UCMERCED_CLASSES, make_aid_tree, make_ucmerced_tree, ucmerced_mini, write_image
+from util import UCMERCED_CLASSES, make_aid_tree, make_ucmerced_tree, ucmerced_mini, write_image
 
 SPLITS = Path(__file__).resolve().parents[1] / 'datasets' / 'splits'
 

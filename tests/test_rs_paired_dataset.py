@@ -11,7 +11,7 @@ from hmoe_arch.data.degradations import downsample
 from hmoe_arch.data.prepare import prepare
 from hmoe_arch.data.rs_paired_dataset import DatasetError
 
-from conftest import make_ucmerced_tree, ucmerced_mini
+from util import make_ucmerced_tree, ucmerced_mini
 
 
 @pytest.fixture(scope='module')

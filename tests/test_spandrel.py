@@ -8,7 +8,7 @@ import torch
 
 from hmoe_arch import MFGHMoEArch
 
-from conftest import HAT_RGB_MEAN, load_reference, tiny
+from util import HAT_RGB_MEAN, load_reference, tiny
 
 spandrel = pytest.importorskip('spandrel', reason='spandrel is not installed (pip install -e .[spandrel])')
 import hmoe_arch.spandrel  # noqa: E402  (registers the architecture)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from hmoe_arch.data.splits import split_class, stratified_split
 
-from conftest import UCMERCED_CLASSES
+from util import UCMERCED_CLASSES
 
 SPLITS = Path(__file__).resolve().parents[1] / 'datasets' / 'splits'
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from hmoe_arch import MFGHMoEArch
 from hmoe_arch.tiling import blended_tiled_forward, feather, pad_to_multiple, padded_forward, tile_starts, tiled_forward
 
-from conftest import SMALL_GROUPS, tiny
+from util import SMALL_GROUPS, tiny
 
 
 def test_pad_to_multiple_reflects_and_keeps_the_image() -> None:

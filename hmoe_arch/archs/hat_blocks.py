@@ -219,7 +219,7 @@ class HybridAttentionBlock(nn.Module):
     ``x + drop_path(mlp(norm2(x)))``.
     """
 
-    def __init__(self, dim: int, num_heads: int, window_size: int, shift_size: int, compress_ratio: int,
+    def __init__(self, *, dim: int, num_heads: int, window_size: int, shift_size: int, compress_ratio: int,
                  squeeze_factor: int, conv_scale: float, mlp_ratio: float, qkv_bias: bool,
                  qk_scale: Optional[float], drop: float, attn_drop: float, drop_path: float,
                  fused_attention: bool = True) -> None:
@@ -228,8 +228,10 @@ class HybridAttentionBlock(nn.Module):
         self.shift_size = shift_size
         self.conv_scale = conv_scale
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = WindowAttention(dim, window_size, num_heads, qkv_bias, qk_scale, attn_drop, drop, fused_attention)
-        self.conv_block = ChannelAttentionBlock(dim, compress_ratio, squeeze_factor)
+        self.attn = WindowAttention(dim=dim, window_size=window_size, num_heads=num_heads, qkv_bias=qkv_bias,
+                                    qk_scale=qk_scale, attn_drop=attn_drop, proj_drop=drop, fused=fused_attention)
+        self.conv_block = ChannelAttentionBlock(num_feat=dim, compress_ratio=compress_ratio,
+                                                squeeze_factor=squeeze_factor)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
@@ -266,7 +268,7 @@ class OverlappingCrossAttentionBlock(nn.Module):
     """HAT's OCAB: queries from ``w x w`` windows attend to keys/values of the enlarged, overlapping
     ``o x o`` windows (``o = w + int(overlap_ratio * w)``) centred on them, then an MLP."""
 
-    def __init__(self, dim: int, window_size: int, overlap_ratio: float, num_heads: int, qkv_bias: bool,
+    def __init__(self, *, dim: int, window_size: int, overlap_ratio: float, num_heads: int, qkv_bias: bool,
                  qk_scale: Optional[float], mlp_ratio: float, fused_attention: bool = True) -> None:
         super().__init__()
         self.fused = fused_attention
@@ -315,19 +317,23 @@ class HybridAttentionGroupBody(nn.Module):
     shifted windows) followed by one OCAB. With ``use_checkpoint`` each block is recomputed in backward
     (``torch.utils.checkpoint``) instead of keeping its activations."""
 
-    def __init__(self, dim: int, depth: int, num_heads: int, window_size: int, shift_size: int,
+    def __init__(self, *, dim: int, depth: int, num_heads: int, window_size: int, shift_size: int,
                  compress_ratio: int, squeeze_factor: int, conv_scale: float, overlap_ratio: float,
                  mlp_ratio: float, qkv_bias: bool, qk_scale: Optional[float], drop: float, attn_drop: float,
                  drop_path: Tuple[float, ...], use_checkpoint: bool, fused_attention: bool = True) -> None:
         super().__init__()
         self.use_checkpoint = use_checkpoint
         self.blocks = nn.ModuleList([
-            HybridAttentionBlock(dim, num_heads, window_size, 0 if i % 2 == 0 else shift_size, compress_ratio,
-                                 squeeze_factor, conv_scale, mlp_ratio, qkv_bias, qk_scale, drop, attn_drop,
-                                 drop_path[i], fused_attention) for i in range(depth)
+            HybridAttentionBlock(
+                dim=dim, num_heads=num_heads, window_size=window_size, shift_size=0 if i % 2 == 0 else shift_size,
+                compress_ratio=compress_ratio, squeeze_factor=squeeze_factor, conv_scale=conv_scale,
+                mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop, attn_drop=attn_drop,
+                drop_path=drop_path[i], fused_attention=fused_attention)
+            for i in range(depth)
         ])
-        self.overlap_attn = OverlappingCrossAttentionBlock(dim, window_size, overlap_ratio, num_heads, qkv_bias,
-                                                           qk_scale, mlp_ratio, fused_attention)
+        self.overlap_attn = OverlappingCrossAttentionBlock(
+            dim=dim, window_size=window_size, overlap_ratio=overlap_ratio, num_heads=num_heads, qkv_bias=qkv_bias,
+            qk_scale=qk_scale, mlp_ratio=mlp_ratio, fused_attention=fused_attention)
 
     def _run(self, block: nn.Module, *args) -> torch.Tensor:
         if self.use_checkpoint and self.training and torch.is_grad_enabled():
@@ -346,16 +352,17 @@ class ResidualHybridAttentionGroup(nn.Module):
     """HAT's RHAG: ``x + conv(attention_body(x))`` with a 3x3 conv (``resi_connection='1conv'``) or
     nothing (``'identity'``) on the image layout."""
 
-    def __init__(self, dim: int, depth: int, num_heads: int, window_size: int, shift_size: int,
+    def __init__(self, *, dim: int, depth: int, num_heads: int, window_size: int, shift_size: int,
                  compress_ratio: int, squeeze_factor: int, conv_scale: float, overlap_ratio: float,
                  mlp_ratio: float, qkv_bias: bool, qk_scale: Optional[float], drop: float, attn_drop: float,
                  drop_path: Tuple[float, ...], use_checkpoint: bool, resi_connection: str,
                  fused_attention: bool = True) -> None:
         super().__init__()
         self.residual_group = HybridAttentionGroupBody(
-            dim, depth, num_heads, window_size, shift_size, compress_ratio, squeeze_factor, conv_scale,
-            overlap_ratio, mlp_ratio, qkv_bias, qk_scale, drop, attn_drop, drop_path, use_checkpoint,
-            fused_attention)
+            dim=dim, depth=depth, num_heads=num_heads, window_size=window_size, shift_size=shift_size,
+            compress_ratio=compress_ratio, squeeze_factor=squeeze_factor, conv_scale=conv_scale,
+            overlap_ratio=overlap_ratio, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop,
+            attn_drop=attn_drop, drop_path=drop_path, use_checkpoint=use_checkpoint, fused_attention=fused_attention)
         self.conv = nn.Conv2d(dim, dim, 3, 1, 1) if resi_connection == '1conv' else nn.Identity()
 
     def forward(self, x: torch.Tensor, x_size: Size2D, rpi_sa: torch.Tensor, rpi_oca: torch.Tensor,

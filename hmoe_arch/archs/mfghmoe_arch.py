@@ -229,9 +229,11 @@ class MFGHMoEArch(nn.Module):
         for i, (depth, heads) in enumerate(zip(depths, num_heads)):
             start = sum(depths[:i])
             self.layers.append(ResidualHybridAttentionGroup(
-                embed_dim, depth, heads, window_size, self.shift_size, compress_ratio, squeeze_factor, conv_scale,
-                overlap_ratio, mlp_ratio, qkv_bias, qk_scale, drop_rate, attn_drop_rate,
-                tuple(drop_path[start:start + depth]), use_checkpoint, resi_connection, attention == 'sdpa'))
+                dim=embed_dim, depth=depth, num_heads=heads, window_size=window_size, shift_size=self.shift_size,
+                compress_ratio=compress_ratio, squeeze_factor=squeeze_factor, conv_scale=conv_scale,
+                overlap_ratio=overlap_ratio, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale,
+                drop=drop_rate, attn_drop=attn_drop_rate, drop_path=tuple(drop_path[start:start + depth]),
+                use_checkpoint=use_checkpoint, resi_connection=resi_connection, fused_attention=attention == 'sdpa'))
         self.norm = nn.LayerNorm(embed_dim)
         if mfa:
             self.mfg = MultiLevelFeatureAggregation(len(depths), embed_dim, NUM_FEAT)
