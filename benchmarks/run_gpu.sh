@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurements of the README's Performance section, most important first, in one call.
+# The GPU measurements of docs/performance.md, most important first, in one call.
 #
 # Usage: bash benchmarks/run_gpu.sh [RESULTS_DIR]   (default: benchmark-results)
 #

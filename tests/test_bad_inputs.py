@@ -1,4 +1,4 @@
-"""The bad-input matrix of the README's troubleshooting section: one test per row, each checking the message,
+"""The bad-input matrix of docs/troubleshooting.md: one test per row, each checking the message,
 the exit status, and that nothing written before was lost."""
 import re
 import shutil

@@ -102,7 +102,7 @@ class MFGHMoEArch(nn.Module):
     """MFG-HMoE super-resolution network (Chen et al., IEEE GRSL 2025) on HAT's backbone.
 
     All arguments are keyword-only; they are the ``network_g`` keys of a BasicSR option file. The HAT keys
-    mean what they mean in HAT; see the README for the MoE keys.
+    mean what they mean in HAT; see docs/training.md for the MoE keys.
 
     Input ``(B, in_chans, H, W)`` with H and W multiples of ``window_size``; output
     ``(B, in_chans, H * upscale, W * upscale)``.
