@@ -18,6 +18,8 @@ from hmoe_arch.cli import main
 
 from util import TINY_TRAINING, make_ucmerced_tree, write_image
 
+pytestmark = pytest.mark.slow  # runs trainings and commands on bad inputs
+
 OPTIONS = Path(__file__).resolve().parents[1] / 'options'
 NETWORK = [e for e in TINY_TRAINING if e.startswith('network_g')]
 
@@ -113,7 +115,7 @@ def test_unusable_checkpoint(row: str, run_dir: Path) -> None:
     weights = run_dir / 'experiments' / 'previous' / 'models' / 'net_g_latest.pth'
     force = [*NETWORK, f'path:pretrain_network_g={weights}']
     expected = {'other scale': 'upsample.0.experts.0.weight [1024, 64, 1, 1] (network has [256, 64, 1, 1])',
-                'other architecture': 'mfg', 'truncated checkpoint': 'not a checkpoint'}[row]
+                'other architecture': 'mfg', 'truncated checkpoint': 'not a PyTorch checkpoint of tensors'}[row]
     option = 'test_ucm_x2.yml' if row == 'other scale' else 'test_ucm_x4.yml'
     if row == 'other architecture':
         force = [e for e in force if 'expert_groups' not in e] + ['network_g:mfa=false']
@@ -298,8 +300,8 @@ def test_checkpoints_of_the_wrong_form_are_named(checkpoint, message: str, tmp_p
 def test_expert_weight_of_an_unexpected_shape_is_named(tmp_path: Path, basicsr_log) -> None:
     torch.save({'params': {'upsample.0.experts.0.weight': torch.zeros(5)}}, tmp_path / 'odd.pth')
     write_image(tmp_path / 'in.png', 16, 16, 0)
-    assert main(['infer', '--weights', str(tmp_path / 'odd.pth'), '--input', str(tmp_path / 'in.png'), '--output',
-                 str(tmp_path / 'out.png')]) == 2
+    assert main(['infer', '--weights', str(tmp_path / 'odd.pth'), '-opt', str(OPTIONS / 'test_ucm_x4.yml'), '--input',
+                 str(tmp_path / 'in.png'), '--output', str(tmp_path / 'out.png')]) == 2
     assert basicsr_log[-1].endswith(f'--weights {tmp_path / "odd.pth"}: upsample.0.experts.0.weight has the shape [5]; '
                                     'an expert of this network is a conv (scale^2 * C, C, k, k)')
 

@@ -23,6 +23,8 @@ from hmoe_arch.tiling import padded_forward
 
 from util import SMALL_GROUPS, TINY_TRAINING, tiny
 
+pytestmark = pytest.mark.slow  # trains models to benchmark
+
 OPTIONS = Path(__file__).resolve().parents[1] / 'options'
 EDSR_TINY = ['network_g:num_feat=8', 'network_g:num_block=1', 'datasets:train:gt_size=32',
              'datasets:train:batch_size_per_gpu=2', 'datasets:train:num_worker_per_gpu=0']

@@ -155,6 +155,7 @@ def test_infer_takes_a_url(ours: Path, tmp_path: Path, server, monkeypatch: pyte
 @pytest.mark.parametrize('config', [tiny(upscale=2, window_size=8, img_size=32),
                                     tiny(upscale=3, routing='single', attention='plain'),
                                     tiny(moe=False, mfa=False, rgb_mean=HAT_RGB_MEAN, upscale=4)], ids=range(3))
+@pytest.mark.slow
 def test_onnx_export_has_dynamic_sizes_and_matches_pytorch(config: dict, tmp_path: Path) -> None:
     onnxruntime = pytest.importorskip('onnxruntime', reason='onnxruntime is not installed (pip install -e .[export])')
     net = MFGHMoEArch(**config).eval()

@@ -16,6 +16,8 @@ from hmoe_arch.cli import build_parser, main
 
 from util import TINY_TRAINING
 
+pytestmark = pytest.mark.slow  # trains and runs the command line in subprocesses
+
 OPTIONS = Path(__file__).resolve().parents[1] / 'options'
 
 
@@ -65,7 +67,8 @@ def test_train_on_cpu_with_validation_checkpoints_and_tensorboard(cwd: Path) -> 
     copied = (exp / 'train_ucm_x4.yml').read_text()
     assert 'total_iter: 4' in copied and 'embed_dim: 12' in copied
     params = torch.load(exp / 'models' / 'net_g_latest.pth', weights_only=True)
-    assert set(params) == {'params', 'params_ema'}
+    assert set(params) == {'params', 'params_ema', 'network_g'}  # the network's options: infer needs no -opt
+    assert params['network_g']['embed_dim'] == 12 and params['network_g']['type'] == 'MFGHMoEArch'
     logs = list(exp.glob('train_train_MFGHMoE_UCMerced_x4_*.log'))
     assert len(logs) == 1
     log = logs[0].read_text()

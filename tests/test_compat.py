@@ -19,6 +19,7 @@ def python(code: str) -> str:
     return result.stdout.strip()
 
 
+@pytest.mark.slow
 def test_basicsr_imports_first_in_a_fresh_interpreter() -> None:
     out = python('import basicsr, sys; from basicsr.archs.arch_util import Upsample; '
                  f'print(getattr(sys.modules[{FUNCTIONAL_TENSOR!r}], "__hmoe_arch_stand_in__", False), '
@@ -26,6 +27,7 @@ def test_basicsr_imports_first_in_a_fresh_interpreter() -> None:
     assert out == 'True False'
 
 
+@pytest.mark.slow
 def test_start_up_hook_is_cheap() -> None:
     out = python('import sys; print("torch" in sys.modules, "torchvision" in sys.modules, '
                  '[type(f).__name__ for f in sys.meta_path][-1])')

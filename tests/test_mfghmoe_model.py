@@ -201,6 +201,7 @@ def test_bf16_training_and_inference_keep_routing_in_fp32(tmp_path: Path) -> Non
         build_model(options(tmp_path, use_amp='fp16'))
 
 
+@pytest.mark.slow
 def test_compiled_training_and_inference_match_eager(tmp_path: Path) -> None:
     eager = build_model(options(tmp_path, train={'ema_decay': 0.5}))
     compiled = build_model(options(tmp_path, train={'ema_decay': 0.5}, compile=True))

@@ -166,6 +166,7 @@ TRAINING_FILES = [name for name in EXPERIMENT_FILES if name.startswith('train')]
     f'{folder}/{p.name}' for folder in ('baselines', 'ablations') for p in sorted((OPTIONS / folder).glob('*.yml'))]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', TRAINING_FILES)
 def test_every_shipped_training_file_trains_one_iteration(name: str, workdir: Path, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:

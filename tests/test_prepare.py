@@ -40,6 +40,7 @@ def zip_folder(folder: Path, archive: Path) -> Path:
     return archive
 
 
+@pytest.mark.slow
 def test_real_ucmerced_subset(tmp_path: Path) -> None:
     out = tmp_path / 'UCMerced'
     summary = prepare('ucmerced', ucmerced_mini(), out, lmdb=True, progress=False)
@@ -67,6 +68,7 @@ def test_real_ucmerced_subset(tmp_path: Path) -> None:
     assert len(meta) == 63 and meta[0].endswith(' 1') and '.png (' in meta[0]
 
 
+@pytest.mark.slow
 def test_synthetic_full_ucmerced_reproduces_the_committed_split(tmp_path: Path) -> None:
     source = make_ucmerced_tree(tmp_path / 'src', classes=UCMERCED_CLASSES, per_class=100, size=(8, 8))
     out = tmp_path / 'out'
@@ -139,6 +141,7 @@ def test_interrupted_run_leaves_nothing_that_loads(tmp_path: Path, monkeypatch: 
     assert (out / 'prepare.json').is_file()
 
 
+@pytest.mark.slow
 def test_killed_run_leaves_nothing_at_the_output_and_the_next_run_recovers(tmp_path: Path) -> None:
     source = make_ucmerced_tree(tmp_path / 'src')
     out, marker = tmp_path / 'out', tmp_path / 'started'
@@ -254,6 +257,7 @@ def test_download_without_source_saves_next_to_the_output(tmp_path: Path, monkey
         prepare('ucmerced', None, tmp_path / 'other', progress=False)
 
 
+@pytest.mark.slow
 def test_cli_exit_codes_and_summary(tmp_path: Path) -> None:
     source = make_ucmerced_tree(tmp_path / 'src', per_class=4)
     env = {**os.environ}

@@ -57,6 +57,7 @@ def test_registration_is_idempotent_and_before_hat() -> None:
     assert order.index('MFGHMoE') < order.index('HAT')
 
 
+@pytest.mark.slow
 def test_without_spandrel_the_import_names_the_extra() -> None:
     code = ('import sys; sys.modules["spandrel"] = None\n'
             'try:\n    import hmoe_arch.spandrel\nexcept ImportError as error:\n    print(error)')
