@@ -187,3 +187,20 @@ def test_every_shipped_training_file_trains_one_iteration(name: str, workdir: Pa
     assert main(['train', '-opt', str(OPTIONS / name), '--force_yml', *force]) == 0
     models = tmp_path / 'experiments' / opt['name'] / 'models'
     assert sorted(p.name for p in models.iterdir()) == ['net_g_1.pth', 'net_g_latest.pth']
+
+
+def test_baseline_and_ablation_files_are_the_generators_output() -> None:
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('generate_options', OPTIONS / 'generate.py')
+    generate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generate)
+    files = generate.generated()
+    committed = set((OPTIONS / 'baselines').glob('*.yml')) | set((OPTIONS / 'ablations').glob('*.yml'))
+    assert set(files) == committed
+    stale = [path.name for path, text in files.items() if path.read_text() != text]
+    assert stale == [], f'regenerate with python options/generate.py: {stale}'
+
+
+def test_no_option_file_carries_keys_nothing_reads() -> None:
+    every = sorted(OPTIONS.rglob('*.yml'))
+    assert [p.name for p in every if 'dist_params' in yaml.safe_load(p.read_text())] == []
