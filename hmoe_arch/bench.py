@@ -37,9 +37,10 @@ from basicsr.utils.matlab_functions import imresize
 from torch.utils.flop_counter import FlopCounterMode
 
 from .archs import MFGHMoEArch
+from .errors import OptionError
 from .expert_maps import UsageByClass, group_sizes_of, lr_expert_map, save_expert_map, scene_class
 from .infer import load_network
-from .options import OptionError, read_option_file
+from .options import read_option_file
 from .tiling import padded_forward, tiled_forward, window_size_of
 
 COLUMNS = ['test_set', 'scale', 'model', 'psnr_y', 'ssim_y', 'params_m', 'macs_g_64', 'latency_ms', 'peak_mib',

@@ -14,14 +14,12 @@ from typing import Any, Dict, Mapping, Optional, Union
 
 import torch
 
+from .errors import CheckpointError
+
 CONFIG_ENTRY = 'network_g'
 """Checkpoint entry (``.pth``) or safetensors metadata key (JSON) holding the network options."""
 SAFETENSORS_PARAM_KEY = 'params_ema'
 """The entry a ``.safetensors`` file stands for when read as a BasicSR checkpoint."""
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be read or fetched; the message names it."""
 
 
 def _safetensors():

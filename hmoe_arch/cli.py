@@ -37,12 +37,11 @@ from basicsr.utils.misc import check_resume
 
 from .bench import run_bench
 from .data.degradations import DEGRADATIONS
-from .data.prepare import DATASETS, PrepareError, prepare
-from .data.rs_paired_dataset import DatasetError
+from .data.prepare import DATASETS, prepare
+from .errors import HmoeError, OptionError
 from .export import FORMATS, export
 from .infer import infer
-from .models import NonFiniteLossError
-from .options import OptionError, moe_model_warning, parse_options, plain_options
+from .options import moe_model_warning, parse_options, plain_options
 
 
 def load_resume_state(opt: Dict[str, Any]) -> Optional[Dict[str, Any]]:
@@ -312,12 +311,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                       per_class=args.per_class, expert_maps=args.expert_maps, force_yml=args.force_yml)
         else:
             run_pipeline(args)
-    except (PrepareError, OptionError, DatasetError) as error:
+    except HmoeError as error:  # every refusal of this package: one line, the class's exit status
         logger.error(f'basicsr {args.command}: {one_line(error)}')
-        return 2
-    except NonFiniteLossError as error:
-        logger.error(f'basicsr {args.command}: {error}')
-        return 3
+        return error.exit_status
     return 0
 
 

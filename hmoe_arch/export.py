@@ -19,8 +19,9 @@ from basicsr.utils import get_root_logger
 
 from .archs import MFGHMoEArch
 from .checkpoints import write_safetensors
+from .errors import OptionError
 from .infer import _options, load_network
-from .options import OptionError, plain_options
+from .options import plain_options
 from .tiling import window_size_of
 
 FORMATS = ('safetensors', 'onnx')

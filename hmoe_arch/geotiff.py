@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .options import OptionError
+from .errors import OptionError
 from .tiling import blended_tiled_forward
 
 SUPPORTED_DTYPES = ('uint8', 'uint16')

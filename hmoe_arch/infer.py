@@ -19,14 +19,15 @@ from PIL import Image
 from tqdm import tqdm
 
 from .archs import MFGHMoEArch
-from .archs.config import ConfigError, network_config
+from .archs.config import network_config
 from .archs.mfghmoe_arch import checkpoint_filter_fn
-from .checkpoints import CheckpointError, fetch_weights, is_url, read_checkpoint_file
-from .data.prepare import PrepareError, decode_rgb
+from .checkpoints import fetch_weights, is_url, read_checkpoint_file
+from .data.images import decode_rgb
 from .data.rs_paired_dataset import IMAGE_SUFFIXES
+from .errors import CheckpointError, ConfigError, ImageError, OptionError
 from .expert_maps import group_sizes_of, save_expert_map
 from .geotiff import is_georeferenced, super_resolve_geotiff
-from .options import OptionError, apply_force_yml, read_option_file
+from .options import apply_force_yml, read_option_file
 from .tiling import blended_tiled_forward, window_size_of
 
 
@@ -208,7 +209,7 @@ def read_rgb(path: Path) -> np.ndarray:
     try:
         data = path.read_bytes()
         img = decode_rgb(data, str(path))
-    except PrepareError as error:
+    except ImageError as error:
         raise OptionError(str(error)) from None
     except OSError as error:
         raise OptionError(f'{path}: cannot read it ({error.strerror or error})') from None

@@ -16,15 +16,12 @@ from basicsr.utils import set_random_seed
 from basicsr.utils.dist_util import get_dist_info
 
 from .data.rs_paired_dataset import IMAGE_SUFFIXES
+from .errors import OptionError
 
 MAX_OPTION_BYTES = 4 * 2**20
 """Largest option file read."""
 MAX_OPTION_VALUES = 100_000
 """Most values an option file may hold once its YAML aliases are expanded (real files hold a few hundred)."""
-
-
-class OptionError(Exception):
-    """A bad option file or ``--force_yml`` entry; the message names the key."""
 
 
 KNOWN_PLUGINS: Dict[str, Dict[str, Any]] = {

@@ -18,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from hmoe_arch import MFGHMoEArch
 from hmoe_arch.bench import COLUMNS, build, count_macs, forward_memory, model_from_source, run_bench
-from hmoe_arch.options import OptionError
+from hmoe_arch.errors import OptionError
 from hmoe_arch.tiling import padded_forward
 
 from util import SMALL_GROUPS, TINY_TRAINING, tiny

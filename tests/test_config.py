@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from hmoe_arch import MFGHMoEArch
-from hmoe_arch.archs.config import ConfigError, config_from_state_dict, network_config
+from hmoe_arch.archs.config import config_from_state_dict, network_config
+from hmoe_arch.errors import ConfigError
 
 from util import HAT_RGB_MEAN, load_reference, tiny
 

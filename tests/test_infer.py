@@ -7,8 +7,8 @@ import torch
 
 from hmoe_arch import MFGHMoEArch
 from hmoe_arch.cli import main
+from hmoe_arch.errors import OptionError
 from hmoe_arch.infer import checkpoint_scale, infer, load_network, network_options
-from hmoe_arch.options import OptionError
 from hmoe_arch.tiling import blended_tiled_forward
 
 from util import HAT_RGB_MEAN, SMALL_GROUPS, load_reference, tiny, write_image

@@ -10,7 +10,7 @@ from basicsr.models import build_model
 from basicsr.utils.registry import MODEL_REGISTRY
 
 from hmoe_arch import MFGHMoEArch, MFGHMoEModel
-from hmoe_arch.options import OptionError
+from hmoe_arch.errors import OptionError
 from hmoe_arch.tiling import padded_forward
 
 from util import SMALL_GROUPS, load_reference, tiny

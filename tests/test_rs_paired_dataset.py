@@ -9,7 +9,7 @@ from basicsr.data import build_dataset
 from hmoe_arch.data import RSPairedDataset
 from hmoe_arch.data.degradations import downsample
 from hmoe_arch.data.prepare import prepare
-from hmoe_arch.data.rs_paired_dataset import DatasetError
+from hmoe_arch.errors import DatasetError
 
 from util import make_ucmerced_tree, ucmerced_mini
 

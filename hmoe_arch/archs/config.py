@@ -19,14 +19,11 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from ..checkpoints import CONFIG_ENTRY
+from ..errors import ConfigError
 from .mfghmoe_arch import HAT_RGB_MEAN
 
 NOT_IN_TENSORS = ('top_k', 'rgb_mean', 'img_range')
 """Keys no tensor records."""
-
-
-class ConfigError(ValueError):
-    """The state_dict is not one of an MFGHMoEArch (or HAT); the message says which tensor is missing or odd."""
 
 
 def _need(state: Mapping, key: str) -> torch.Tensor:

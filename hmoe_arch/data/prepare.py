@@ -24,7 +24,6 @@ Hidden and system files (``.DS_Store``, ``Thumbs.db``, ``desktop.ini``, ``__MACO
 """
 import fcntl
 import hashlib
-import io
 import json
 import math
 import os
@@ -42,25 +41,19 @@ import cv2
 import numpy as np
 from basicsr.utils import get_root_logger
 from basicsr.utils.lmdb_util import LmdbMaker
-from PIL import Image
 from tqdm import tqdm
 
+from ..errors import ImageError, PrepareError
 from .degradations import DEGRADATIONS, crop_to_scale, downsample
+from .images import decode_rgb
 from .splits import stratified_split
 
 MAX_IMAGE_BYTES = 256 * 2**20
 """Largest image file read (archive members by their declared uncompressed size)."""
-MAX_IMAGE_PIXELS = 89_478_485
-"""Most pixels an image may declare (PIL's own decompression-bomb threshold, about 9459 x 9459); larger scenes
-go through the GeoTIFF path of ``basicsr infer``, which reads them block by block."""
 SYSTEM_FILES = ('thumbs.db', 'desktop.ini', 'icon\r')
 """Files that file managers leave in folders (compared lower-cased); hidden files (``.*``) are skipped too."""
 PNG_COMPRESSION = 1
 """PNG compression level of every written image (BasicSR's LMDB default); disk and LMDB hold the same bytes."""
-
-
-class PrepareError(Exception):
-    """A bad input or output location; the message names the file and what was expected."""
 
 
 @dataclass(frozen=True)
@@ -176,48 +169,6 @@ def is_system_file(relative: str) -> bool:
     parts = relative.split('/')
     return (any(part.startswith('.') or part == '__MACOSX' for part in parts)
             or parts[-1].lower() in SYSTEM_FILES)
-
-
-def image_header(data: bytes) -> Tuple[Optional[str], Optional[Tuple[int, int]]]:
-    """PIL's mode and ``(width, height)`` from the header alone (nothing is decoded); ``(None, None)`` for what
-    PIL cannot parse."""
-    limit = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None  # the size is checked by the caller, with a message naming the file
-    try:
-        with Image.open(io.BytesIO(data)) as header:
-            return header.mode, header.size
-    except (OSError, ValueError, SyntaxError):
-        return None, None
-    finally:
-        Image.MAX_IMAGE_PIXELS = limit
-
-
-def decode_rgb(data: bytes, location: str) -> np.ndarray:
-    """Decode an 8-bit RGB image (returned in OpenCV's BGR order, ``(H, W, 3)`` uint8).
-
-    Raises:
-        PrepareError: naming ``location`` for empty, undecodable, grayscale, RGBA, CMYK or 16-bit files, and for
-            images that declare more than :data:`MAX_IMAGE_PIXELS` pixels (refused before decoding).
-    """
-    if not data:
-        raise PrepareError(f'{location}: empty file (0 bytes); expected an 8-bit RGB image')
-    mode, size = image_header(data)
-    if size is not None and size[0] * size[1] > MAX_IMAGE_PIXELS:
-        raise PrepareError(f'{location}: {size[0]}x{size[1]} pixels, more than the {MAX_IMAGE_PIXELS} an image may '
-                           'have here (a decompression bomb, or a scene for the GeoTIFF path, which reads in blocks)')
-    if mode == 'CMYK':  # OpenCV would silently convert a CMYK JPEG to BGR
-        raise PrepareError(f'{location}: CMYK image; expected an 8-bit RGB image')
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if img is None:
-        raise PrepareError(f'{location}: cannot be decoded as an image; expected an 8-bit RGB image')
-    if img.dtype != np.uint8:
-        raise PrepareError(f'{location}: {img.dtype} samples ({img.dtype.itemsize * 8}-bit); expected an 8-bit RGB '
-                           'image')
-    channels = 1 if img.ndim == 2 else img.shape[2]
-    if channels != 3:
-        kind = {1: 'grayscale', 2: 'grayscale with alpha', 4: 'RGBA'}.get(channels, f'{channels}-channel')
-        raise PrepareError(f'{location}: {kind} image; expected an 8-bit RGB image (3 channels)')
-    return img
 
 
 def encode_png(img: np.ndarray) -> bytes:
@@ -482,9 +433,9 @@ def _write(src: Source, by_name: Dict[str, SourceImage], train: List[str], test:
                 if img.shape[0] < multiple or img.shape[1] < multiple:
                     raise PrepareError(f'{image.location}: {img.shape[0]}x{img.shape[1]} is smaller than the '
                                        f'scale multiple {multiple}')
-            except PrepareError as error:
+            except (PrepareError, ImageError) as error:
                 if not skip_bad:
-                    raise
+                    raise PrepareError(str(error)) from None
                 summary.skipped[name] = str(error)
                 continue
             cropped = crop_to_scale(img, multiple)

@@ -24,8 +24,9 @@ from PIL import Image
 from torch.utils import data
 from torchvision.transforms.functional import normalize
 
+from ..errors import DatasetError, DatasetNotFoundError, ImageError
 from .degradations import DEGRADATIONS, crop_to_scale, downsample
-from .prepare import PrepareError, decode_rgb
+from .images import decode_rgb
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp')
 META_LINE = re.compile(r'(\S+) \((\d+),\s*(\d+),\s*\d+\)(?: \d+)?')
@@ -38,14 +39,6 @@ DATASET_KEYS = {'type', 'name', 'phase', 'scale', 'dataroot_gt', 'dataroot_lq', 
 LOADER_KEYS = {'num_worker_per_gpu', 'batch_size_per_gpu', 'dataset_enlarge_ratio', 'prefetch_mode', 'use_shuffle',
                'pin_memory', 'num_prefetch_queue'}
 """Keys of BasicSR's data loader that live in the same option block."""
-
-
-class DatasetError(ValueError):
-    """A bad dataset option or image; the message names the key or the file."""
-
-
-class DatasetNotFoundError(DatasetError, FileNotFoundError):
-    """A folder, LMDB, split list or image the options name does not exist."""
 
 
 def _fail(key: str, message: str) -> None:
@@ -202,7 +195,7 @@ class RSPairedDataset(data.Dataset):
         where = path if self.backend == 'disk' else f'{root}/{stem}'
         try:
             img = decode_rgb(self.file_client.get(path, client_key), where)
-        except PrepareError as error:
+        except ImageError as error:
             raise DatasetError(f'RSPairedDataset: {error}') from error
         return img.astype(np.float32) / 255.0, where
 

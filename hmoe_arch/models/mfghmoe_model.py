@@ -46,13 +46,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..archs import MFGHMoEArch
 from ..checkpoints import CONFIG_ENTRY
+from ..errors import NonFiniteLossError, OptionError
 from ..expert_maps import UsageByClass, group_sizes_of, lr_expert_map, save_expert_map
-from ..options import OptionError, plain_options
+from ..options import plain_options
 from ..tiling import padded_forward, tiled_forward, window_size_of
-
-
-class NonFiniteLossError(RuntimeError):
-    """A loss or gradient became NaN/Inf; raised before the optimizer step, so no weight changed."""
 
 
 @MODEL_REGISTRY.register()

@@ -1,0 +1,40 @@
+"""One error hierarchy: every refusal derives from HmoeError and carries the exit status the command line uses."""
+import pytest
+
+from hmoe_arch import errors
+from hmoe_arch.cli import main
+
+ERRORS = [errors.OptionError, errors.PrepareError, errors.ImageError, errors.DatasetError, errors.DatasetNotFoundError,
+          errors.CheckpointError, errors.ConfigError, errors.NonFiniteLossError]
+
+
+@pytest.mark.parametrize('error', ERRORS, ids=lambda e: e.__name__)
+def test_every_error_is_an_hmoe_error_with_an_exit_status(error: type) -> None:
+    assert issubclass(error, errors.HmoeError)
+    assert error.exit_status == (3 if error is errors.NonFiniteLossError else 2)
+
+
+def test_built_in_bases_stay_for_callers_that_catch_them() -> None:
+    assert issubclass(errors.DatasetNotFoundError, FileNotFoundError)
+    assert all(issubclass(e, ValueError) for e in (errors.ImageError, errors.DatasetError, errors.CheckpointError,
+                                                    errors.ConfigError))
+    assert issubclass(errors.NonFiniteLossError, RuntimeError)
+
+
+@pytest.mark.parametrize('error', ERRORS, ids=lambda e: e.__name__)
+def test_the_command_line_prints_one_line_and_exits_with_the_status(error: type, monkeypatch, basicsr_log) -> None:
+    def refuse(*args, **kwargs):
+        raise error('somewhere.yml: what was expected')
+
+    monkeypatch.setattr('hmoe_arch.cli.export', refuse)
+    assert main(['export', '--weights', 'w.pth', '--out', 'w.safetensors']) == error.exit_status
+    assert basicsr_log[-1] == 'basicsr export: somewhere.yml: what was expected'
+
+
+def test_the_old_import_locations_still_work() -> None:
+    from hmoe_arch.data.prepare import PrepareError
+    from hmoe_arch.data.rs_paired_dataset import DatasetError
+    from hmoe_arch.models import NonFiniteLossError
+    from hmoe_arch.options import OptionError
+    assert (PrepareError, DatasetError, NonFiniteLossError, OptionError) == (
+        errors.PrepareError, errors.DatasetError, errors.NonFiniteLossError, errors.OptionError)
