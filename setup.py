@@ -64,7 +64,7 @@ setup(
         'spandrel': ['spandrel>=0.4'],
         'export': ['safetensors>=0.4', 'onnx>=1.15', 'onnxruntime>=1.17'],
     },
-    entry_points={'console_scripts': ['basicsr = hmoe_arch.cli:main']},
+    entry_points={'console_scripts': ['basicsr = hmoe_arch.commands.cli:main']},
     classifiers=[
         'Programming Language :: Python :: 3',
         'License :: OSI Approved :: Apache Software License',

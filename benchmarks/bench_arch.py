@@ -9,7 +9,7 @@ the heads at least 20 runs):
 - peak memory of one forward, each model in its own subprocess: on CUDA ``max_memory_allocated``, on the CPU
   the rise of the process's peak resident set (VmHWM, reset through ``/proc/self/clear_refs``) over the
   resident set before the forward, with glibc's mmap threshold fixed at 64 KiB so that freed tensors leave
-  the resident set (``hmoe_arch.bench.peak_memory_mib``; repeatable to within 0.1 MiB).
+  the resident set (``hmoe_arch.commands.bench.peak_memory_mib``; repeatable to within 0.1 MiB).
 
 Usage: ``python benchmarks/bench_arch.py [--device cuda] [--size 64] [--scale 4] [--runs 5]
 [--attention sdpa|plain]``.
@@ -26,7 +26,7 @@ from typing import Callable, Dict
 import torch
 
 from hmoe_arch import MFGHMoEArch
-from hmoe_arch.bench import fix_malloc_threshold, forward_peak_mib
+from hmoe_arch.commands.bench import fix_malloc_threshold, forward_peak_mib
 
 from common import build, device_label
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from hmoe_arch import MFGHMoEArch
-from hmoe_arch.export import export_onnx
+from hmoe_arch.commands.export import export_onnx
 
 from common import TINY, network_label
 

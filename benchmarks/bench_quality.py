@@ -130,7 +130,7 @@ class Run:
         (self.folder / 'option.yml').write_text(yaml.safe_dump(self.opt, sort_keys=False))
         env = dict(os.environ, OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads),
                    PYTHONUNBUFFERED='1')
-        command = [sys.executable, '-m', 'hmoe_arch.cli', 'train', '-opt', 'option.yml']
+        command = [sys.executable, '-m', 'hmoe_arch', 'train', '-opt', 'option.yml']
         self.started = time.monotonic()
         self.log = open(self.folder / 'train.log', 'w')
         return subprocess.Popen(command, cwd=self.folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

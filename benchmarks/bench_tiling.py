@@ -7,7 +7,7 @@ set, shown with the output's own size subtracted (the working memory). Then, in 
 error: tiled vs whole-image output on an image that fits.
 
 Then the host memory of ``basicsr infer`` on plain images (``--infer-sizes``, default 256 to 2048 LR): one
-subprocess per size runs :func:`hmoe_arch.infer.super_resolve_image` with infer's defaults (tile 256, pad 32,
+subprocess per size runs :func:`hmoe_arch.commands.infer.super_resolve_image` with infer's defaults (tile 256, pad 32,
 block 1024) and reports the rise of its peak resident set against the size of the uint8 output it returns.
 
 Usage: ``python benchmarks/bench_tiling.py [--device cuda] [--sizes 256 512 1024] [--tile 64]
@@ -22,7 +22,7 @@ import sys
 
 import torch
 
-from hmoe_arch.bench import fix_malloc_threshold, peak_memory_mib
+from hmoe_arch.commands.bench import fix_malloc_threshold, peak_memory_mib
 from hmoe_arch.tiling import padded_forward, tiled_forward
 
 from common import build, device_label, network_label
@@ -50,7 +50,7 @@ def worker(args: argparse.Namespace) -> dict:
 def infer_worker(args: argparse.Namespace) -> dict:
     import numpy as np
 
-    from hmoe_arch.infer import super_resolve_image
+    from hmoe_arch.commands.infer import super_resolve_image
     fix_malloc_threshold()
     device = torch.device(args.device)
     net = build('moe', args.scale, args.device, tiny=args.tiny).eval()

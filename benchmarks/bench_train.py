@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from hmoe_arch.bench import fix_malloc_threshold, peak_memory_mib
+from hmoe_arch.commands.bench import fix_malloc_threshold, peak_memory_mib
 
 from common import KINDS, build, device_label, network_label
 

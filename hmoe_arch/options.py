@@ -187,7 +187,7 @@ def init_distributed() -> None:
     missing = [k for k in ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT') if k not in os.environ]
     if missing:
         raise OptionError(f'--launcher pytorch needs the environment torchrun sets; missing {missing} '
-                          '(run: torchrun --nproc_per_node=N -m hmoe_arch.cli train -opt X --launcher pytorch)')
+                          '(run: torchrun --nproc_per_node=N -m hmoe_arch train -opt X --launcher pytorch)')
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
         dist.init_process_group(backend='nccl')

@@ -43,7 +43,7 @@ def basicsr_log():
 def workdir(tmp_path_factory) -> Path:
     """A directory with ``datasets/UCMerced`` (PNG + LMDB) and ``datasets/AID`` (PNG), x2 and x4, prepared from
     small synthetic trees in the published layouts; run ``basicsr`` commands from it (or a copy)."""
-    from hmoe_arch.data.prepare import prepare
+    from hmoe_arch.commands.prepare import prepare
     root = tmp_path_factory.mktemp('work')
     source = make_ucmerced_tree(root / 'src', per_class=4, size=(256, 256), odd={'beach01.tif': (251, 256)})
     prepare('ucmerced', source, root / 'datasets' / 'UCMerced', lmdb=True, progress=False)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from hmoe_arch.cli import main
+from hmoe_arch.commands.cli import main
 
 from util import TINY_TRAINING, make_ucmerced_tree, write_image
 
@@ -25,7 +25,7 @@ NETWORK = [e for e in TINY_TRAINING if e.startswith('network_g')]
 
 
 def cli(args: List[str], cwd: Path):
-    return subprocess.run([sys.executable, '-m', 'hmoe_arch.cli'] + args, cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([sys.executable, '-m', 'hmoe_arch'] + args, cwd=cwd, capture_output=True, text=True,
                           timeout=120)
 
 
@@ -142,7 +142,7 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_ones(run_dir: Path
         f'        open({str(marker)!r}, "w").close()',
         '        time.sleep(60)',
         'torch.save = slow_save',
-        'from hmoe_arch.cli import main',
+        'from hmoe_arch.commands.cli import main',
         'sys.exit(main(sys.argv[1:]))',
     ])
     before = snapshot(models)

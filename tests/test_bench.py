@@ -17,7 +17,7 @@ from basicsr.utils.matlab_functions import imresize
 from torch.utils.flop_counter import FlopCounterMode
 
 from hmoe_arch import MFGHMoEArch
-from hmoe_arch.bench import COLUMNS, build, count_macs, forward_memory, model_from_source, run_bench
+from hmoe_arch.commands.bench import COLUMNS, build, count_macs, forward_memory, model_from_source, run_bench
 from hmoe_arch.errors import OptionError
 from hmoe_arch.tiling import padded_forward
 
@@ -37,7 +37,7 @@ def trained(workdir: Path, tmp_path_factory) -> Path:
     (cwd / 'datasets').symlink_to(workdir / 'datasets')
     common = ['train:total_iter=2', 'val:val_freq=1000', 'logger:save_checkpoint_freq=1000']
     for option, force in (('train_ucm_x2.yml', TINY_TRAINING), ('baselines/train_ucm_x2_edsr.yml', EDSR_TINY)):
-        run = subprocess.run([sys.executable, '-m', 'hmoe_arch.cli', 'train', '-opt', str(OPTIONS / option),
+        run = subprocess.run([sys.executable, '-m', 'hmoe_arch', 'train', '-opt', str(OPTIONS / option),
                               '--force_yml', *force, *common], cwd=cwd, capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr[-3000:]
     return cwd

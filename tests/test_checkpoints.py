@@ -12,9 +12,9 @@ import torch
 
 from hmoe_arch import MFGHMoEArch
 from hmoe_arch.checkpoints import fetch_weights, read_checkpoint_file, write_safetensors
-from hmoe_arch.cli import main
+from hmoe_arch.commands.cli import main
+from hmoe_arch.commands.infer import infer, load_network
 from hmoe_arch.errors import CheckpointError, OptionError
-from hmoe_arch.infer import infer, load_network
 
 from util import HAT_RGB_MEAN, load_reference, tiny, write_image
 

@@ -12,7 +12,7 @@ from typing import List
 import pytest
 import torch
 
-from hmoe_arch.cli import build_parser, main
+from hmoe_arch.commands.cli import build_parser, main
 
 from util import TINY_TRAINING
 
@@ -22,7 +22,7 @@ OPTIONS = Path(__file__).resolve().parents[1] / 'options'
 
 
 def basicsr(args: List[str], cwd: Path, timeout: int = 300, launcher: List[str] = None):
-    command = (launcher or [sys.executable, '-m', 'hmoe_arch.cli']) + args
+    command = (launcher or [sys.executable, '-m', 'hmoe_arch']) + args
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
@@ -107,7 +107,7 @@ def test_truncated_state_is_reported_and_the_previous_one_used(cwd: Path) -> Non
 def test_killed_training_resumes_from_its_last_checkpoint(cwd: Path) -> None:
     args = ['train', '-opt', str(OPTIONS / 'train_ucm_x2.yml'), '--force_yml', *TINY_TRAINING,
             'val:val_freq=1000', 'logger:save_checkpoint_freq=2']
-    proc = subprocess.Popen([sys.executable, '-m', 'hmoe_arch.cli'] + args + ['train:total_iter=100000'], cwd=cwd,
+    proc = subprocess.Popen([sys.executable, '-m', 'hmoe_arch'] + args + ['train:total_iter=100000'], cwd=cwd,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     states = cwd / 'experiments' / 'train_MFGHMoE_UCMerced_x2' / 'training_states'
     try:
@@ -147,7 +147,7 @@ def test_basicsr_test_writes_sr_images_and_metrics(cwd: Path) -> None:
 def test_two_process_distributed_training_on_cpu(cwd: Path) -> None:
     torchrun = shutil.which('torchrun')
     launcher = [torchrun] if torchrun else [sys.executable, '-m', 'torch.distributed.run']
-    run = basicsr(['-m', 'hmoe_arch.cli', 'train', '-opt', str(OPTIONS / 'train_ucm_x4.yml'), '--launcher',
+    run = basicsr(['-m', 'hmoe_arch', 'train', '-opt', str(OPTIONS / 'train_ucm_x4.yml'), '--launcher',
                    'pytorch', '--force_yml', *TINY_TRAINING, 'name=ddp', 'train:total_iter=3', 'val:val_freq=1000',
                    'logger:save_checkpoint_freq=2'], cwd, launcher=launcher + ['--nproc_per_node=2'])
     assert run.returncode == 0, run.stderr[-3000:]

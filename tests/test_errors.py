@@ -2,7 +2,7 @@
 import pytest
 
 from hmoe_arch import errors
-from hmoe_arch.cli import main
+from hmoe_arch.commands.cli import main
 
 ERRORS = [errors.OptionError, errors.PrepareError, errors.ImageError, errors.DatasetError, errors.DatasetNotFoundError,
           errors.CheckpointError, errors.ConfigError, errors.NonFiniteLossError]
@@ -26,13 +26,13 @@ def test_the_command_line_prints_one_line_and_exits_with_the_status(error: type,
     def refuse(*args, **kwargs):
         raise error('somewhere.yml: what was expected')
 
-    monkeypatch.setattr('hmoe_arch.cli.export', refuse)
+    monkeypatch.setattr('hmoe_arch.commands.cli.export', refuse)
     assert main(['export', '--weights', 'w.pth', '--out', 'w.safetensors']) == error.exit_status
     assert basicsr_log[-1] == 'basicsr export: somewhere.yml: what was expected'
 
 
-def test_the_old_import_locations_still_work() -> None:
-    from hmoe_arch.data.prepare import PrepareError
+def test_the_modules_that_raise_them_export_them_too() -> None:
+    from hmoe_arch.commands.prepare import PrepareError
     from hmoe_arch.data.rs_paired_dataset import DatasetError
     from hmoe_arch.models import NonFiniteLossError
     from hmoe_arch.options import OptionError

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from hmoe_arch import MFGHMoEArch
+from hmoe_arch.commands.geotiff import is_georeferenced, super_resolve_geotiff
+from hmoe_arch.commands.infer import infer
 from hmoe_arch.errors import OptionError
-from hmoe_arch.geotiff import is_georeferenced, super_resolve_geotiff
-from hmoe_arch.infer import infer
 
 from util import SMALL_GROUPS, tiny
 

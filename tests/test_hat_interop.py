@@ -61,7 +61,7 @@ def hat_option_file(path: Path, workdir: Path, network: dict, **changes) -> Path
 
 def test_a_hat_option_file_trains_through_basicsr_train(workdir: Path, hat_copy: Path, tmp_path: Path) -> None:
     option = hat_option_file(tmp_path / 'hat_mfghmoe.yml', workdir, {'type': 'MFGHMoEArch', 'upscale': 4, **TINY})
-    done = run(['-m', 'hmoe_arch.cli', 'train', '-opt', str(option)], tmp_path, hat_root=hat_copy)
+    done = run(['-m', 'hmoe_arch', 'train', '-opt', str(option)], tmp_path, hat_root=hat_copy)
     assert done.returncode == 0, done.stderr[-3000:]
     exp = tmp_path / 'experiments' / 'train_HAT_SRx4_finetune_from_ImageNet_pretrain'
     assert (exp / 'models' / 'net_g_2.pth').is_file()
@@ -72,7 +72,7 @@ def test_a_hat_option_file_trains_through_basicsr_train(workdir: Path, hat_copy:
 
 def test_without_hat_a_hat_option_file_gets_one_line_with_both_ways_out(workdir: Path, tmp_path: Path) -> None:
     option = hat_option_file(tmp_path / 'hat_mfghmoe.yml', workdir, {'type': 'MFGHMoEArch', 'upscale': 4, **TINY})
-    done = run(['-m', 'hmoe_arch.cli', 'train', '-opt', str(option)], tmp_path)
+    done = run(['-m', 'hmoe_arch', 'train', '-opt', str(option)], tmp_path)
     assert done.returncode == 2
     assert done.stderr.splitlines()[-1].endswith(
         "model_type: HATModel comes from HAT (the `hat` package), which cannot be imported (No module named 'hat'); "
@@ -84,7 +84,7 @@ def test_without_hat_a_hat_option_file_gets_one_line_with_both_ways_out(workdir:
 def test_plugins_key_and_flag_import_the_named_package(workdir: Path, tmp_path: Path) -> None:
     option = hat_option_file(tmp_path / 'plugin.yml', workdir, {'type': 'MFGHMoEArch', 'upscale': 4, **TINY},
                              model_type='MFGHMoEModel', plugins=['no_such_plugin_package'])
-    done = run(['-m', 'hmoe_arch.cli', 'train', '-opt', str(option)], tmp_path)
+    done = run(['-m', 'hmoe_arch', 'train', '-opt', str(option)], tmp_path)
     assert done.returncode == 2
     assert "plugins: cannot import no_such_plugin_package (No module named 'no_such_plugin_package')" in done.stderr
     (tmp_path / 'my_types.py').write_text('from basicsr.models.sr_model import SRModel\n'
@@ -92,9 +92,9 @@ def test_plugins_key_and_flag_import_the_named_package(workdir: Path, tmp_path: 
                                           '@MODEL_REGISTRY.register()\nclass MyModel(SRModel):\n    pass\n')
     option = hat_option_file(tmp_path / 'mine.yml', workdir, {'type': 'MFGHMoEArch', 'upscale': 4, **TINY},
                              model_type='MyModel', val=None)  # SRModel does not pad the 62-pixel test image
-    assert 'no model named MyModel is registered' in run(['-m', 'hmoe_arch.cli', 'train', '-opt', str(option)],
+    assert 'no model named MyModel is registered' in run(['-m', 'hmoe_arch', 'train', '-opt', str(option)],
                                                          tmp_path).stderr
-    done = run(['-m', 'hmoe_arch.cli', 'train', '-opt', str(option), '--plugin', 'my_types'], tmp_path,
+    done = run(['-m', 'hmoe_arch', 'train', '-opt', str(option), '--plugin', 'my_types'], tmp_path,
                hat_root=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert 'Model [MyModel] is created.' in done.stderr
@@ -129,7 +129,7 @@ def test_hat_weights_initialise_an_mfghmoe_run(workdir: Path, hat_copy: Path, tm
         f'path:pretrain_network_g={tmp_path / "HAT_tiny.pth"}', 'datasets:train:gt_size=32',
         'datasets:train:batch_size_per_gpu=2', 'datasets:train:num_worker_per_gpu=0', 'train:total_iter=1',
         'val:val_freq=1000', 'logger:save_checkpoint_freq=1', 'num_gpu=0']
-    done = run(['-m', 'hmoe_arch.cli', 'train', '-opt', str(OPTIONS / 'train_ucm_x4_from_hat.yml'), '--force_yml',
+    done = run(['-m', 'hmoe_arch', 'train', '-opt', str(OPTIONS / 'train_ucm_x4_from_hat.yml'), '--force_yml',
                 *force], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert 'HAT_tiny.pth into MFGHMoEArch' in done.stderr
@@ -142,7 +142,7 @@ def test_exact_hat_weights_load_strictly_in_hats_own_model(workdir: Path, hat_co
              **TINY}
     option = hat_option_file(tmp_path / 'exact.yml', workdir, exact, model_type='MFGHMoEModel', name='exact_hat')
     (tmp_path / 'datasets').symlink_to(workdir / 'datasets')
-    done = run(['-m', 'hmoe_arch.cli', 'train', '-opt', str(option)], tmp_path)
+    done = run(['-m', 'hmoe_arch', 'train', '-opt', str(option)], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     weights = tmp_path / 'experiments' / 'exact_hat' / 'models' / 'net_g_latest.pth'
     test = yaml.safe_load(option.read_text())

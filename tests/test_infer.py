@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from hmoe_arch import MFGHMoEArch
-from hmoe_arch.cli import main
+from hmoe_arch.commands.cli import main
+from hmoe_arch.commands.infer import checkpoint_scale, infer, load_network, network_options
 from hmoe_arch.errors import OptionError
-from hmoe_arch.infer import checkpoint_scale, infer, load_network, network_options
 from hmoe_arch.tiling import blended_tiled_forward
 
 from util import HAT_RGB_MEAN, SMALL_GROUPS, load_reference, tiny, write_image
@@ -149,7 +149,7 @@ def test_exif_orientation_is_applied_like_a_viewer(orientation: int, tmp_path: P
     import numpy as np
     from PIL import Image, ImageOps
 
-    from hmoe_arch.infer import read_rgb
+    from hmoe_arch.commands.infer import read_rgb
     rng = np.random.default_rng(orientation)
     stored = Image.fromarray(rng.integers(0, 255, (6, 9, 3), dtype=np.uint8))
     exif = Image.Exif()

@@ -498,8 +498,8 @@ def test_checkpoints_that_need_arbitrary_unpickling_are_refused(tmp_path) -> Non
     with pytest.raises(ValueError, match=r'evil.pth: not a PyTorch checkpoint of tensors \(torch.load with '
                                          r'weights_only=True cannot read it'):
         net.load_pretrained(path)
+    from hmoe_arch.commands.infer import load_network
     from hmoe_arch.errors import OptionError
-    from hmoe_arch.infer import load_network
     with pytest.raises(OptionError, match=r'weights_only=True'):
         load_network(path, {'type': 'MFGHMoEArch', **tiny_hat()}, torch.device('cpu'))
     assert not marker.exists()

@@ -12,7 +12,7 @@ from basicsr.data import build_dataset
 
 from hmoe_arch import MFGHMoEArch
 from hmoe_arch.archs.mfghmoe_arch import HAT_RGB_MEAN
-from hmoe_arch.cli import main
+from hmoe_arch.commands.cli import main
 from hmoe_arch.errors import OptionError
 from hmoe_arch.options import apply_force_yml, parse_options
 

@@ -17,9 +17,9 @@ import cv2
 import numpy as np
 import pytest
 
-from hmoe_arch.data import prepare as prepare_module
+from hmoe_arch.commands import prepare as prepare_module
+from hmoe_arch.commands.prepare import DATASETS, DatasetSpec, download_archive, prepare
 from hmoe_arch.data.degradations import downsample
-from hmoe_arch.data.prepare import DATASETS, DatasetSpec, download_archive, prepare
 from hmoe_arch.errors import PrepareError
 
 from util import UCMERCED_CLASSES, make_aid_tree, make_ucmerced_tree, ucmerced_mini, write_image
@@ -149,7 +149,7 @@ def test_killed_run_leaves_nothing_at_the_output_and_the_next_run_recovers(tmp_p
     code = '\n'.join([
         'import sys, time',
         'from pathlib import Path',
-        'import hmoe_arch.data.prepare as p',
+        'import hmoe_arch.commands.prepare as p',
         'put = p._Writers.put',
         'def slow(self, *args):',
         f'    Path({str(marker)!r}).touch()',
@@ -262,16 +262,16 @@ def test_download_without_source_saves_next_to_the_output(tmp_path: Path, monkey
 def test_cli_exit_codes_and_summary(tmp_path: Path) -> None:
     source = make_ucmerced_tree(tmp_path / 'src', per_class=4)
     env = {**os.environ}
-    ok = subprocess.run([sys.executable, '-m', 'hmoe_arch.cli', 'prepare', 'ucmerced', '--source', str(source),
+    ok = subprocess.run([sys.executable, '-m', 'hmoe_arch', 'prepare', 'ucmerced', '--source', str(source),
                          '--out', str(tmp_path / 'out'), '--scales', '2', '--no-progress'], capture_output=True,
                         text=True, env=env, timeout=300)
     assert ok.returncode == 0, ok.stderr
     assert 'train 9 / test 3 images in 3 classes' in ok.stderr and 'files skipped: none' in ok.stderr
-    again = subprocess.run([sys.executable, '-m', 'hmoe_arch.cli', 'prepare', 'ucmerced', '--source', str(source),
+    again = subprocess.run([sys.executable, '-m', 'hmoe_arch', 'prepare', 'ucmerced', '--source', str(source),
                             '--out', str(tmp_path / 'out'), '--scales', '2', '--no-progress'], capture_output=True,
                            text=True, env=env, timeout=300)
     assert again.returncode == 0 and 'nothing to do' in again.stderr
-    bad = subprocess.run([sys.executable, '-m', 'hmoe_arch.cli', 'prepare', 'ucmerced', '--source',
+    bad = subprocess.run([sys.executable, '-m', 'hmoe_arch', 'prepare', 'ucmerced', '--source',
                           str(tmp_path / 'missing'), '--out', str(tmp_path / 'o2')], capture_output=True, text=True,
                          env=env, timeout=300)
     assert bad.returncode == 2 and 'missing: no such file or folder' in bad.stderr

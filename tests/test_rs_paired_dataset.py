@@ -6,9 +6,9 @@ import pytest
 import torch
 from basicsr.data import build_dataset
 
+from hmoe_arch.commands.prepare import prepare
 from hmoe_arch.data import RSPairedDataset
 from hmoe_arch.data.degradations import downsample
-from hmoe_arch.data.prepare import prepare
 from hmoe_arch.errors import DatasetError
 
 from util import make_ucmerced_tree, ucmerced_mini

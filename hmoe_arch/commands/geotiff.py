@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .errors import OptionError
-from .tiling import blended_tiled_forward
+from ..errors import OptionError
+from ..tiling import blended_tiled_forward
 
 SUPPORTED_DTYPES = ('uint8', 'uint16')
 

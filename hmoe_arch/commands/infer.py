@@ -1,6 +1,6 @@
 """``basicsr infer``: super-resolve image files, folders and GeoTIFFs with any trained network of this project,
 the authors' released weights or HAT's, with feathered tiled inference
-(:func:`hmoe_arch.tiling.blended_tiled_forward`; GeoTIFFs in bounded-memory blocks, :mod:`hmoe_arch.geotiff`).
+(:func:`hmoe_arch.tiling.blended_tiled_forward`; GeoTIFFs in bounded-memory blocks, :mod:`hmoe_arch.commands.geotiff`).
 """
 import io
 import math
@@ -18,17 +18,17 @@ from basicsr.utils import get_root_logger
 from PIL import Image
 from tqdm import tqdm
 
-from .archs import MFGHMoEArch
-from .archs.config import network_config
-from .archs.mfghmoe_arch import checkpoint_filter_fn
-from .checkpoints import fetch_weights, is_url, read_checkpoint_file
-from .data.images import decode_rgb
-from .data.rs_paired_dataset import IMAGE_SUFFIXES
-from .errors import CheckpointError, ConfigError, ImageError, OptionError
-from .expert_maps import group_sizes_of, save_expert_map
+from ..archs import MFGHMoEArch
+from ..archs.config import network_config
+from ..archs.mfghmoe_arch import checkpoint_filter_fn
+from ..checkpoints import fetch_weights, is_url, read_checkpoint_file
+from ..data.images import decode_rgb
+from ..data.rs_paired_dataset import IMAGE_SUFFIXES
+from ..errors import CheckpointError, ConfigError, ImageError, OptionError
+from ..expert_maps import group_sizes_of, save_expert_map
+from ..options import apply_force_yml, read_option_file
+from ..tiling import blended_tiled_forward, window_size_of
 from .geotiff import is_georeferenced, super_resolve_geotiff
-from .options import apply_force_yml, read_option_file
-from .tiling import blended_tiled_forward, window_size_of
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -316,7 +316,7 @@ def infer(weights: Union[str, Path], input_path: Path, output: Path, *, opt_path
           arch_args: Sequence[str] = (), tile: int = 256, tile_pad: int = 32, device: str = 'cpu',
           expert_map: bool = False, bands: Optional[Sequence[int]] = None, block: int = 1024,
           progress: bool = True) -> List[Path]:
-    """Super-resolve every input (images, or GeoTIFFs with a CRS through :mod:`hmoe_arch.geotiff`); returns
+    """Super-resolve every input (images, or GeoTIFFs with a CRS through :mod:`hmoe_arch.commands.geotiff`); returns
     the written SR paths.
 
     An input that cannot be read or processed is reported and the others are still written; the call then

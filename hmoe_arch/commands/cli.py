@@ -35,13 +35,13 @@ from basicsr.utils import get_root_logger, scandir
 from basicsr.utils.dist_util import get_dist_info
 from basicsr.utils.misc import check_resume
 
+from ..data.degradations import DEGRADATIONS
+from ..errors import HmoeError, OptionError
+from ..options import moe_model_warning, parse_options, plain_options
 from .bench import run_bench
-from .data.degradations import DEGRADATIONS
-from .data.prepare import DATASETS, prepare
-from .errors import HmoeError, OptionError
 from .export import FORMATS, export
 from .infer import infer
-from .options import moe_model_warning, parse_options, plain_options
+from .prepare import DATASETS, prepare
 
 
 def load_resume_state(opt: Dict[str, Any]) -> Optional[Dict[str, Any]]:

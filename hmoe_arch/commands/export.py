@@ -17,12 +17,12 @@ from typing import Optional, Sequence
 import torch
 from basicsr.utils import get_root_logger
 
-from .archs import MFGHMoEArch
-from .checkpoints import write_safetensors
-from .errors import OptionError
+from ..archs import MFGHMoEArch
+from ..checkpoints import write_safetensors
+from ..errors import OptionError
+from ..options import plain_options
+from ..tiling import window_size_of
 from .infer import _options, load_network
-from .options import plain_options
-from .tiling import window_size_of
 
 FORMATS = ('safetensors', 'onnx')
 ONNX_TOLERANCE = 1e-4

@@ -43,10 +43,10 @@ from basicsr.utils import get_root_logger
 from basicsr.utils.lmdb_util import LmdbMaker
 from tqdm import tqdm
 
+from ..data.degradations import DEGRADATIONS, crop_to_scale, downsample
+from ..data.images import decode_rgb
+from ..data.splits import stratified_split
 from ..errors import ImageError, PrepareError
-from .degradations import DEGRADATIONS, crop_to_scale, downsample
-from .images import decode_rgb
-from .splits import stratified_split
 
 MAX_IMAGE_BYTES = 256 * 2**20
 """Largest image file read (archive members by their declared uncompressed size)."""

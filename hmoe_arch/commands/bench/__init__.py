@@ -1,0 +1,142 @@
+"""``basicsr bench``: the paper's comparison tables from test option files or experiment folders.
+
+For every model: PSNR and SSIM on Y (``crop_border`` = scale, BasicSR's ``calculate_psnr``/``calculate_ssim``)
+over its test split, parameters, MACs of one forward at 64x64 LR (PyTorch's ``FlopCounterMode``, which counts
+the operations actually executed, so the MoE head is counted at its routed cost), median latency and peak
+memory of that forward on the current device, and the number of training iterations of the weights where
+known. Bicubic (MATLAB ``imresize``) is always a row of every (test set, scale). Outputs in ``--out``:
+``bench.md``, ``bench.csv``, ``bench_psnr_latency.png``, with ``--per-class`` ``bench_per_class.csv``, and
+with ``--expert-maps`` the maps and usage CSV of every MoE model (:mod:`hmoe_arch.expert_maps`).
+
+Peak memory: on CUDA ``max_memory_allocated`` above what was allocated before the forward; on the CPU the
+rise of the peak resident set (VmHWM, reset via ``/proc/self/clear_refs``) of a child process that fixes
+glibc's mmap threshold at 64 KiB before anything is allocated, so freed tensors leave the resident set. Not
+in this process: that setting makes every large allocation a fresh mmap, which slowed a paper-size CPU
+forward 1.6-2.0x here (latency and evaluation would pay for it), and setting it late misreports the peak.
+"""
+import json
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
+
+import torch
+from basicsr.utils import get_root_logger
+
+from ...archs import MFGHMoEArch
+from ...errors import OptionError
+from ...options import read_option_file
+from ..infer import load_network
+from .cost import count_macs, fix_malloc_threshold, forward_latency, forward_peak_mib, peak_memory_mib
+from .evaluation import evaluate
+from .report import plot_psnr_latency, write_per_class, write_tables
+from .rows import COLUMNS, REQUIRED_KEYS, BenchModel, BenchRow
+
+__all__ = ['COLUMNS', 'BenchModel', 'BenchRow', 'build', 'count_macs', 'evaluate', 'fix_malloc_threshold',
+           'forward_latency', 'forward_memory', 'forward_peak_mib', 'memory_child', 'model_from_source',
+           'peak_memory_mib', 'plot_psnr_latency', 'run_bench', 'write_per_class', 'write_tables']
+
+
+def _test_dataset(opt: Dict[str, Any], path: Path) -> Dict[str, Any]:
+    for key in sorted(opt['datasets']):
+        if key.split('_')[0] in ('test', 'val'):
+            return {**opt['datasets'][key], 'phase': 'val', 'scale': opt['scale']}
+    raise OptionError(f'{path}: no test_* or val* dataset to evaluate on')
+
+
+def model_from_source(source: Path, force_yml: Sequence[str] = ()) -> BenchModel:
+    """A test option file (weights from ``path.pretrain_network_g``) or an experiment folder (its copied
+    option file, its val dataset and ``models/net_g_latest.pth``, EMA weights when saved)."""
+    if source.is_dir():
+        options = sorted(source.glob('*.yml'))
+        if len(options) != 1:
+            raise OptionError(f'{source}: expected one option file (*.yml) in the experiment folder, found '
+                              f'{[p.name for p in options]}')
+        opt = read_option_file(options[0], force_yml, required=REQUIRED_KEYS)
+        weights = source / 'models' / 'net_g_latest.pth'
+        if not weights.is_file():
+            raise OptionError(f'{source}: no models/net_g_latest.pth (has the training finished?)')
+        # net_g_latest.pth is written when training ends, at train.total_iter of the options it ran with
+        iters = opt.get('train', {}).get('total_iter')
+        return BenchModel(name=opt.get('name', source.name), scale=int(opt['scale']),
+                          dataset_opt=_test_dataset(opt, options[0]), network=dict(opt['network_g']),
+                          weights=str(weights), param_key='params_ema', strict=True, tile=opt.get('tile'),
+                          train_iters=None if iters is None else int(iters), source=str(source))
+    opt = read_option_file(source, force_yml, required=REQUIRED_KEYS)
+    path_opt = opt.get('path', {})
+    weights = path_opt.get('pretrain_network_g')
+    if not weights:
+        raise OptionError(f'{source}: path.pretrain_network_g names no weights to evaluate')
+    return BenchModel(name=opt.get('name', source.stem), scale=int(opt['scale']),
+                      dataset_opt=_test_dataset(opt, source), network=dict(opt['network_g']), weights=str(weights),
+                      param_key=path_opt.get('param_key_g', 'params'), strict=path_opt.get('strict_load_g', True),
+                      tile=opt.get('tile'), source=str(source))
+
+
+def build(model: BenchModel, device: torch.device) -> torch.nn.Module:
+    return load_network(Path(model.weights), model.network, device, param_key=model.param_key, strict=model.strict,
+                        label=f'{model.source}: path.pretrain_network_g')
+
+
+def forward_memory(model: BenchModel, net: torch.nn.Module, lr_size: int, device: torch.device) -> float:
+    """Peak MiB of one forward at ``lr_size``: on CUDA of ``net`` in this process, on the CPU of the same
+    weights rebuilt in a child process (see the module docstring)."""
+    if device.type == 'cuda':
+        return forward_peak_mib(net, lr_size, device)
+    with tempfile.TemporaryDirectory() as tmp:
+        request, answer = Path(tmp) / 'request.json', Path(tmp) / 'answer.json'
+        request.write_text(json.dumps({'model': asdict(model), 'lr_size': lr_size}))
+        child = subprocess.run([sys.executable, '-c', 'import sys; from hmoe_arch.commands.bench import memory_child; '
+                                'memory_child(sys.argv[1], sys.argv[2])', str(request), str(answer)],
+                               capture_output=True, text=True)
+        if child.returncode:
+            raise RuntimeError(f'{model.source}: measuring peak memory in a child process failed:\n'
+                               f'{child.stderr[-3000:]}')
+        return float(json.loads(answer.read_text())['peak_mib'])
+
+
+def memory_child(request: str, answer: str) -> None:
+    """Entry of the child process of :func:`forward_memory`: JSON ``{model, lr_size}`` in ``request``, JSON
+    ``{peak_mib}`` written to ``answer``."""
+    fix_malloc_threshold()
+    job = json.loads(Path(request).read_text())
+    device = torch.device('cpu')
+    net = build(BenchModel(**job['model']), device).eval()
+    Path(answer).write_text(json.dumps({'peak_mib': forward_peak_mib(net, job['lr_size'], device)}))
+
+
+def run_bench(sources: Sequence[Path], out: Path, *, device: str = 'cpu', lr_size: int = 64, runs: int = 5,
+              per_class: bool = False, expert_maps: bool = False, force_yml: Sequence[str] = ()) -> List[BenchRow]:
+    """Evaluate every source and write the tables; returns the rows (bicubic first in each test set)."""
+    logger = get_root_logger()
+    if device.startswith('cuda') and not torch.cuda.is_available():
+        raise OptionError('--device cuda: no CUDA device is available')
+    dev = torch.device(device)
+    models = [model_from_source(Path(s), force_yml) for s in sources]
+    rows: List[BenchRow] = []
+    seen_sets = set()
+    for model in models:
+        key = (model.dataset_opt.get('dataroot_gt'), model.dataset_opt.get('dataroot_lq'), model.scale)
+        if key not in seen_sets:
+            seen_sets.add(key)
+            bicubic = BenchModel(name='Bicubic', scale=model.scale, dataset_opt=model.dataset_opt, source='imresize')
+            rows.append(evaluate(bicubic, None, dev))
+            logger.info(f'bench: Bicubic on {rows[-1].test_set} x{model.scale}: {rows[-1].psnr:.4f} dB')
+        net = build(model, dev)
+        maps_dir = out / 'expert_maps' / model.name if expert_maps and isinstance(net, MFGHMoEArch) and net.moe \
+            else None
+        row = evaluate(model, net, dev, maps_dir)
+        row.params_m = sum(p.numel() for p in net.parameters()) / 1e6
+        row.macs_g = count_macs(net, lr_size, dev) / 1e9
+        row.latency_ms = forward_latency(net, lr_size, dev, runs) * 1e3
+        row.peak_mib = forward_memory(model, net, lr_size, dev)
+        rows.append(row)
+        logger.info(f'bench: {model.name} on {row.test_set} x{model.scale}: {row.psnr:.4f} dB, {row.ssim:.4f}')
+    write_tables(rows, out)
+    plot_psnr_latency(rows, out / 'bench_psnr_latency.png')
+    if per_class:
+        write_per_class(rows, out / 'bench_per_class.csv')
+    logger.info(f'bench: tables in {out}:\n' + (out / 'bench.md').read_text())
+    return rows
