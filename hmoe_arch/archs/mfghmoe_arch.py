@@ -15,6 +15,7 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -81,6 +82,93 @@ def parse_expert_groups(expert_groups: Any) -> Tuple[Tuple[int, int], ...]:
     return tuple(groups)
 
 
+def check_arguments(a: SimpleNamespace, unknown: Mapping[str, Any]) -> Tuple[Tuple[int, int], ...]:
+    """Validate the constructor arguments of :class:`MFGHMoEArch` (``a``: every keyword, as attributes; ``unknown``:
+    keywords it does not have); returns the parsed ``expert_groups``.
+
+    Raises:
+        ValueError: naming the key and what was expected (unknown keys with a did-you-mean).
+    """
+    if unknown:
+        valid = [name for name in inspect.signature(MFGHMoEArch.__init__).parameters if name not in
+                 ('self', 'unknown')]
+        hints = [f'{key} -> {match[0]}?' for key in sorted(unknown)
+                 if (match := difflib.get_close_matches(key, valid, n=1))]
+        hint = f' (did you mean: {", ".join(hints)})' if hints else ''
+        raise ValueError(f'MFGHMoEArch: unknown keyword(s) {sorted(unknown)}{hint}; valid keys: '
+                         f'{", ".join(valid)}')
+    for key, value, minimum in (('img_size', a.img_size, 1), ('patch_size', a.patch_size, 1),
+                                ('in_chans', a.in_chans, 1), ('embed_dim', a.embed_dim, 1),
+                                ('window_size', a.window_size, 1), ('compress_ratio', a.compress_ratio, 1),
+                                ('squeeze_factor', a.squeeze_factor, 1), ('upscale', a.upscale, 1),
+                                ('top_k', a.top_k, 1)):
+        _check_int(key, value, minimum)
+    for key, value in (('drop_rate', a.drop_rate), ('attn_drop_rate', a.attn_drop_rate),
+                       ('drop_path_rate', a.drop_path_rate)):
+        _check_rate(key, value)
+    for key, value in (('qkv_bias', a.qkv_bias), ('ape', a.ape), ('patch_norm', a.patch_norm),
+                       ('use_checkpoint', a.use_checkpoint), ('mfa', a.mfa), ('moe', a.moe)):
+        if not isinstance(value, bool):
+            _fail(key, 'true or false', value)
+    if isinstance(a.depths, (str, Mapping)) or not isinstance(a.depths, Sequence) or not a.depths:
+        _fail('depths', 'a non-empty list of integers', a.depths)
+    if isinstance(a.num_heads, (str, Mapping)) or not isinstance(a.num_heads, Sequence):
+        _fail('num_heads', 'a list of integers', a.num_heads)
+    if len(a.depths) != len(a.num_heads):
+        raise ValueError(f'MFGHMoEArch: `depths` and `num_heads` must have the same length (one entry per '
+                         f'RHAG), got {len(a.depths)} and {len(a.num_heads)}')
+    for i, (depth, heads) in enumerate(zip(a.depths, a.num_heads)):
+        _check_int(f'depths[{i}]', depth, 1)
+        _check_int(f'num_heads[{i}]', heads, 1)
+        if a.embed_dim % heads:
+            raise ValueError(f'MFGHMoEArch: `embed_dim` ({a.embed_dim}) must be divisible by every head count; '
+                             f'num_heads[{i}] = {heads}')
+    if a.embed_dim // a.compress_ratio < 1:
+        _fail('compress_ratio', f'at most embed_dim ({a.embed_dim})', a.compress_ratio)
+    if a.embed_dim // a.squeeze_factor < 1:
+        _fail('squeeze_factor', f'at most embed_dim ({a.embed_dim})', a.squeeze_factor)
+    for key, value in (('conv_scale', a.conv_scale), ('img_range', a.img_range), ('mlp_ratio', a.mlp_ratio),
+                       ('overlap_ratio', a.overlap_ratio)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            _fail(key, 'a number', value)
+    if a.img_range <= 0:
+        _fail('img_range', 'positive', a.img_range)
+    if a.mlp_ratio <= 0 or int(a.embed_dim * a.mlp_ratio) < 1:
+        _fail('mlp_ratio', 'positive', a.mlp_ratio)
+    if a.overlap_ratio < 0 or int(a.window_size * a.overlap_ratio) % 2:
+        _fail('overlap_ratio', f'>= 0 with int(window_size * overlap_ratio) even, so the overlapping window '
+              f'extends window_size ({a.window_size}) equally on both sides', a.overlap_ratio)
+    if a.qk_scale is not None and (isinstance(a.qk_scale, bool) or not isinstance(a.qk_scale, (int, float))
+                                 or a.qk_scale <= 0):
+        _fail('qk_scale', 'null or a positive number', a.qk_scale)
+    if a.upsampler not in UPSAMPLERS:
+        _fail('upsampler', f'one of {UPSAMPLERS} (the only reconstruction HAT implements)', a.upsampler)
+    if a.resi_connection not in RESI_CONNECTIONS:
+        _fail('resi_connection', f'one of {RESI_CONNECTIONS}', a.resi_connection)
+    if a.routing not in ROUTINGS:
+        _fail('routing', f'one of {ROUTINGS}', a.routing)
+    if a.routing_grad not in ROUTING_GRADS:
+        _fail('routing_grad', f'one of {ROUTING_GRADS}', a.routing_grad)
+    if a.attention not in ATTENTIONS:
+        _fail('attention', f'one of {ATTENTIONS}', a.attention)
+    if a.rgb_mean is not None and (isinstance(a.rgb_mean, (str, Mapping)) or not isinstance(a.rgb_mean, Sequence)
+                                 or len(a.rgb_mean) != a.in_chans):
+        _fail('rgb_mean', f'null or a list of in_chans ({a.in_chans}) numbers', a.rgb_mean)
+    resolution = a.img_size // a.patch_size
+    if resolution < a.window_size:
+        _fail('img_size', f'at least window_size * patch_size ({a.window_size * a.patch_size})', a.img_size)
+    groups = parse_expert_groups(a.expert_groups)
+    if a.moe:
+        smallest = min(count for _, count in groups) if a.routing == 'dual' else sum(c for _, c in groups)
+        if a.top_k > smallest:
+            _fail('top_k', f'at most {smallest} (experts available to a pixel with routing {a.routing})', a.top_k)
+    elif a.upscale != 3 and a.upscale & (a.upscale - 1):
+        _fail('upscale', 'a power of 2 or 3 with moe: false (HAT\'s pixel-shuffle upsampler)', a.upscale)
+    if a.mfa and not a.moe:
+        _fail('mfa', 'false when moe is false (MFA only produces routing features)', a.mfa)
+    return groups
+
+
 @dataclass
 class LoadReport:
     """What :meth:`MFGHMoEArch.load_pretrained` did.
@@ -120,83 +208,9 @@ class MFGHMoEArch(nn.Module):
                  expert_groups: Sequence[Mapping] = PAPER_EXPERT_GROUPS, top_k: int = 1, routing: str = 'dual',
                  routing_grad: str = 'none', attention: str = 'sdpa', **unknown: Any) -> None:
         super().__init__()
-        if unknown:
-            valid = [name for name in inspect.signature(MFGHMoEArch.__init__).parameters if name not in
-                     ('self', 'unknown')]
-            hints = [f'{key} -> {match[0]}?' for key in sorted(unknown)
-                     if (match := difflib.get_close_matches(key, valid, n=1))]
-            hint = f' (did you mean: {", ".join(hints)})' if hints else ''
-            raise ValueError(f'MFGHMoEArch: unknown keyword(s) {sorted(unknown)}{hint}; valid keys: '
-                             f'{", ".join(valid)}')
-        for key, value, minimum in (('img_size', img_size, 1), ('patch_size', patch_size, 1),
-                                    ('in_chans', in_chans, 1), ('embed_dim', embed_dim, 1),
-                                    ('window_size', window_size, 1), ('compress_ratio', compress_ratio, 1),
-                                    ('squeeze_factor', squeeze_factor, 1), ('upscale', upscale, 1),
-                                    ('top_k', top_k, 1)):
-            _check_int(key, value, minimum)
-        for key, value in (('drop_rate', drop_rate), ('attn_drop_rate', attn_drop_rate),
-                           ('drop_path_rate', drop_path_rate)):
-            _check_rate(key, value)
-        for key, value in (('qkv_bias', qkv_bias), ('ape', ape), ('patch_norm', patch_norm),
-                           ('use_checkpoint', use_checkpoint), ('mfa', mfa), ('moe', moe)):
-            if not isinstance(value, bool):
-                _fail(key, 'true or false', value)
-        if isinstance(depths, (str, Mapping)) or not isinstance(depths, Sequence) or not depths:
-            _fail('depths', 'a non-empty list of integers', depths)
-        if isinstance(num_heads, (str, Mapping)) or not isinstance(num_heads, Sequence):
-            _fail('num_heads', 'a list of integers', num_heads)
-        if len(depths) != len(num_heads):
-            raise ValueError(f'MFGHMoEArch: `depths` and `num_heads` must have the same length (one entry per '
-                             f'RHAG), got {len(depths)} and {len(num_heads)}')
-        for i, (depth, heads) in enumerate(zip(depths, num_heads)):
-            _check_int(f'depths[{i}]', depth, 1)
-            _check_int(f'num_heads[{i}]', heads, 1)
-            if embed_dim % heads:
-                raise ValueError(f'MFGHMoEArch: `embed_dim` ({embed_dim}) must be divisible by every head count; '
-                                 f'num_heads[{i}] = {heads}')
-        if embed_dim // compress_ratio < 1:
-            _fail('compress_ratio', f'at most embed_dim ({embed_dim})', compress_ratio)
-        if embed_dim // squeeze_factor < 1:
-            _fail('squeeze_factor', f'at most embed_dim ({embed_dim})', squeeze_factor)
-        for key, value in (('conv_scale', conv_scale), ('img_range', img_range), ('mlp_ratio', mlp_ratio),
-                           ('overlap_ratio', overlap_ratio)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                _fail(key, 'a number', value)
-        if img_range <= 0:
-            _fail('img_range', 'positive', img_range)
-        if mlp_ratio <= 0 or int(embed_dim * mlp_ratio) < 1:
-            _fail('mlp_ratio', 'positive', mlp_ratio)
-        if overlap_ratio < 0 or int(window_size * overlap_ratio) % 2:
-            _fail('overlap_ratio', f'>= 0 with int(window_size * overlap_ratio) even, so the overlapping window '
-                  f'extends window_size ({window_size}) equally on both sides', overlap_ratio)
-        if qk_scale is not None and (isinstance(qk_scale, bool) or not isinstance(qk_scale, (int, float))
-                                     or qk_scale <= 0):
-            _fail('qk_scale', 'null or a positive number', qk_scale)
-        if upsampler not in UPSAMPLERS:
-            _fail('upsampler', f'one of {UPSAMPLERS} (the only reconstruction HAT implements)', upsampler)
-        if resi_connection not in RESI_CONNECTIONS:
-            _fail('resi_connection', f'one of {RESI_CONNECTIONS}', resi_connection)
-        if routing not in ROUTINGS:
-            _fail('routing', f'one of {ROUTINGS}', routing)
-        if routing_grad not in ROUTING_GRADS:
-            _fail('routing_grad', f'one of {ROUTING_GRADS}', routing_grad)
-        if attention not in ATTENTIONS:
-            _fail('attention', f'one of {ATTENTIONS}', attention)
-        if rgb_mean is not None and (isinstance(rgb_mean, (str, Mapping)) or not isinstance(rgb_mean, Sequence)
-                                     or len(rgb_mean) != in_chans):
-            _fail('rgb_mean', f'null or a list of in_chans ({in_chans}) numbers', rgb_mean)
+        arguments = {k: v for k, v in locals().items() if k not in ('self', 'unknown', '__class__')}
+        groups = check_arguments(SimpleNamespace(**arguments), unknown)
         resolution = img_size // patch_size
-        if resolution < window_size:
-            _fail('img_size', f'at least window_size * patch_size ({window_size * patch_size})', img_size)
-        groups = parse_expert_groups(expert_groups)
-        if moe:
-            smallest = min(count for _, count in groups) if routing == 'dual' else sum(c for _, c in groups)
-            if top_k > smallest:
-                _fail('top_k', f'at most {smallest} (experts available to a pixel with routing {routing})', top_k)
-        elif upscale != 3 and upscale & (upscale - 1):
-            _fail('upscale', 'a power of 2 or 3 with moe: false (HAT\'s pixel-shuffle upsampler)', upscale)
-        if mfa and not moe:
-            _fail('mfa', 'false when moe is false (MFA only produces routing features)', mfa)
 
         self.window_size = window_size
         # HAT disables shifted windows when the nominal input is no larger than one window.
