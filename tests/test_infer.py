@@ -177,6 +177,9 @@ def test_the_input_is_never_overwritten_and_own_outputs_are_not_inputs(tmp_path:
     assert [p.name for p in infer(weights, tmp_path, tmp_path, **args)] == ['a_SR.png']
     assert [p.name for p in infer(weights, tmp_path, tmp_path, **args)] == ['a_SR.png']
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == '.png') == ['a.png', 'a_SR.png']
+    (tmp_path / 'a.png').unlink()
+    with pytest.raises(OptionError, match=r'no images .* in this folder \(1 earlier outputs of this command'):
+        infer(weights, tmp_path, tmp_path, **args)
 
 
 def test_a_failed_write_leaves_no_complete_looking_file(tmp_path: Path, weights: Path, monkeypatch) -> None:

@@ -177,10 +177,12 @@ def input_files(path: Path) -> Tuple[List[Path], List[Tuple[Path, str]]]:
     named ``x.png``, a dangling link), each with the reason. Hidden files and this command's own outputs are
     skipped."""
     if path.is_dir():
-        files, bad = [], []
+        files, bad, own = [], [], 0
         for entry in sorted(path.iterdir()):
-            if entry.suffix.lower() not in IMAGE_SUFFIXES or entry.name.startswith('.') or OWN_OUTPUT.search(
-                    entry.stem):
+            if entry.suffix.lower() not in IMAGE_SUFFIXES or entry.name.startswith('.'):
+                continue
+            if OWN_OUTPUT.search(entry.stem):
+                own += 1
                 continue
             if entry.is_file():
                 files.append(entry)
@@ -188,7 +190,8 @@ def input_files(path: Path) -> Tuple[List[Path], List[Tuple[Path, str]]]:
                 bad.append((entry, 'a folder, not an image file' if entry.is_dir() else
                             'a link to nothing (dangling symlink)' if entry.is_symlink() else 'not a regular file'))
         if not files and not bad:
-            raise OptionError(f'--input {path}: no images ({", ".join(IMAGE_SUFFIXES)}) in this folder')
+            skipped = f' ({own} earlier outputs of this command, *_SR.* and *_experts.*, are not inputs)' if own else ''
+            raise OptionError(f'--input {path}: no images ({", ".join(IMAGE_SUFFIXES)}) in this folder{skipped}')
         return files, bad
     if path.is_file():
         return [path], []
