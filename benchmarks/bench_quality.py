@@ -95,7 +95,6 @@ def option_for(base: Path, preset: str, changes: Dict[str, object], *, data: Pat
     }
     for key, value in {**PRESETS[preset], **study, **changes}.items():
         apply_force_yml(opt, f'{key}={json.dumps(value)}')
-    opt.pop('dist_params', None)
     return json.loads(json.dumps(opt))  # plain dicts, in order
 
 
