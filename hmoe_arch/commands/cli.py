@@ -16,14 +16,12 @@ Exit status: 0 on success, 2 on a bad argument, option, input or output location
 on a non-finite loss or gradient.
 """
 import argparse
-import fcntl
 import logging
 import os
 import os.path as osp
 import pickle
 import sys
 import tempfile
-import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
@@ -41,6 +39,7 @@ from ..options import moe_model_warning, parse_options, plain_options
 from .bench import run_bench
 from .export import FORMATS, export
 from .infer import infer
+from .locking import exclusive_lock
 from .prepare import DATASETS, prepare
 
 
@@ -80,34 +79,11 @@ def load_resume_state(opt: Dict[str, Any]) -> Optional[Dict[str, Any]]:
 
 
 @contextmanager
-def run_lock(folder: str, kind: str) -> Iterator[None]:
-    """Hold ``<parent>/.<name>.lock`` (``flock``, released by the kernel when the process ends) for a run that
-    writes into ``folder``, or refuse naming the run that holds it. The lock sits beside the folder, so
-    BasicSR's renaming of a finished folder to ``*_archived_*`` does not move it."""
-    os.makedirs(osp.dirname(folder) or '.', exist_ok=True)
-    handle = open(osp.join(osp.dirname(folder), f'.{osp.basename(folder)}.lock'), 'a+')
-    try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or 'another process'
-            raise OptionError(f'{folder}: another {kind} with this name is running ({holder}); wait for it to finish '
-                              'or choose another name') from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f'pid {os.getpid()}, started {time.strftime("%Y-%m-%d %H:%M:%S")}')
-        handle.flush()
-        yield
-    finally:
-        handle.close()
-
-
-@contextmanager
 def basicsr_pipeline(module: Any, args: argparse.Namespace, is_train: bool) -> Iterator[None]:
     """Run a BasicSR pipeline module with this file's option parsing (and resume) in place of its own.
 
-    Also: the experiment (or results) folder is locked for the run (:func:`run_lock`); BasicSR's log file is
+    Also: the experiment (or results) folder is locked for the run (``.<name>.lock`` beside it, so BasicSR's
+    renaming of a finished folder to ``*_archived_*`` does not move it); BasicSR's log file is
     written (the plugin's logger exists before BasicSR asks for one with a file); and in training the option
     file is copied into the experiment folder only once training starts, so a refused resume leaves the
     recorded options of the previous run as they were.
@@ -127,7 +103,11 @@ def basicsr_pipeline(module: Any, args: argparse.Namespace, is_train: bool) -> I
                 warnings_at_start.append(warning)
             if opt['rank'] == 0:
                 folder = osp.join(root_path, 'experiments' if is_train else 'results', opt['name'])
-                held.enter_context(run_lock(folder, 'training' if is_train else 'test'))
+                kind = 'training' if is_train else 'test'
+                held.enter_context(exclusive_lock(
+                    Path(folder).with_name(f'.{osp.basename(folder)}.lock'),
+                    lambda holder: OptionError(f'{folder}: another {kind} with this name is running ({holder}); '
+                                               'wait for it to finish or choose another name')))
             used = osp.join(tmp, osp.basename(args.opt))
             with open(used, 'w') as f:
                 f.write(f'# {" ".join(sys.argv)}\n')

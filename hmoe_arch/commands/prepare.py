@@ -22,7 +22,6 @@ Inputs are bounded: an image file (or archive member, by its declared size) over
 an image whose header declares more than :data:`MAX_IMAGE_PIXELS` pixels, is refused before it is decoded.
 Hidden and system files (``.DS_Store``, ``Thumbs.db``, ``desktop.ini``, ``__MACOSX/``) are ignored.
 """
-import fcntl
 import hashlib
 import json
 import math
@@ -32,7 +31,6 @@ import shutil
 import urllib.request
 import zipfile
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -47,6 +45,7 @@ from ..data.degradations import DEGRADATIONS, crop_to_scale, downsample
 from ..data.images import decode_rgb
 from ..data.splits import stratified_split
 from ..errors import ImageError, PrepareError
+from .locking import exclusive_lock
 
 MAX_IMAGE_BYTES = 256 * 2**20
 """Largest image file read (archive members by their declared uncompressed size)."""
@@ -309,7 +308,8 @@ def prepare(dataset: str, source: Optional[Path], out: Path, *, scales: Sequence
     elif source is None:
         raise PrepareError('--source is required (the published archive or its folder) unless --download is given')
     arguments = _arguments(dataset, source, scales, seed, degradation, lmdb, skip_bad)
-    with _exclusive(out):
+    with exclusive_lock(out.with_name(out.name + '.lock'), remove_when_done=True, busy=lambda holder: PrepareError(
+            f'{out}: another prepare run is writing it ({holder}); wait for it to finish')):
         recorded = _already_prepared(out, arguments)
         if recorded is not None:
             logger.info(f'{out}: already prepared with these arguments; nothing to do.')
@@ -342,30 +342,6 @@ def prepare(dataset: str, source: Optional[Path], out: Path, *, scales: Sequence
 
 OWNER_FILE = '.prepare-owner'
 """Marker in ``DIR.incomplete``: the PID and arguments of the prepare run writing it."""
-
-
-@contextmanager
-def _exclusive(out: Path) -> Iterator[None]:
-    """Hold ``DIR.lock`` (``flock``, released by the kernel when the process ends) or refuse."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = out.with_name(out.name + '.lock')
-    handle = open(lock_path, 'a+')
-    try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or 'another process'
-            raise PrepareError(f'{out}: another prepare run is writing it ({holder}); wait for it to finish') \
-                from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f'pid {os.getpid()}')
-        handle.flush()
-        yield
-        lock_path.unlink(missing_ok=True)  # still held: a run that opened it before sees `out` and stops
-    finally:
-        handle.close()
 
 
 def _already_prepared(out: Path, arguments: Dict[str, object]) -> Optional[Dict[str, object]]:
