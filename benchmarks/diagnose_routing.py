@@ -38,16 +38,6 @@ from hmoe_arch.archs.routing import ROUTING_GRADS  # noqa: E402
 from hmoe_arch.data.rs_paired_dataset import RSPairedDataset  # noqa: E402
 
 TINY = dict(embed_dim=24, depths=[2, 2], num_heads=[4, 4], window_size=8, squeeze_factor=8, upscale=4)
-ROUTING_PREFIXES = ('upsample.0.gate.', 'aggr_conv.')
-
-
-def is_routing_parameter(name: str, net: MFGHMoEArch) -> bool:
-    """Routers, group embedding, MFA branches and the routing projection (what only the routing gradient reaches)."""
-    if name.startswith(ROUTING_PREFIXES):
-        return True
-    if name.startswith('mfg.'):
-        return int(name.split('.')[1]) % 2 == 1
-    return False
 
 
 def set_routing_grad(net: MFGHMoEArch, mode: str) -> None:
@@ -56,8 +46,10 @@ def set_routing_grad(net: MFGHMoEArch, mode: str) -> None:
 
 
 def backbone_grads(net: MFGHMoEArch) -> torch.Tensor:
+    """Gradients of the backbone: neither the routing parameters nor the expert bank."""
+    routing = set(net.routing_parameter_names())
     return torch.cat([p.grad.flatten() for n, p in net.named_parameters()
-                      if p.grad is not None and not is_routing_parameter(n, net) and not n.startswith('upsample.')])
+                      if p.grad is not None and n not in routing and not n.startswith('upsample.')])
 
 
 def train(mode: str, args: argparse.Namespace) -> List[Dict[str, float]]:
@@ -116,8 +108,9 @@ def train(mode: str, args: argparse.Namespace) -> List[Dict[str, float]]:
                        'iteration': iteration, 'loss': float(loss)}
                 g_mfa = math.sqrt(sum(float(g) ** 2 for g in branch_grads))
                 row['g_mfa / g_rec'] = g_mfa / float(rec_grads[0])
+                routing = set(net.routing_parameter_names())
                 routing_grad = [p.grad.flatten() for n, p in net.named_parameters()
-                                if p.grad is not None and is_routing_parameter(n, net)]
+                                if p.grad is not None and n in routing]
                 row['router grad'] = float(torch.cat(routing_grad).norm()) if routing_grad else 0.0
                 own = backbone_grads(net).clone()
                 saved = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}

@@ -99,8 +99,9 @@ def fetch_weights(url: str, cache_dir: Optional[Union[str, os.PathLike]] = None)
         partial = target.with_name(f'.{target.name}.partial-{os.getpid()}')
         try:
             torch.hub.download_url_to_file(address, str(partial), progress=False)
-            if expected is not None and _sha256(partial) != expected:
-                raise CheckpointError(f'{url}: the downloaded file has SHA-256 {_sha256(partial)}, not {expected}; '
+            found = file_digest(partial, 'sha256') if expected is not None else None
+            if found != expected:
+                raise CheckpointError(f'{url}: the downloaded file has SHA-256 {found}, not {expected}; '
                                       'it was not kept')
             os.replace(partial, target)
         except CheckpointError:
@@ -109,14 +110,15 @@ def fetch_weights(url: str, cache_dir: Optional[Union[str, os.PathLike]] = None)
             raise CheckpointError(f'{url}: cannot download it ({error})') from None
         finally:
             partial.unlink(missing_ok=True)
-    elif expected is not None and _sha256(target) != expected:
-        raise CheckpointError(f'{url}: the cached copy {target} has SHA-256 {_sha256(target)}, not {expected}; '
+    elif expected is not None and (found := file_digest(target, 'sha256')) != expected:
+        raise CheckpointError(f'{url}: the cached copy {target} has SHA-256 {found}, not {expected}; '
                               'remove it to download again')
     return target
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+def file_digest(path: Path, algorithm: str) -> str:
+    """Hex digest of a file read in 1 MiB chunks (``hashlib.file_digest`` needs Python 3.11)."""
+    digest = hashlib.new(algorithm)
     with open(path, 'rb') as f:
         for chunk in iter(lambda: f.read(1 << 20), b''):
             digest.update(chunk)

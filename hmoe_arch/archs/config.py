@@ -52,14 +52,14 @@ def upscale_of(state: Mapping) -> int:
     """The upscaling factor from the MoE experts (``scale**2 * C`` outputs) or HAT's pixel-shuffle convs."""
     experts = state.get('upsample.0.experts.0.weight')
     if experts is not None:
-        out_channels, in_channels = experts.shape[:2]
+        out_channels, in_channels = experts.shape[:2] if experts.dim() == 4 else (0, 0)
         scale = math.isqrt(out_channels // in_channels) if in_channels and out_channels % in_channels == 0 else 0
         if scale < 1 or scale * scale * in_channels != out_channels:
             raise ConfigError(f'upsample.0.experts.0.weight has the shape {list(experts.shape)}; an expert is a conv '
                               '(scale^2 * C, C, k, k)')
         return scale
     names = [k for k in state if k.startswith('upsample.') and k.endswith('.weight') and state[k].dim() == 4
-             and k.split('.')[1].isdigit()]
+             and k.split('.')[1].isdigit() and min(state[k].shape[:2]) > 0]
     convs = [state[k] for k in sorted(names, key=lambda k: int(k.split('.')[1]))]
     if convs and all(c.shape[0] == 4 * c.shape[1] for c in convs):
         return 2 ** len(convs)

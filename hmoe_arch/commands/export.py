@@ -22,7 +22,7 @@ from ..checkpoints import write_safetensors
 from ..errors import OptionError
 from ..options import plain_options
 from ..tiling import window_size_of
-from .infer import _options, load_network
+from .infer import load_network, network_options
 
 FORMATS = ('safetensors', 'onnx')
 ONNX_TOLERANCE = 1e-4
@@ -43,7 +43,7 @@ def export(weights: str, out: Path, *, fmt: str = 'safetensors', opt_path: Optio
         raise OptionError(f'--out {out}: already exists; choose another name (nothing is overwritten)')
     if out.suffix.lower() != f'.{fmt}':
         raise OptionError(f'--out {out}: expected a .{fmt} file name')
-    network = _options(opt_path, ())[0] if opt_path is not None else None
+    network = network_options(opt_path, ()) if opt_path is not None else None
     net = load_network(weights, network, torch.device('cpu'), overrides=arch_args)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f'.{out.stem}.partial-{os.getpid()}{out.suffix}')

@@ -19,7 +19,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..archs import MFGHMoEArch
-from ..archs.config import network_config
+from ..archs.config import network_config, upscale_of
 from ..archs.mfghmoe_arch import checkpoint_filter_fn
 from ..checkpoints import fetch_weights, is_url, read_checkpoint_file
 from ..data.images import decode_rgb
@@ -75,20 +75,18 @@ def measured_scale(net: torch.nn.Module, declared: Dict[str, int], device: torch
 
 
 def checkpoint_scale(state: Dict[str, torch.Tensor]) -> Optional[int]:
-    """The upscaling factor a state_dict was trained for, read from its upsampler's shapes (None if unknown)."""
-    experts = state.get('upsample.0.experts.0.weight')
-    if experts is not None:
-        if experts.dim() != 4 or min(experts.shape[:2]) < 1 or experts.shape[0] % experts.shape[1]:
-            raise OptionError(f'upsample.0.experts.0.weight has the shape {list(experts.shape)}; an expert of this '
-                              'network is a conv (scale^2 * C, C, k, k)')
-        return round(math.sqrt(experts.shape[0] / experts.shape[1]))
-    convs = [state[k] for k in sorted(state) if k.startswith('upsample.') and k.endswith('.weight')
-             and state[k].dim() == 4 and min(state[k].shape[:2]) > 0]
-    if convs and all(c.shape[0] == 4 * c.shape[1] for c in convs):
-        return 2 ** len(convs)
-    if len(convs) == 1 and convs[0].shape[0] == 9 * convs[0].shape[1]:
-        return 3
-    return None
+    """The upscaling factor a state_dict was trained for, read from its upsampler's shapes
+    (:func:`hmoe_arch.archs.config.upscale_of`); None when it has no upsampler that tells.
+
+    Raises:
+        OptionError: for MoE experts of an impossible shape.
+    """
+    try:
+        return upscale_of(state)
+    except ConfigError as error:
+        if 'upsample.0.experts.0.weight' in state:
+            raise OptionError(str(error)) from None
+        return None
 
 
 def network_options(opt_path: Optional[Path], arch_args: Sequence[str]) -> Dict[str, Any]:
@@ -225,9 +223,9 @@ def read_rgb(path: Path) -> np.ndarray:
     return np.ascontiguousarray(img[..., ::-1]).astype(np.float32) / 255.0
 
 
-def output_paths(inputs: List[Path], input_path: Path, output: Path) -> List[Tuple[Path, Path]]:
-    """``(input, output)`` pairs; refuses an unsupported suffix, an output under a file, and any output that is
-    one of the inputs."""
+def output_paths(inputs: List[Path], input_path: Path, output: Path) -> List[Tuple[Path, Path, bool]]:
+    """``(input, output, georeferenced)`` for each input (each is opened once to tell whether it is a GeoTIFF);
+    refuses an unsupported suffix, an output under a file, and any output that is one of the inputs."""
     for parent in [output, *output.parents]:
         if parent.exists():
             if not parent.is_dir() and parent != output:
@@ -242,10 +240,11 @@ def output_paths(inputs: List[Path], input_path: Path, output: Path) -> List[Tup
                           'give a folder')
     pairs = []
     for path in inputs:
-        suffix = '.tif' if is_georeferenced(path) else '.png'
-        pairs.append((path, output if single_file else output / f'{path.stem}_SR{suffix}'))
+        georeferenced = is_georeferenced(path)
+        suffix = '.tif' if georeferenced else '.png'
+        pairs.append((path, output if single_file else output / f'{path.stem}_SR{suffix}', georeferenced))
     sources = {p.resolve() for p in inputs}
-    for source, target in pairs:
+    for _, target, _ in pairs:
         for written in (target, target.with_name(f'{target.stem}_experts{target.suffix}')):
             if written.resolve() in sources:
                 raise OptionError(f'--output {target}: would overwrite the input {written}; choose another name')
@@ -342,15 +341,15 @@ def infer(weights: Union[str, Path], input_path: Path, output: Path, *, opt_path
     scale = measured_scale(net, declared, torch.device(device), window)
     if expert_map and not (isinstance(net, MFGHMoEArch) and net.moe):
         raise OptionError('--expert-map needs an MFGHMoEArch with its MoE upsampler')
-    for folder in sorted({target.parent for _, target in pairs}):
+    for folder in sorted({target.parent for _, target, _ in pairs}):
         writable_folder(folder)
     logger = get_root_logger()
     for path, reason in failed:
         logger.error(f'{path}: {reason}; skipped')
     written = []
-    for source, target in tqdm(pairs, unit='image', disable=not progress):
+    for source, target, georeferenced in tqdm(pairs, unit='image', disable=not progress):
         try:
-            if is_georeferenced(source):
+            if georeferenced:
                 maps = target.with_name(f'{target.stem}_experts.tif') if expert_map else None
                 _write_geotiff(net, source, target, maps, scale=scale, window_size=window, tile=tile, tile_pad=tile_pad,
                                bands=bands, block=block, device=torch.device(device), progress=progress)

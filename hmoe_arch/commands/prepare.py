@@ -41,6 +41,7 @@ from basicsr.utils import get_root_logger
 from basicsr.utils.lmdb_util import LmdbMaker
 from tqdm import tqdm
 
+from ..checkpoints import file_digest
 from ..data.degradations import DEGRADATIONS, crop_to_scale, downsample
 from ..data.images import decode_rgb
 from ..data.splits import stratified_split
@@ -188,7 +189,7 @@ def download_archive(spec: DatasetSpec, dest: Path, opener: Optional[Callable] =
                            f'archive from its official page and pass it with --source')
     target = dest / spec.archive if dest.is_dir() else dest
     target.parent.mkdir(parents=True, exist_ok=True)
-    if target.is_file() and _md5(target) == spec.md5:
+    if target.is_file() and file_digest(target, 'md5') == spec.md5:
         return target
     partial = target.with_name(target.name + '.part')
     digest = hashlib.md5()
@@ -209,14 +210,6 @@ def download_archive(spec: DatasetSpec, dest: Path, opener: Optional[Callable] =
                            'the download was removed')
     partial.replace(target)
     return target
-
-
-def _md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass
