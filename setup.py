@@ -8,7 +8,10 @@ from setuptools.command.editable_wheel import editable_wheel
 HERE = Path(__file__).parent
 START_UP = 'hmoe_arch_import_hook.pth'
 """Put in site-packages: Python runs it at start-up (see hmoe_arch_import_hook.py)."""
-START_UP_LINE = 'import hmoe_arch_import_hook; hmoe_arch_import_hook.install()\n'
+START_UP_LINE = ("import importlib.util as _util; _util.find_spec('hmoe_arch_import_hook') is not None and "
+                 "__import__('hmoe_arch_import_hook').install()\n")
+"""A no-op when the module is gone (an editable install whose checkout was moved or deleted): a failing line
+would print a traceback at every Python start-up."""
 
 
 class BuildWithStartUpHook(build_py):

@@ -34,6 +34,25 @@ def test_start_up_hook_is_cheap() -> None:
     assert out == 'False False FunctionalTensorFinder'
 
 
+def start_up_line() -> str:
+    """The line the installed ``hmoe_arch_import_hook.pth`` holds (skips when the package is not installed)."""
+    import sysconfig
+    from pathlib import Path
+    path = Path(sysconfig.get_paths()['purelib']) / 'hmoe_arch_import_hook.pth'
+    if not path.is_file():
+        pytest.skip(f'hmoe_arch is not pip-installed here: {path} is missing')
+    return path.read_text()
+
+
+@pytest.mark.slow
+def test_start_up_line_is_silent_when_its_checkout_is_gone(tmp_path) -> None:
+    # -S: no site-packages, so the module cannot be found, as after deleting an editable install's checkout
+    line = start_up_line()
+    result = subprocess.run([sys.executable, '-S', '-c', f'exec({line!r}); print("started")'], capture_output=True,
+                            text=True, timeout=60, cwd=tmp_path)
+    assert (result.returncode, result.stdout.strip(), result.stderr) == (0, 'started', '')
+
+
 def test_stand_in_matches_torchvision() -> None:
     import importlib
     module = importlib.import_module(FUNCTIONAL_TENSOR)
