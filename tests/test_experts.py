@@ -106,3 +106,22 @@ def test_routing_maps_of_the_last_forward() -> None:
     assert torch.equal(maps['expert'] // 2, maps['group'].unsqueeze(-1).expand(-1, -1, -1, 2))
     torch.testing.assert_close(maps['weight'].sum(-1), torch.ones(3, 2, 5))
     assert not maps['weight'].requires_grad
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize('routing', ['dual', 'single'])
+def test_a_network_cast_to_another_dtype_routes_in_float32_or_wider(dtype: torch.dtype, routing: str) -> None:
+    torch.manual_seed(0)
+    moe = HeterogeneousMoE(4, 2, 4, [(1, 2), (3, 2)], 1, routing).eval()
+    with torch.no_grad():  # routers and features exact in bfloat16: every dtype must take the float32 decisions
+        for p in moe.gate.parameters():
+            p.copy_(p.bfloat16().float())
+    x, features = torch.randn(2, 4, 3, 5), torch.randn(2, 4, 3, 5).bfloat16().float()
+    with torch.no_grad():
+        expected = moe(x, features)
+        wanted = moe.last_routing.expert.clone()
+        out = moe.to(dtype)(x.to(dtype), features.to(dtype))
+    assert out.dtype == dtype and next(moe.gate.parameters()).dtype == dtype
+    assert moe.last_routing.weight.dtype == torch.promote_types(dtype, torch.float32)
+    assert torch.equal(moe.last_routing.expert, wanted)
+    torch.testing.assert_close(out.float(), expected, atol=5e-2 if dtype == torch.bfloat16 else 5e-3, rtol=0)

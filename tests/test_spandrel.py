@@ -63,3 +63,18 @@ def test_without_spandrel_the_import_names_the_extra() -> None:
             'try:\n    import hmoe_arch.spandrel\nexcept ImportError as error:\n    print(error)')
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300).stdout.strip()
     assert out == 'hmoe_arch.spandrel needs spandrel: pip install -e .[spandrel]'
+
+
+def test_bfloat16_as_advertised(tmp_path: Path) -> None:
+    config = tiny(expert_groups=[{'kernel_size': 1, 'num_experts': 2}, {'kernel_size': 3, 'num_experts': 2}])
+    torch.manual_seed(0)
+    net = MFGHMoEArch(**config).eval()
+    torch.save({'params': net.state_dict(), 'network_g': config}, tmp_path / 'w.pth')
+    model = spandrel.ModelLoader().load_from_file(tmp_path / 'w.pth')
+    assert model.supports_bfloat16
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        expected = model(x)
+        out = model.to(torch.bfloat16)(x.bfloat16())
+    assert out.dtype == torch.bfloat16 and out.shape == expected.shape
+    assert (out.float() - expected).abs().mean() < 0.01

@@ -165,15 +165,24 @@ class HeterogeneousMoE(nn.Module):
             :meth:`aux_loss` computes its load-balancing loss on demand.
         """
         batch, _, height, width = x.shape
-        # routing decisions in fp32 whatever the autocast precision of the rest
-        with torch.autocast(device_type=x.device.type, enabled=False), \
-                torch.set_grad_enabled(torch.is_grad_enabled() and self.routing_grad != 'none'):
-            routing = self.gate(rearrange(routing_features, 'b c h w -> (b h w) c').float())
+        routing = self.route(rearrange(routing_features, 'b c h w -> (b h w) c'))
         self.last_routing = routing.detach()
         self._routing_with_graph = routing
         self.last_grid = (batch, height, width)
         rows = self.dense_dispatch(x, routing) if self.dense else self.dispatch(x, routing)
         return rearrange(rows, '(b h w) o -> b o h w', b=batch, h=height, w=width)
+
+    def route(self, rows: torch.Tensor) -> Routing:
+        """The routers on ``(N, routing_dim)`` rows, in float32 or wider whatever the precision of the rest
+        (autocast, or a network cast to bfloat16/float16): arg-max decisions are not taken in 8 mantissa bits."""
+        gate_dtype = next(self.gate.parameters()).dtype
+        dtype = torch.promote_types(gate_dtype, torch.float32)
+        with torch.autocast(device_type=rows.device.type, enabled=False), \
+                torch.set_grad_enabled(torch.is_grad_enabled() and self.routing_grad != 'none'):
+            if gate_dtype == dtype:
+                return self.gate(rows.to(dtype))
+            widened = {name: p.to(dtype) for name, p in self.gate.named_parameters()}
+            return torch.func.functional_call(self.gate, widened, (rows.to(dtype),))
 
     def aux_loss(self) -> torch.Tensor:
         """Load-balancing loss of the last forward's routing (differentiable in training)."""
