@@ -40,7 +40,8 @@ def test_round_trip_rebuilds_the_same_network(config: dict) -> None:
         torch.testing.assert_close(rebuilt(x), net(x), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize('name', ['official_mfghmoe_x4.pt', 'official_mfghmoe_x2.pt', 'hat_x4.pt'])
+@pytest.mark.parametrize('name', ['tiny_authors_x2', 'tiny_hat_x2', 'official_mfghmoe_x4', 'official_mfghmoe_x2',
+                                  'hat_x4'])
 def test_foreign_checkpoints_reproduce_their_reference_outputs(name: str) -> None:
     ref = load_reference(name)
     config = config_from_state_dict(ref['state_dict'])

@@ -44,17 +44,18 @@ def test_single_file_through_the_command_line(tmp_path: Path, weights: Path) -> 
     assert code == 0 and cv2.imread(str(tmp_path / 'scene_x2.png')).shape == (32, 32, 3)
 
 
-@pytest.mark.parametrize('name', ['hat_x4', 'official_mfghmoe_x4'])
+@pytest.mark.parametrize('name', ['tiny_hat_x2', 'tiny_authors_x2', 'hat_x4', 'official_mfghmoe_x4'])
 def test_hat_and_authors_weights(tmp_path: Path, name: str) -> None:
-    ref = load_reference(f'{name}.pt')
+    ref = load_reference(name)
+    scale, window = ref['config']['upscale'], ref['config']['window_size']
     path = tmp_path / f'{name}.pth'
     torch.save({'params_ema': ref['state_dict']}, path)
-    extra = {'moe': False, 'mfa': False, 'rgb_mean': HAT_RGB_MEAN} if name.startswith('hat') else {}
+    extra = {'moe': False, 'mfa': False, 'rgb_mean': HAT_RGB_MEAN} if 'hat' in name else {}
     args = [f'{k}={v}' for k, v in {**ref['config'], **extra}.items()]
     net = load_network(path, network_options(None, args), torch.device('cpu'))
-    assert checkpoint_scale(ref['state_dict']) == 4
+    assert checkpoint_scale(ref['state_dict']) == scale
     with torch.no_grad():
-        out = blended_tiled_forward(net, ref['input'][:1], 4, 8, tile=64, overlap=8)
+        out = blended_tiled_forward(net, ref['input'][:1], scale, window, tile=64, overlap=8)
     assert (out - ref['output'][:1]).abs().max() <= 1e-4
 
 

@@ -8,12 +8,25 @@ import torch
 
 from hmoe_arch import MFGHMoEArch
 
-from util import HAT_RGB_MEAN, SMALL_GROUPS, load_reference, reference_file, tiny, tiny_hat
+from util import (
+    AUTHORS_REFERENCES,
+    HAT_REFERENCES,
+    HAT_RGB_MEAN,
+    REFERENCE_DIR,
+    SMALL_GROUPS,
+    TEST_DATA,
+    full_size_spec,
+    load_reference,
+    reference_file,
+    tiny,
+    tiny_hat,
+)
+
+REFERENCE_PEERS = REFERENCE_DIR.parent / 'peers'
 
 
 def spec_keys(name: str) -> Dict[str, Any]:
-    with open(reference_file('state_dict_spec_full.json')) as f:
-        return json.load(f)[name]
+    return full_size_spec(name)
 
 
 def shapes(net: torch.nn.Module) -> Dict[str, List[int]]:
@@ -201,7 +214,7 @@ def test_every_parameter_gets_a_gradient_with_moe_and_mfa() -> None:
 # ------------------------------------------------------------------------------------------------------
 # reference vectors
 @pytest.mark.parametrize('attention', ['sdpa', 'plain'])
-@pytest.mark.parametrize('name', ['hat_x2', 'hat_x4'])
+@pytest.mark.parametrize('name', HAT_REFERENCES)
 def test_hat_reference_vectors(name: str, attention: str) -> None:
     ref = load_reference(f'{name}.pt')
     net = MFGHMoEArch(**ref['config'], moe=False, mfa=False, rgb_mean=HAT_RGB_MEAN, attention=attention).eval()
@@ -213,7 +226,7 @@ def test_hat_reference_vectors(name: str, attention: str) -> None:
 
 
 @pytest.mark.parametrize('attention', ['sdpa', 'plain'])
-@pytest.mark.parametrize('name', ['official_mfghmoe_x2', 'official_mfghmoe_x4'])
+@pytest.mark.parametrize('name', AUTHORS_REFERENCES)
 def test_authors_reference_vectors(name: str, attention: str) -> None:
     ref = load_reference(f'{name}.pt')
     net = MFGHMoEArch(**ref['config'], attention=attention).eval()
@@ -223,7 +236,7 @@ def test_authors_reference_vectors(name: str, attention: str) -> None:
     assert (out - ref['output']).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize('name', ['official_mfghmoe_x2', 'official_mfghmoe_x4'])
+@pytest.mark.parametrize('name', AUTHORS_REFERENCES)
 def test_authors_option_file_type_builds_the_same_network(name: str) -> None:
     from basicsr.archs import build_network
     ref = load_reference(f'{name}.pt')
@@ -246,6 +259,30 @@ def test_full_size_authors_layout() -> None:
     assert shapes(net) == spec['keys']
 
 
+def test_committed_layouts_equal_the_shared_ones() -> None:
+    with open(reference_file('state_dict_spec_full.json')) as f:
+        shared = json.load(f)
+    assert {name: full_size_spec(name) for name in shared} == shared
+
+
+@pytest.mark.slow
+def test_committed_vectors_are_what_the_script_makes(tmp_path) -> None:
+    """tests/data/make_reference.py rebuilds the committed files byte for byte (HAT's code and the authors'
+    vectors in ../shared are its inputs)."""
+    import subprocess
+    import sys
+    reference_file('official_mfghmoe_x2.pt')
+    if not (REFERENCE_PEERS / 'HAT' / 'hat' / 'archs' / 'hat_arch.py').is_file():
+        pytest.skip(f'HAT peer code not available: {REFERENCE_PEERS}/HAT is missing (it ships in ../shared/peers)')
+    result = subprocess.run([sys.executable, str(TEST_DATA.parent / 'make_reference.py'), '--out', str(tmp_path)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    made = sorted(p.name for p in tmp_path.iterdir())
+    assert made == sorted(p.name for p in TEST_DATA.iterdir())
+    for name in made:
+        assert (tmp_path / name).read_bytes() == (TEST_DATA / name).read_bytes(), name
+
+
 def test_default_is_the_paper_configuration() -> None:
     spec = spec_keys('official_mfghmoe_x4')
     assert shapes(MFGHMoEArch()) == spec['keys']
@@ -253,8 +290,9 @@ def test_default_is_the_paper_configuration() -> None:
 
 # ------------------------------------------------------------------------------------------------------
 # loading foreign checkpoints
-def test_hat_checkpoint_fills_the_backbone_and_reports_the_rest(tmp_path, basicsr_log) -> None:
-    ref = load_reference('hat_x4.pt')
+@pytest.mark.parametrize('name', ['tiny_hat_x2', 'hat_x4'])
+def test_hat_checkpoint_fills_the_backbone_and_reports_the_rest(tmp_path, basicsr_log, name: str) -> None:
+    ref = load_reference(name)
     path = tmp_path / 'net_g_hat.pth'
     torch.save({'params_ema': ref['state_dict']}, path)
     net = MFGHMoEArch(**ref['config'])
@@ -265,22 +303,24 @@ def test_hat_checkpoint_fills_the_backbone_and_reports_the_rest(tmp_path, basics
     for key in backbone:
         assert torch.equal(own[key], ref['state_dict'][key]), key
     assert report.kept_init == ['mfg', 'aggr_conv', 'upsample']
-    assert [u.split()[0] for u in report.unused] == ['upsample.0.weight', 'upsample.0.bias', 'upsample.2.weight',
-                                                     'upsample.2.bias']
+    hat_upsampler = [k for k in ref['state_dict'] if k.startswith('upsample.')]
+    assert [u.split()[0] for u in report.unused] == hat_upsampler and len(hat_upsampler) == 2 * (
+        ref['config']['upscale'] // 2)
     assert len(basicsr_log) == 1
     assert 'Kept their initialisation: mfg, aggr_conv, upsample' in basicsr_log[0]
     assert str(path) in basicsr_log[0]
 
 
 def test_strict_load_names_what_differs() -> None:
-    ref = load_reference('hat_x4.pt')
+    ref = load_reference('tiny_hat_x2')
     net = MFGHMoEArch(**ref['config'])
     with pytest.raises(ValueError, match=r'(?s)strict=True.*mfg, aggr_conv, upsample.*upsample\.0\.weight'):
         net.load_pretrained(ref['state_dict'], strict=True)
 
 
-def test_authors_checkpoint_loads_strictly_with_module_prefix(basicsr_log) -> None:
-    ref = load_reference('official_mfghmoe_x2.pt')
+@pytest.mark.parametrize('name', ['tiny_authors_x2', 'official_mfghmoe_x2'])
+def test_authors_checkpoint_loads_strictly_with_module_prefix(basicsr_log, name: str) -> None:
+    ref = load_reference(name)
     net = MFGHMoEArch(**ref['config']).eval()
     report = net.load_pretrained({'params': {f'module.{k}': v for k, v in ref['state_dict'].items()}}, strict=True)
     assert report.kept_init == [] and report.unused == []

@@ -130,8 +130,9 @@ def test_routing_statistics_since_the_last_log(tmp_path: Path) -> None:
     assert 'routing/entropy' not in model.get_current_log()
 
 
-def test_hat_checkpoint_as_pretrained_network(tmp_path: Path, basicsr_log) -> None:
-    ref = load_reference('hat_x2.pt')
+@pytest.mark.parametrize('name', ['tiny_hat_x2', 'hat_x2'])
+def test_hat_checkpoint_as_pretrained_network(tmp_path: Path, basicsr_log, name: str) -> None:
+    ref = load_reference(name)
     path = tmp_path / 'HAT_SRx2.pth'
     torch.save({'params_ema': ref['state_dict']}, path)
     network = {'type': 'MFGHMoEArch', **ref['config']}

@@ -16,7 +16,7 @@ from hmoe_arch.commands.cli import main
 from hmoe_arch.errors import OptionError
 from hmoe_arch.options import apply_force_yml, parse_options
 
-from util import reference_file
+from util import full_size_spec
 
 OPTIONS = Path(__file__).resolve().parents[1] / 'options'
 EXPERIMENT_FILES = sorted(p.name for p in OPTIONS.glob('*.yml'))
@@ -88,8 +88,7 @@ def test_from_hat_file_points_at_a_hat_checkpoint() -> None:
 def test_network_blocks_build_the_published_layouts(relative: str) -> None:
     opt = yaml.safe_load((OPTIONS / relative).read_text())
     net = build_network(dict(opt['network_g']))
-    with open(reference_file('state_dict_spec_full.json')) as f:
-        spec = json.load(f)[ARCH_LAYOUTS[relative]]
+    spec = full_size_spec(ARCH_LAYOUTS[relative])
     assert {k: list(v.shape) for k, v in net.state_dict().items()} == spec['keys']
 
 

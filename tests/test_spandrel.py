@@ -36,11 +36,12 @@ def test_our_checkpoints_load_as_mfghmoe_with_equal_outputs(config: dict, tmp_pa
         assert (model(x) - expected).abs().max() <= 1e-5
 
 
-def test_the_authors_checkpoint_loads_and_reproduces_their_output(tmp_path: Path) -> None:
-    ref = load_reference('official_mfghmoe_x4.pt')
+@pytest.mark.parametrize('name', ['tiny_authors_x2', 'official_mfghmoe_x4'])
+def test_the_authors_checkpoint_loads_and_reproduces_their_output(tmp_path: Path, name: str) -> None:
+    ref = load_reference(name)
     torch.save({'params': ref['state_dict']}, tmp_path / 'authors.pth')
     model = spandrel.ModelLoader().load_from_file(tmp_path / 'authors.pth')
-    assert model.architecture.id == 'MFGHMoE' and model.scale == 4
+    assert model.architecture.id == 'MFGHMoE' and model.scale == ref['config']['upscale']
     with torch.no_grad():
         assert (model(ref['input']) - ref['output'].clamp(0, 1)).abs().max() <= 1e-5
 

@@ -1,4 +1,6 @@
 """Helpers the tests share (configurations, reference vectors, synthetic datasets); fixtures are in conftest.py."""
+import gzip
+import json
 from pathlib import Path
 from typing import Any, Dict
 
@@ -25,8 +27,17 @@ def tiny_hat(**overrides: Any) -> Dict[str, Any]:
     return tiny(moe=False, mfa=False, rgb_mean=HAT_RGB_MEAN, **overrides)
 
 
+TEST_DATA = Path(__file__).resolve().parent / 'data' / 'reference'
+"""Small reference vectors committed with the tests (how they were made: tests/data/README.md)."""
+SHARED_REFERENCES = ['hat_x2', 'hat_x4', 'official_mfghmoe_x2', 'official_mfghmoe_x4']
+"""In ../shared/reference (the paper's small config: 37 MB in all, so not in the repository)."""
+HAT_REFERENCES = ['tiny_hat_x2', 'hat_x2', 'hat_x4']
+AUTHORS_REFERENCES = ['tiny_authors_x2', 'official_mfghmoe_x2', 'official_mfghmoe_x4']
+"""Reference names, committed ones first: a fresh clone runs those, CI runs all."""
+
+
 def reference_file(name: str) -> Path:
-    """Path of a reference file; skips the test with the reason when ../shared/reference lacks it."""
+    """Path of a reference file in ../shared/reference; skips the test with the reason when it is missing."""
     path = REFERENCE_DIR / name
     if not path.is_file():
         pytest.skip(f'reference vectors not available: {path} is missing (they ship in ../shared/reference)')
@@ -34,7 +45,22 @@ def reference_file(name: str) -> Path:
 
 
 def load_reference(name: str) -> Dict[str, Any]:
-    return torch.load(reference_file(name), map_location='cpu', weights_only=True)
+    """``config``, ``state_dict``, ``input`` and ``output`` of a reference vector (``name`` with or without
+    ``.pt``): the committed ones in tests/data/reference, the others from ../shared/reference."""
+    stem = name[:-3] if name.endswith('.pt') else name
+    local = TEST_DATA / f'{stem}.pt'
+    if not local.is_file():
+        return torch.load(reference_file(f'{stem}.pt'), map_location='cpu', weights_only=True)
+    stored = torch.load(local, map_location='cpu', weights_only=True)
+    weights = {k: v.float() * 2.0 ** stored['state_dict_exponent'][k] for k, v in stored['state_dict_int8'].items()}
+    return {'config': stored['config'], 'state_dict': {**weights, **stored['state_dict_other']},
+            'input': stored['input_uint8'].float() / 255, 'output': stored['output']}
+
+
+def full_size_spec(name: str) -> Dict[str, Any]:
+    """Every state_dict key and shape of ``official_mfghmoe_x4`` or ``hat_x4`` at the paper's full size."""
+    with gzip.open(TEST_DATA / 'state_dict_spec_full.json.gz', 'rt') as f:
+        return json.load(f)[name]
 
 
 SHARED_DATA = REFERENCE_DIR.parent / 'data'
