@@ -96,7 +96,7 @@ def train(mode: str, args: argparse.Namespace) -> List[Dict[str, float]]:
             rng = torch.get_rng_state()  # the reference pass below draws the same drop-path masks
             loss = (net(batch['lq']) - batch['gt']).abs().mean()
             if args.aux_weight and mode != 'none':
-                (loss + args.aux_weight * net.aux_loss).backward()
+                (loss + args.aux_weight * net.aux_loss()).backward()
             else:
                 loss.backward()
             chosen = moe.last_routing.expert.flatten()

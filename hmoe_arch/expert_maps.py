@@ -102,3 +102,29 @@ def lr_expert_map(net, lr_height: int, lr_width: int) -> np.ndarray:
     """Top-1 expert of each LR pixel of the last forward's first image, cropped to the unpadded LR size."""
     maps = net.routing_maps()
     return maps['expert'][0, :lr_height, :lr_width, 0].cpu().numpy()
+
+
+class ExpertMapWriter:
+    """Routing maps of one evaluation pass: an overlay PNG per image (:func:`save_expert_map`) in ``folder``, and
+    ``expert_usage.csv`` (pixel fractions per scene class, :class:`UsageByClass`) there on :meth:`close`.
+
+    Args:
+        folder: Output folder (created when the first file is written).
+        net: The MFGHMoEArch (with MoE) whose routing is drawn.
+        scale: Upscaling factor (LR pixel -> ``scale x scale`` block of the overlay).
+    """
+
+    def __init__(self, folder: Path, net, scale: int) -> None:
+        self.folder = folder
+        self.scale = scale
+        self.group_sizes = group_sizes_of(net)
+        self.usage = UsageByClass(sum(self.group_sizes))
+
+    def add(self, stem: str, net, lr_height: int, lr_width: int, sr_bgr: np.ndarray) -> None:
+        """Record the last forward of ``net`` (first image of the batch) as ``<stem>.png``."""
+        expert = lr_expert_map(net, lr_height, lr_width)
+        self.usage.add(stem, expert)
+        save_expert_map(self.folder / f'{stem}.png', sr_bgr, expert, self.group_sizes, self.scale)
+
+    def close(self) -> None:
+        self.usage.write_csv(self.folder / 'expert_usage.csv')

@@ -202,7 +202,7 @@ def test_every_parameter_gets_a_gradient_with_moe_and_mfa() -> None:
     used = set(net.routing_maps()['expert'].flatten().tolist())
     assert used == {0, 1, 2, 3}, 'precondition: the input routes pixels to every expert'
     assert set(net.routing_maps()['group'].flatten().tolist()) == {0, 1}
-    (out.abs().mean() + 0.01 * net.aux_loss).backward()
+    (out.abs().mean() + 0.01 * net.aux_loss()).backward()
     missing = [n for n, p in net.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert missing == []
     for name in ('upsample.0.gate.w_group_gate.weight', 'upsample.0.gate.w_expert_gates.0.weight',
@@ -468,7 +468,7 @@ def test_routing_variants_train(routing: str, top_k: int) -> None:
     out = net(torch.rand(2, 3, 8, 8))
     assert out.shape == (2, 3, 16, 16)
     assert net.routing_maps()['expert'].shape == (2, 8, 8, top_k)
-    (out.mean() + net.aux_loss).backward()
+    (out.mean() + net.aux_loss()).backward()
     gate = net.upsample.moe.gate
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gate.parameters())
     if routing == 'single':
@@ -478,7 +478,7 @@ def test_routing_variants_train(routing: str, top_k: int) -> None:
 def test_aux_loss_and_routing_maps_without_moe_are_none() -> None:
     net = MFGHMoEArch(**tiny_hat())
     net(torch.rand(1, 3, 8, 8))
-    assert net.aux_loss is None and net.routing_maps() is None
+    assert net.aux_loss() is None and net.routing_maps() is None
 
 
 def test_routing_maps_are_from_the_last_forward_without_a_second_one() -> None:

@@ -94,7 +94,7 @@ def test_aux_loss_is_added_with_its_weight(tmp_path: Path) -> None:
     model.optimize_parameters(1)
     log = model.get_current_log()
     bare = model.get_bare_model(model.net_g)
-    assert log['l_aux'] == pytest.approx(0.5 * bare.aux_loss.item(), rel=1e-5)
+    assert log['l_aux'] == pytest.approx(0.5 * bare.aux_loss().item(), rel=1e-5)
     plain = build_model(options(tmp_path))
     feed(plain)
     plain.optimize_parameters(1)
@@ -108,6 +108,18 @@ def test_aux_loss_needs_routers_that_learn(tmp_path: Path) -> None:
     opt['network_g']['routing_grad'] = 'none'
     with pytest.raises(ValueError, match='aux_loss_weight` > 0 needs routers that learn, but `network_g.routing_grad` '
                                          'is none'):
+        build_model(opt)
+
+
+def test_aux_loss_needs_a_network_with_routers(tmp_path: Path) -> None:
+    opt = options(tmp_path, train={'aux_loss_weight': 0.1})
+    opt['network_g'].update(moe=False, mfa=False, routing_grad='isolated')
+    with pytest.raises(ValueError, match=r'aux_loss_weight` > 0 needs an MFGHMoEArch network with `moe: true` .* '
+                                         'but network_g is MFGHMoEArch with moe: false; set the weight to 0'):
+        build_model(opt)
+    opt['network_g'] = {'type': 'MSRResNet', 'num_in_ch': 3, 'num_out_ch': 3, 'num_feat': 8, 'num_block': 1,
+                        'upscale': 2}
+    with pytest.raises(ValueError, match='but network_g is MSRResNet; set the weight to 0'):
         build_model(opt)
 
 
@@ -149,7 +161,7 @@ def test_hat_checkpoint_as_pretrained_network(tmp_path: Path, basicsr_log, name:
 
 def test_other_basicsr_networks_still_work(tmp_path: Path) -> None:
     network = {'type': 'EDSR', 'num_in_ch': 3, 'num_out_ch': 3, 'num_feat': 8, 'num_block': 1, 'upscale': 2}
-    model = build_model(options(tmp_path, network_g=network, train={'aux_loss_weight': 0.1}))
+    model = build_model(options(tmp_path, network_g=network))
     feed(model, 5, 7)
     model.optimize_parameters(1)
     assert set(model.get_current_log()) == {'l_pix'}

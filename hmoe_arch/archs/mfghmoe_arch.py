@@ -7,7 +7,7 @@ Configurations:
 - ``mfa: false, moe: false, rgb_mean: [0.4488, 0.4371, 0.4040]``: exactly HAT (same keys, same outputs).
 
 ``forward(x)`` returns only the SR image, as HAT's does; the auxiliary load-balancing loss and the routing of
-the last forward are attributes (:attr:`MFGHMoEArch.aux_loss`, :meth:`MFGHMoEArch.routing_maps`).
+the last forward come from methods (:meth:`MFGHMoEArch.aux_loss`, :meth:`MFGHMoEArch.routing_maps`).
 """
 import difflib
 import inspect
@@ -346,10 +346,9 @@ class MFGHMoEArch(nn.Module):
 
     # ----------------------------------------------------------------------------------------------------
     # what the model may read after a forward
-    @property
     def aux_loss(self) -> Optional[torch.Tensor]:
-        """Load-balancing loss of the last forward, computed when read (1.0 for a perfectly balanced routing);
-        ``None`` without MoE. In training it carries the forward's graph: read it before ``backward``."""
+        """Computes the load-balancing loss of the last forward's routing (1.0 for a perfectly balanced routing);
+        ``None`` without MoE. In training it joins the forward's graph: call it before ``backward``."""
         return self.upsample.moe.aux_loss() if self.moe else None
 
     def routing_parameter_names(self) -> List[str]:

@@ -12,7 +12,7 @@ Differences from ``SRModel`` (everything else is SRModel's):
   network's train/eval mode is restored afterwards;
 - ``setup_optimizers``: with ``train.routing_lr_scale`` the routing parameters (routers, group embedding, MFA
   branches, ``aggr_conv``) learn at that multiple of the learning rate (a second Adam parameter group);
-- ``optimize_parameters``: adds ``train.aux_loss_weight * net_g.aux_loss`` (logged as ``l_aux``) when the
+- ``optimize_parameters``: adds ``train.aux_loss_weight * net_g.aux_loss()`` (logged as ``l_aux``) when the
   weight is positive, and records which expert each LR pixel used;
 - ``get_current_log``: adds expert usage since the last log (``routing/group_{g}``, ``routing/expert_{e}``:
   fractions of routed LR pixels, summed over ranks; ``routing/entropy``: entropy of the expert usage in nats,
@@ -47,7 +47,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..archs import MFGHMoEArch
 from ..checkpoints import CONFIG_ENTRY
 from ..errors import NonFiniteLossError, OptionError
-from ..expert_maps import UsageByClass, group_sizes_of, lr_expert_map, save_expert_map
+from ..expert_maps import ExpertMapWriter, group_sizes_of
 from ..options import plain_options
 from ..tiling import padded_forward, tiled_forward, window_size_of
 
@@ -80,7 +80,11 @@ class MFGHMoEModel(SRModel):
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
             raise ValueError(f'MFGHMoEModel: `train.aux_loss_weight` must be a number >= 0, got {weight!r}')
         self.aux_loss_weight = float(weight)
-        if self.aux_loss_weight > 0 and getattr(bare, 'routing_grad', None) == 'none':
+        if self.aux_loss_weight > 0 and not (isinstance(bare, MFGHMoEArch) and bare.moe):
+            raise ValueError('MFGHMoEModel: `train.aux_loss_weight` > 0 needs an MFGHMoEArch network with `moe: true` '
+                             f'(the load-balancing loss of its routers), but network_g is {type(bare).__name__}'
+                             f'{" with moe: false" if isinstance(bare, MFGHMoEArch) else ""}; set the weight to 0')
+        if self.aux_loss_weight > 0 and bare.routing_grad == 'none':
             raise ValueError('MFGHMoEModel: `train.aux_loss_weight` > 0 needs routers that learn, but '
                              '`network_g.routing_grad` is none (the load-balancing loss would reach no parameter); '
                              'set routing_grad to isolated or straight_through, or the weight to 0')
@@ -103,8 +107,9 @@ class MFGHMoEModel(SRModel):
                 # a compiled view of the same module: BasicSR's EMA update walks net_g_ema's own parameters
                 self._inference_net = torch.compile(self.net_g_ema)
         self._expert_counts: Optional[torch.Tensor] = None
-        self._maps_dir: Optional[Path] = None
-        self._usage: Optional[UsageByClass] = None
+        self.expert_maps: Optional[ExpertMapWriter] = None
+        """Where :meth:`test` draws the routing of each image: set by :meth:`nondist_validation` for one pass with
+        ``val.save_expert_maps`` (BasicSR's validation loop calls ``test()`` per image), ``None`` otherwise."""
         self._lq_path: Optional[str] = None
 
     # ------------------------------------------------------------------------------------------------------
@@ -239,9 +244,8 @@ class MFGHMoEModel(SRModel):
             if l_style is not None:
                 l_total += l_style
                 loss_dict['l_style'] = l_style
-        aux = getattr(bare, 'aux_loss', None)
-        if self.aux_loss_weight > 0 and aux is not None:
-            l_aux = self.aux_loss_weight * aux
+        if self.aux_loss_weight > 0:
+            l_aux = self.aux_loss_weight * bare.aux_loss()
             l_total += l_aux
             loss_dict['l_aux'] = l_aux
         bad = [name for name, value in loss_dict.items() if not torch.isfinite(value).all()]
@@ -314,13 +318,12 @@ class MFGHMoEModel(SRModel):
         if self.tile is not None:
             raise ValueError('MFGHMoEModel: val.save_expert_maps needs untiled inference (remove `tile`)')
         root = Path(self.opt['path']['visualization']).parent
-        self._maps_dir = root / 'expert_maps' / dataloader.dataset.opt['name']
-        self._usage = UsageByClass(len(bare.upsample.moe.experts))
+        self.expert_maps = ExpertMapWriter(root / 'expert_maps' / dataloader.dataset.opt['name'], bare, self.scale)
         try:
             super().nondist_validation(dataloader, current_iter, tb_logger, save_img)
-            self._usage.write_csv(self._maps_dir / 'expert_usage.csv')
+            self.expert_maps.close()
         finally:
-            self._maps_dir, self._usage = None, None
+            self.expert_maps = None
 
     def test(self) -> None:
         net = self.net_g_ema if hasattr(self, 'net_g_ema') else self.net_g
@@ -337,13 +340,9 @@ class MFGHMoEModel(SRModel):
             self.output = self.output.float()
         finally:
             net.train(was_training)
-        if self._maps_dir is not None:
-            bare = self.get_bare_model(net)
-            stem = Path(self._lq_path).stem
-            expert = lr_expert_map(bare, self.lq.shape[2], self.lq.shape[3])
-            self._usage.add(stem, expert)
-            save_expert_map(self._maps_dir / f'{stem}.png', tensor2img(self.output.detach().cpu()), expert,
-                            group_sizes_of(bare), self.scale)
+        if self.expert_maps is not None:
+            self.expert_maps.add(Path(self._lq_path).stem, self.get_bare_model(net), self.lq.shape[2],
+                                 self.lq.shape[3], tensor2img(self.output.detach().cpu()))
 
 
 MODEL_REGISTRY._do_register('MFGHMOEModel', MFGHMoEModel)

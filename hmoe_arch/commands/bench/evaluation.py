@@ -10,7 +10,7 @@ from basicsr.utils import tensor2img
 from basicsr.utils.matlab_functions import imresize
 
 from ...errors import OptionError
-from ...expert_maps import UsageByClass, group_sizes_of, lr_expert_map, save_expert_map, scene_class
+from ...expert_maps import ExpertMapWriter, scene_class
 from ...tiling import padded_forward, tiled_forward, window_size_of
 from .rows import BenchModel, BenchRow
 
@@ -22,7 +22,7 @@ def evaluate(model: BenchModel, net: Optional[torch.nn.Module], device: torch.de
         raise OptionError(f'{model.source}: expert maps need untiled inference (remove `tile`)')
     dataset = build_dataset(dict(model.dataset_opt))
     window = window_size_of(net, model.network) if net is not None else 1
-    usage = UsageByClass(len(net.upsample.moe.experts)) if maps_dir is not None else None
+    maps = ExpertMapWriter(maps_dir, net, model.scale) if maps_dir is not None else None
     psnrs, ssims, per_class = [], [], {}
     for index in range(len(dataset)):
         item = dataset[index]
@@ -41,10 +41,8 @@ def evaluate(model: BenchModel, net: Optional[torch.nn.Module], device: torch.de
         ssims.append(ssim)
         stem = Path(item['lq_path']).stem
         per_class.setdefault(scene_class(stem), []).append(psnr)
-        if usage is not None:
-            expert = lr_expert_map(net, lq.shape[2], lq.shape[3])
-            usage.add(stem, expert)
-            save_expert_map(maps_dir / f'{stem}.png', sr_img, expert, group_sizes_of(net), model.scale)
-    if usage is not None:
-        usage.write_csv(maps_dir / 'expert_usage.csv')
+        if maps is not None:
+            maps.add(stem, net, lq.shape[2], lq.shape[3], sr_img)
+    if maps is not None:
+        maps.close()
     return BenchRow(model=model, psnr=float(np.mean(psnrs)), ssim=float(np.mean(ssims)), per_class=per_class)
