@@ -227,6 +227,63 @@ def fake_response(data: bytes):
     yield io.BytesIO(data)
 
 
+def make_rsscn7_tree(root: Path, per_class: int = 3) -> Path:
+    """``root/RSSCN7/<x><Class>/<x>NNN.jpg`` for three of the seven published classes."""
+    for c, folder in enumerate(('aGrass', 'bField', 'gParking')):
+        for i in range(1, per_class + 1):
+            write_image(root / 'RSSCN7' / folder / f'{folder[0]}{i:03d}.jpg', 20, 20, seed=c * 10 + i)
+    return root / 'RSSCN7'
+
+
+@pytest.mark.parametrize('lmdb', [False, True])
+def test_rsscn7_is_a_test_only_set(tmp_path: Path, lmdb: bool) -> None:
+    source = make_rsscn7_tree(tmp_path)
+    summary = prepare('rsscn7', source, tmp_path / 'out', scales=[2, 4], lmdb=lmdb, progress=False)
+    assert summary.train_per_class == {} and summary.test_per_class == {'aGrass': 3, 'bField': 3, 'gParking': 3}
+    out = tmp_path / 'out'
+    names = ['a001.jpg', 'a002.jpg', 'a003.jpg', 'b001.jpg', 'b002.jpg', 'b003.jpg', 'g001.jpg', 'g002.jpg',
+             'g003.jpg']
+    assert (out / 'test.txt').read_text().split() == names
+    assert not (out / 'train.txt').exists() and not (out / 'Train').exists()
+    assert sorted(p.name for p in out.iterdir() if not p.name.endswith('.lmdb')) == [
+        'Test_HR', 'Test_LR_x2', 'Test_LR_x4', 'prepare.json', 'test.txt']
+    assert (lmdb and sorted(p.name for p in out.glob('*.lmdb'))) == (lmdb and [
+        'Test_HR.lmdb', 'Test_LR_x2.lmdb', 'Test_LR_x4.lmdb'])
+    gt = cv2.imread(str(out / 'Test_HR' / 'b002.png'))
+    assert gt.shape == (20, 20, 3)  # 20 is a multiple of 4: nothing cropped
+    expected = (downsample(gt[..., ::-1].astype(np.float32) / 255, 4, 'bicubic') * 255).round().astype(np.uint8)
+    assert np.array_equal(cv2.imread(str(out / 'Test_LR_x4' / 'b002.png'))[..., ::-1], expected)
+
+
+def test_whurs19_names_in_either_case_and_duplicate_stems_are_refused(tmp_path: Path) -> None:
+    root = tmp_path / 'WHU-RS19'
+    for c, (folder, stem) in enumerate([('Airport', 'airport'), ('footballField', 'footballField'),
+                                        ('railwayStation', 'RailwayStation')]):
+        for i in range(1, 3):
+            write_image(root / folder / f'{stem}_{i:02d}.jpg', 24, 24, seed=c * 10 + i)
+    summary = prepare('whurs19', root, tmp_path / 'out', scales=[4], progress=False)
+    assert summary.test_per_class == {'Airport': 2, 'footballField': 2, 'railwayStation': 2}
+    assert sorted(p.name for p in (tmp_path / 'out' / 'Test_LR_x4').iterdir())[:3] == [
+        'RailwayStation_01.png', 'RailwayStation_02.png', 'airport_01.png']
+    write_image(root / 'Airport' / 'Airport_01.jpg', 24, 24, seed=99)
+    with pytest.raises(PrepareError, match=r'Airport/Airport_01.jpg and .*Airport/airport_01.jpg: both would be '
+                                           r'written as airport_01.png \(output names are the file stems\); rename'):
+        prepare('whurs19', root, tmp_path / 'out2', scales=[4], progress=False)
+    assert not (tmp_path / 'out2').exists()
+
+
+@pytest.mark.parametrize('dataset, where', [('rsscn7', 'github.com/palewithout/RSSCN7'),
+                                            ('whurs19', 'captain-whu.github.io/BED4RS')])
+def test_test_only_sets_say_where_to_get_them(tmp_path: Path, dataset: str, where: str) -> None:
+    with pytest.raises(PrepareError, match=f'no direct download URL with a published checksum; download the archive '
+                                           f'from https://{re.escape(where)}'):
+        prepare(dataset, None, tmp_path / 'out', download=True, progress=False)
+    write_image(tmp_path / 'src' / 'RSSCN7' / 'aGrass' / 'grass1.jpg', 8, 8, seed=0)
+    if dataset == 'rsscn7':
+        with pytest.raises(PrepareError, match=r'grass1.jpg: wrong folder layout; expected RSSCN7/<x><Class>/<x>NNN'):
+            prepare(dataset, tmp_path / 'src', tmp_path / 'out', progress=False)
+
+
 def test_download_verifies_the_checksum(tmp_path: Path) -> None:
     payload = b'archive bytes'
     spec = DatasetSpec(title='X', test_fraction=0.25, roots=('',), layout='x', file_pattern='x', url='http://x/a.zip',

@@ -1,9 +1,11 @@
-"""``basicsr prepare``: a published UCMerced/AID archive or folder -> split lists, HR/LR PNGs and LMDBs.
+"""``basicsr prepare``: a published UCMerced/AID archive or folder -> split lists, HR/LR PNGs and LMDBs; the
+test-only sets RSSCN7 and WHU-RS19 (every image is a test image, for generalisation tests) -> the same layout
+without ``Train``.
 
-Output layout (what the option files point at)::
+Output layout (what the option files and ``basicsr bench --test-set`` point at)::
 
     DIR/train.txt, DIR/test.txt        published file names, class-stratified seeded split (splits.py)
-    DIR/Train/<stem>.png               HR training images
+    DIR/Train/<stem>.png               HR training images (not for the test-only sets)
     DIR/Test_HR/<stem>.png             HR test images
     DIR/Test_LR_x{s}/<stem>.png        LR test images, one folder per scale
     DIR/Train.lmdb, DIR/Test_HR.lmdb, DIR/Test_LR_x{s}.lmdb   with --lmdb (basicsr.utils.lmdb_util layout)
@@ -71,9 +73,16 @@ class DatasetSpec:
     url: Optional[str] = None
     md5: Optional[str] = None
     archive: Optional[str] = None
+    test_only: bool = False
+    """Every image goes to ``Test_HR``/``Test_LR_x{s}`` (a set for testing models trained on another)."""
+    where: str = ''
+    """Where to get the data, for messages when there is no direct download."""
+    ignore_case: bool = False
+    """File names compared case-insensitively (releases disagree on the case of class prefixes)."""
 
     def matches(self, class_dir: str, file_name: str) -> bool:
-        return re.fullmatch(self.file_pattern.format(cls=re.escape(class_dir.lower())), file_name) is not None
+        pattern = self.file_pattern.format(cls=re.escape(class_dir.lower()), initial=re.escape(class_dir[:1]))
+        return re.fullmatch(pattern, file_name, flags=re.IGNORECASE if self.ignore_case else 0) is not None
 
 
 DATASETS: Dict[str, DatasetSpec] = {
@@ -85,6 +94,15 @@ DATASETS: Dict[str, DatasetSpec] = {
     'aid': DatasetSpec(
         title='AID', test_fraction=0.2, roots=('AID', ''), layout='AID/<Class>/<class>_N.jpg',
         file_pattern=r'{cls}_\d+\.jpg'),
+    'rsscn7': DatasetSpec(
+        title='RSSCN7', test_fraction=1.0, roots=('RSSCN7', ''), layout='RSSCN7/<x><Class>/<x>NNN.jpg (e.g. '
+        'aGrass/a001.jpg; 7 classes x 400 images of 400x400)', file_pattern=r'{initial}\d{{3}}\.jpg',
+        test_only=True, where='https://github.com/palewithout/RSSCN7 (Zou et al., GRSL 2015)'),
+    'whurs19': DatasetSpec(
+        title='WHU-RS19', test_fraction=1.0, roots=('WHU-RS19', 'RSDataset', ''),
+        layout='WHU-RS19/<Class>/<class>_NN.jpg (19 classes, about 50 images of 600x600 each)',
+        file_pattern=r'{cls}_\d+\.jpg', test_only=True, ignore_case=True,
+        where='https://captain-whu.github.io/BED4RS/ (WHU-RS19.zip)'),
 }
 
 
@@ -126,6 +144,12 @@ class Source:
             if other != image.class_name:
                 raise PrepareError(f'{self.path}: class folders {other!r} and {image.class_name!r} differ only in '
                                    'case (on a case-insensitive disk one would overwrite the other); merge them')
+        stems: Dict[str, SourceImage] = {}
+        for image in self.images:
+            first = stems.setdefault(Path(image.name).stem.lower(), image)
+            if first is not image:
+                raise PrepareError(f'{first.location} and {image.location}: both would be written as '
+                                   f'{Path(image.name).stem}.png (output names are the file stems); rename one')
 
     def _find_images(self, files: List[str]) -> List[SourceImage]:
         for root in self.spec.roots:
@@ -186,7 +210,7 @@ def download_archive(spec: DatasetSpec, dest: Path, opener: Optional[Callable] =
     opener = opener or urllib.request.urlopen
     if spec.url is None or spec.md5 is None:
         raise PrepareError(f'{spec.title} has no direct download URL with a published checksum; download the '
-                           f'archive from its official page and pass it with --source')
+                           f'archive from {spec.where or "its official page"} and pass it with --source')
     target = dest / spec.archive if dest.is_dir() else dest
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.is_file() and file_digest(target, 'md5') == spec.md5:
@@ -314,12 +338,15 @@ def prepare(dataset: str, source: Optional[Path], out: Path, *, scales: Sequence
             for image in src.images:
                 names_by_class.setdefault(image.class_name, []).append(image.name)
                 by_name[image.name] = image
-            train, test = stratified_split(names_by_class, spec.test_fraction, seed)
+            if spec.test_only:
+                train, test = [], [n for c in sorted(names_by_class) for n in sorted(names_by_class[c])]
+            else:
+                train, test = stratified_split(names_by_class, spec.test_fraction, seed)
             partial = _claim_partial(out, arguments)
             try:
                 summary = _write(src, by_name, train, test, partial, sorted(set(scales)), degradation, lmdb,
-                                 skip_bad, progress)
-                _verify(partial, sorted(set(scales)), lmdb)
+                                 skip_bad, progress, spec.test_only)
+                _verify(partial, sorted(set(scales)), lmdb, spec.test_only)
                 (partial / 'prepare.json').write_text(json.dumps({'arguments': arguments,
                                                                   'summary': asdict(summary)}, indent=2))
                 (partial / OWNER_FILE).unlink()
@@ -368,10 +395,10 @@ def _claim_partial(out: Path, arguments: Dict[str, object]) -> Path:
     return partial
 
 
-def _verify(root: Path, scales: List[int], lmdb: bool) -> None:
+def _verify(root: Path, scales: List[int], lmdb: bool, test_only: bool = False) -> None:
     """Every split-list entry has its PNG in each folder (and its LMDB record), and nothing else is there."""
-    expected = {'Train': (root / 'train.txt').read_text().split('\n')[:-1],
-                'Test_HR': (root / 'test.txt').read_text().split('\n')[:-1]}
+    expected = {} if test_only else {'Train': (root / 'train.txt').read_text().split('\n')[:-1]}
+    expected['Test_HR'] = (root / 'test.txt').read_text().split('\n')[:-1]
     expected.update({f'Test_LR_x{s}': expected['Test_HR'] for s in scales})
     for folder, names in expected.items():
         stems = sorted(Path(n).stem for n in names)
@@ -387,10 +414,11 @@ def _verify(root: Path, scales: List[int], lmdb: bool) -> None:
 
 
 def _write(src: Source, by_name: Dict[str, SourceImage], train: List[str], test: List[str], root: Path,
-           scales: List[int], degradation: str, lmdb: bool, skip_bad: bool, progress: bool) -> PrepareSummary:
+           scales: List[int], degradation: str, lmdb: bool, skip_bad: bool, progress: bool,
+           test_only: bool = False) -> PrepareSummary:
     multiple = math.lcm(*scales)
     lr_folders = [f'Test_LR_x{s}' for s in scales]
-    writers = _Writers(root, ['Train', 'Test_HR'] + lr_folders, lmdb)
+    writers = _Writers(root, ([] if test_only else ['Train']) + ['Test_HR'] + lr_folders, lmdb)
     summary = PrepareSummary()
     kept: Dict[str, List[str]] = {'train': [], 'test': []}
     try:
@@ -421,7 +449,7 @@ def _write(src: Source, by_name: Dict[str, SourceImage], train: List[str], test:
                 writers.put(folder, stem, (downsample(gt, scale, degradation) * 255.0).round().astype(np.uint8))
     finally:
         writers.close()
-    for split in ('train', 'test'):
+    for split in ('test',) if test_only else ('train', 'test'):
         (root / f'{split}.txt').write_text(''.join(f'{n}\n' for n in kept[split]))
     summary.train_per_class = dict(sorted(Counter(by_name[n].class_name for n in kept['train']).items()))
     summary.test_per_class = dict(sorted(Counter(by_name[n].class_name for n in kept['test']).items()))
