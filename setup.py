@@ -62,8 +62,9 @@ setup(
     ],
     extras_require={
         'test': ['pytest>=7', 'pytest-timeout>=2', 'ruff>=0.5', 'rasterio>=1.3', 'spandrel>=0.4', 'safetensors>=0.4',
-                 'onnx>=1.15', 'onnxruntime>=1.17'],
+                 'onnx>=1.15', 'onnxruntime>=1.17', 'lpips>=0.1.4'],
         'geo': ['rasterio>=1.3'],
+        'lpips': ['lpips>=0.1.4'],
         'spandrel': ['spandrel>=0.4'],
         'export': ['safetensors>=0.4', 'onnx>=1.15', 'onnxruntime>=1.17'],
     },

@@ -18,10 +18,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from hmoe_arch import MFGHMoEArch
 from hmoe_arch.commands.bench import COLUMNS, build, count_macs, forward_memory, model_from_source, run_bench
+from hmoe_arch.commands.bench.perceptual import niqe
+from hmoe_arch.commands.cli import main
+from hmoe_arch.commands.prepare import prepare
 from hmoe_arch.errors import OptionError
+from hmoe_arch.protocols import PROTOCOLS
 from hmoe_arch.tiling import padded_forward
 
-from util import SMALL_GROUPS, TINY_TRAINING, tiny
+from util import SMALL_GROUPS, TINY_TRAINING, tiny, write_image
 
 pytestmark = pytest.mark.slow  # trains models to benchmark
 
@@ -43,20 +47,27 @@ def trained(workdir: Path, tmp_path_factory) -> Path:
     return cwd
 
 
-def recompute(experiment: Path, scale: int):
-    """PSNR/SSIM of an experiment's EMA weights on its val set, recomputed with BasicSR's metrics."""
+def recompute(experiment: Path, scale: int, protocol: str = 'basicsr-y', dataset_opt=None):
+    """PSNR/SSIM of an experiment's EMA weights on its val set (or ``dataset_opt``), recomputed: BasicSR's
+    metrics for basicsr-y, the protocol's definition (checked in test_protocols.py) otherwise."""
     opt = yaml.safe_load(next(experiment.glob('*.yml')).read_text())
     net = build_network(dict(opt['network_g']))
     net.load_state_dict(torch.load(experiment / 'models' / 'net_g_latest.pth', weights_only=True)['params_ema'])
     net.eval()
-    dataset = build_dataset({**opt['datasets']['val'], 'phase': 'val', 'scale': scale})
+    dataset = build_dataset(dataset_opt or {**opt['datasets']['val'], 'phase': 'val', 'scale': scale})
     psnrs, ssims = [], []
     for item in dataset:
         with torch.no_grad():
             sr = padded_forward(net, item['lq'].unsqueeze(0), scale, getattr(net, 'window_size', 1))
-        sr_img, gt_img = tensor2img(sr), tensor2img(item['gt'])
-        psnrs.append(calculate_psnr(sr_img, gt_img, crop_border=scale, test_y_channel=True))
-        ssims.append(calculate_ssim(sr_img, gt_img, crop_border=scale, test_y_channel=True))
+        if protocol == 'basicsr-y':
+            sr_img, gt_img = tensor2img(sr), tensor2img(item['gt'])
+            psnrs.append(calculate_psnr(sr_img, gt_img, crop_border=scale, test_y_channel=True))
+            ssims.append(calculate_ssim(sr_img, gt_img, crop_border=scale, test_y_channel=True))
+        else:
+            p = PROTOCOLS[protocol]
+            psnr, ssim = p.measure(p.quantise(sr), tensor2img(item['gt']), scale)
+            psnrs.append(psnr)
+            ssims.append(ssim)
     return np.mean(psnrs), np.mean(ssims), dataset
 
 
@@ -73,17 +84,20 @@ def test_tables_of_two_trained_models_and_bicubic(trained: Path, monkeypatch: py
     assert all(r['test_set'] == 'UCMerced_test' and r['scale'] == '2' for r in table)
     for row, experiment in zip(table[1:], experiments):
         psnr, ssim, dataset = recompute(experiment, 2)
-        assert float(row['psnr_y']) == pytest.approx(psnr, abs=1e-4)
-        assert float(row['ssim_y']) == pytest.approx(ssim, abs=1e-4)
+        assert float(row['psnr']) == pytest.approx(psnr, abs=1e-4)
+        assert float(row['ssim']) == pytest.approx(ssim, abs=1e-4)
         assert row['train_iters'] == '2' and float(row['latency_ms']) > 0 and float(row['macs_g_64']) > 0
     bicubic = [calculate_psnr(tensor2img(imresize(item['lq'], 2).clamp(0, 1)), tensor2img(item['gt']), 2,
                               test_y_channel=True) for item in dataset]
-    assert float(table[0]['psnr_y']) == pytest.approx(np.mean(bicubic), abs=1e-4)
+    assert float(table[0]['psnr']) == pytest.approx(np.mean(bicubic), abs=1e-4)
+    assert all(r['protocol'] == 'basicsr-y' for r in table)
     assert table[0]['params_m'] == '' and table[0]['latency_ms'] == ''
     edsr = build_network(dict(yaml.safe_load(next(experiments[1].glob('*.yml')).read_text())['network_g']))
     assert float(table[2]['params_m']) == pytest.approx(sum(p.numel() for p in edsr.parameters()) / 1e6, abs=1e-3)
     markdown = (out / 'bench.md').read_text().splitlines()
-    assert len(markdown) == 2 + 3 and markdown[0].startswith('| Test set | Scale | Model | PSNR (Y)')
+    assert markdown[0] == '### UCMerced_test x2, basicsr-y: Y (BT.601), border 2 px, SR rounded to 8 bit'
+    assert markdown[2].startswith('| Model | PSNR (basicsr-y) | SSIM (basicsr-y) | Params (M)')
+    assert len(markdown) == 2 + 2 + 3 and markdown[4].startswith('| Bicubic | ')
     assert cv_image_size(out / 'bench_psnr_latency.png') == (560, 900)
     with open(out / 'bench_per_class.csv') as f:
         per_class = list(csv.DictReader(f))
@@ -102,7 +116,7 @@ def test_expert_maps_from_bench(trained: Path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.chdir(trained)
     out = trained / 'bench_maps'
     run_bench([trained / 'experiments' / 'train_MFGHMoE_UCMerced_x2'], out, runs=1, expert_maps=True)
-    maps = out / 'expert_maps' / 'train_MFGHMoE_UCMerced_x2'
+    maps = out / 'expert_maps' / 'train_MFGHMoE_UCMerced_x2' / 'UCMerced_test'
     names = (trained / 'datasets' / 'UCMerced' / 'test.txt').read_text().split()
     assert sorted(p.name for p in maps.glob('*.png')) == sorted(n.replace('.tif', '.png') for n in names)
     assert (maps / 'expert_usage.csv').read_text().startswith('class,lr_pixels,expert_00')
@@ -150,3 +164,74 @@ def test_test_option_file_as_source_and_errors(trained: Path, tmp_path: Path) ->
         model_from_source(experiment)
     with pytest.raises(OptionError, match='names no weights'):
         model_from_source(OPTIONS / 'test_ucm_x4.yml', ['path:pretrain_network_g=null'])
+
+
+def test_protocols_test_sets_and_niqe_from_the_command_line(trained: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(trained)
+    source = tmp_path / 'src' / 'RSSCN7'
+    for c, folder in enumerate(('aGrass', 'dRiverLake')):
+        for i in range(1, 3):
+            write_image(source / folder / f'{folder[0]}{i:03d}.jpg', 200, 200, seed=c * 10 + i)
+    rsscn7 = tmp_path / 'RSSCN7'
+    prepare('rsscn7', source, rsscn7, scales=[2], progress=False)
+    experiment = trained / 'experiments' / 'train_MFGHMoE_UCMerced_x2'
+    out = tmp_path / 'out'
+    code = main(['bench', str(experiment), '--out', str(out), '--runs', '1', '--protocol', 'basicsr-y',
+                 '--protocol', 'transenet-rgb', '--test-set', 'datasets/UCMerced', '--test-set', str(rsscn7),
+                 '--niqe', '--per-class'])
+    assert code == 0
+    with open(out / 'bench.csv') as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0]) == ['protocol', 'test_set', 'scale', 'model', 'psnr', 'ssim', 'niqe', 'params_m',
+                              'macs_g_64', 'latency_ms', 'peak_mib', 'train_iters', 'source']
+    assert [(r['protocol'], r['test_set'], r['model']) for r in table] == [
+        (p, s, m) for p in ('basicsr-y', 'transenet-rgb') for s in ('UCMerced', 'RSSCN7')
+        for m in ('Bicubic', 'train_MFGHMoE_UCMerced_x2')]
+    by_key = {(r['protocol'], r['test_set'], r['model']): r for r in table}
+    rsscn7_opt = {'name': 'RSSCN7', 'type': 'RSPairedDataset', 'dataroot_gt': str(rsscn7 / 'Test_HR'),
+                  'dataroot_lq': str(rsscn7 / 'Test_LR_x2'), 'io_backend': {'type': 'disk'}, 'phase': 'val',
+                  'scale': 2}
+    for protocol in ('basicsr-y', 'transenet-rgb'):
+        psnr, ssim, dataset = recompute(experiment, 2, protocol, rsscn7_opt)
+        row = by_key[(protocol, 'RSSCN7', 'train_MFGHMoE_UCMerced_x2')]
+        assert float(row['psnr']) == pytest.approx(psnr, abs=1e-4)
+        assert float(row['ssim']) == pytest.approx(ssim, abs=1e-4) and float(row['latency_ms']) > 0
+        p = PROTOCOLS[protocol]
+        sr_imgs = [p.quantise(imresize(item['lq'], 2)) for item in dataset]
+        bicubic = by_key[(protocol, 'RSSCN7', 'Bicubic')]
+        assert float(bicubic['psnr']) == pytest.approx(
+            np.mean([p.measure(sr, tensor2img(item['gt']), 2)[0] for sr, item in zip(sr_imgs, dataset)]), abs=1e-4)
+        assert float(bicubic['niqe']) == pytest.approx(np.mean([niqe(sr, 2) for sr in sr_imgs]), abs=1e-4)
+    assert by_key[('basicsr-y', 'RSSCN7', 'Bicubic')]['psnr'] != by_key[('transenet-rgb', 'RSSCN7', 'Bicubic')]['psnr']
+    markdown = (out / 'bench.md').read_text()
+    assert markdown.count('### ') == 4
+    assert '### RSSCN7 x2, transenet-rgb: RGB, PSNR/SSIM per channel averaged, border 2 px, SR truncated' in markdown
+    assert '| Model | PSNR (transenet-rgb) | SSIM (transenet-rgb) | NIQE (transenet-rgb) |' in markdown
+    with open(out / 'bench_per_class.csv') as f:
+        per_class = list(csv.DictReader(f))
+    assert {(r['protocol'], r['test_set']) for r in per_class} == {
+        (p, s) for p in ('basicsr-y', 'transenet-rgb') for s in ('UCMerced', 'RSSCN7')}
+
+
+def test_test_set_errors(trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    monkeypatch.chdir(trained)
+    experiment = str(trained / 'experiments' / 'train_MFGHMoE_UCMerced_x2')
+    only_x4 = tmp_path / 'Only_x4'
+    (only_x4 / 'Test_HR').mkdir(parents=True)
+    (only_x4 / 'Test_LR_x4').mkdir()
+    cases = [
+        (['--test-set', str(only_x4)], rf'--test-set {only_x4}: no Test_LR_x2 for a x2 model \(found: Test_LR_x4; '
+                                       r'basicsr prepare ... --scales 2 writes it\)'),
+        (['--test-set', str(tmp_path / 'nope')], 'no such folder'),
+        (['--test-set', str(tmp_path)], 'no Test_HR folder'),
+        (['--test-set', 'datasets/UCMerced', '--test-set', str(tmp_path / 'x' / 'UCMerced')],
+         'two folders share a name'),
+    ]
+    for args, message in cases:
+        with pytest.raises(OptionError, match=message):
+            run_bench([Path(experiment)], tmp_path / 'out', runs=1, test_sets=[Path(a) for a in args[1::2]])
+    assert not (tmp_path / 'out').exists()
+    with pytest.raises(SystemExit) as exit_info:
+        main(['bench', experiment, '--protocol', 'psnr-y'])
+    assert exit_info.value.code == 2 and "invalid choice: 'psnr-y'" in capsys.readouterr().err

@@ -36,6 +36,7 @@ from basicsr.utils.misc import check_resume
 from ..data.degradations import DEGRADATIONS
 from ..errors import HmoeError, OptionError
 from ..options import moe_model_warning, parse_options, plain_options
+from ..protocols import DEFAULT_PROTOCOL, PROTOCOLS
 from .bench import run_bench
 from .export import FORMATS, export
 from .infer import infer
@@ -190,9 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument('--debug', action='store_true', help="BasicSR's debug mode (prefixes the name)")
         sub.add_argument('--local_rank', '--local-rank', type=int, default=0, help=argparse.SUPPRESS)
     prep = commands.add_parser(
-        'prepare', help='published UCMerced/AID archive or folder -> split lists, HR/LR PNGs and LMDBs',
+        'prepare', help='published UCMerced/AID (train+test) or RSSCN7/WHU-RS19 (test only) archive or folder -> '
+                        'split lists, HR/LR PNGs and LMDBs',
         description='Split each class with the seeded rule, crop GT to a multiple of every scale, write '
-                    'DIR/{train,test}.txt, DIR/Train, DIR/Test_HR, DIR/Test_LR_x{s} (and LMDBs) atomically.')
+                    'DIR/{train,test}.txt, DIR/Train, DIR/Test_HR, DIR/Test_LR_x{s} (and LMDBs) atomically. '
+                    'rsscn7 and whurs19 are test-only sets (every image in Test_HR, no Train), for '
+                    'basicsr bench --test-set.')
     prep.add_argument('dataset', choices=sorted(DATASETS))
     prep.add_argument('--source', type=Path, default=None,
                       help='the published .zip archive or its extracted folder (with --download: where to save '
@@ -222,6 +226,15 @@ def build_parser() -> argparse.ArgumentParser:
                        'for every MoE model')
     bench.add_argument('--force_yml', nargs='+', default=(), metavar='KEY:SUB=VALUE',
                        help='override options of every source (VALUE is YAML)')
+    bench.add_argument('--protocol', dest='protocols', action='append', choices=list(PROTOCOLS), default=None,
+                       help=f'how PSNR/SSIM are measured (repeatable, one table per protocol; default '
+                            f'{DEFAULT_PROTOCOL}; see docs/protocols.md)')
+    bench.add_argument('--test-set', dest='test_sets', action='append', type=Path, default=None, metavar='DIR',
+                       help='evaluate on DIR/Test_HR and DIR/Test_LR_x<scale> (basicsr prepare\'s layout) instead '
+                            'of each model\'s own test set (repeatable, one table per set)')
+    bench.add_argument('--niqe', action='store_true', help='add NIQE of the SR images (no reference; BasicSR\'s)')
+    bench.add_argument('--lpips', action='store_true', help='add LPIPS (AlexNet; needs the lpips extra and the '
+                       'AlexNet weights already on disk: nothing is downloaded)')
     inf = commands.add_parser(
         'infer', help='super-resolve images, folders and GeoTIFFs (tiled, feathered blending)',
         description='Super-resolve an image, a GeoTIFF or every one of a folder with tiled inference.')
@@ -288,7 +301,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             export(args.weights, args.out, fmt=args.fmt, opt_path=args.opt, arch_args=args.arch_args)
         elif args.command == 'bench':
             run_bench(args.sources, args.out, device=args.device, lr_size=args.lr_size, runs=args.runs,
-                      per_class=args.per_class, expert_maps=args.expert_maps, force_yml=args.force_yml)
+                      per_class=args.per_class, expert_maps=args.expert_maps, force_yml=args.force_yml,
+                      protocols=args.protocols or [DEFAULT_PROTOCOL], test_sets=args.test_sets or [],
+                      metrics=[m for m in ('niqe', 'lpips') if getattr(args, m)])
         else:
             run_pipeline(args)
     except HmoeError as error:  # every refusal of this package: one line, the class's exit status

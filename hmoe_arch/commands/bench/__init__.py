@@ -1,12 +1,15 @@
 """``basicsr bench``: the paper's comparison tables from test option files or experiment folders.
 
-For every model: PSNR and SSIM on Y (``crop_border`` = scale, BasicSR's ``calculate_psnr``/``calculate_ssim``)
-over its test split, parameters, MACs of one forward at 64x64 LR (PyTorch's ``FlopCounterMode``, which counts
-the operations actually executed, so the MoE head is counted at its routed cost), median latency and peak
-memory of that forward on the current device, and the number of training iterations of the weights where
-known. Bicubic (MATLAB ``imresize``) is always a row of every (test set, scale). Outputs in ``--out``:
-``bench.md``, ``bench.csv``, ``bench_psnr_latency.png``, with ``--per-class`` ``bench_per_class.csv``, and
-with ``--expert-maps`` the maps and usage CSV of every MoE model (:mod:`hmoe_arch.expert_maps`).
+For every model: PSNR and SSIM under each requested protocol (:mod:`hmoe_arch.protocols`; ``basicsr-y`` by
+default: Y, ``crop_border`` = scale, BasicSR's ``calculate_psnr``/``calculate_ssim``) over its test split or the
+``--test-set`` folders, optionally NIQE and LPIPS (:mod:`.perceptual`), parameters, MACs of one forward at 64x64
+LR (PyTorch's ``FlopCounterMode``, which counts the operations actually executed, so the MoE head is counted at
+its routed cost), median latency and peak memory of that forward on the current device, and the number of
+training iterations of the weights where known. Bicubic (MATLAB ``imresize``) is always a row of every (test
+set, scale, protocol) table. Outputs in ``--out``: ``bench.md`` (one table per protocol, test set and scale),
+``bench.csv`` (the protocol in every row), ``bench_psnr_latency.png``, with ``--per-class``
+``bench_per_class.csv``, and with ``--expert-maps`` the maps and usage CSV of every MoE model per test set
+(:mod:`hmoe_arch.expert_maps`).
 
 Peak memory: on CUDA ``max_memory_allocated`` above what was allocated before the forward; on the CPU the
 rise of the peak resident set (VmHWM, reset via ``/proc/self/clear_refs``) of a child process that fixes
@@ -28,15 +31,18 @@ from basicsr.utils import get_root_logger
 from ...archs import MFGHMoEArch
 from ...errors import OptionError
 from ...options import read_option_file
+from ...protocols import DEFAULT_PROTOCOL, protocol
 from ..infer import load_network
 from .cost import count_macs, fix_malloc_threshold, forward_latency, forward_peak_mib, peak_memory_mib
-from .evaluation import evaluate
+from .evaluation import TestSet, evaluate, folder_test_set, option_file_test_set
+from .perceptual import OPTIONAL_METRICS, load_lpips
 from .report import plot_psnr_latency, write_per_class, write_tables
-from .rows import COLUMNS, REQUIRED_KEYS, BenchModel, BenchRow
+from .rows import COLUMNS, REQUIRED_KEYS, BenchModel, BenchRow, columns
 
-__all__ = ['COLUMNS', 'BenchModel', 'BenchRow', 'build', 'count_macs', 'evaluate', 'fix_malloc_threshold',
-           'forward_latency', 'forward_memory', 'forward_peak_mib', 'memory_child', 'model_from_source',
-           'peak_memory_mib', 'plot_psnr_latency', 'run_bench', 'write_per_class', 'write_tables']
+__all__ = ['COLUMNS', 'BenchModel', 'BenchRow', 'TestSet', 'build', 'columns', 'count_macs', 'evaluate',
+           'fix_malloc_threshold', 'folder_test_set', 'forward_latency', 'forward_memory', 'forward_peak_mib',
+           'memory_child', 'model_from_source', 'peak_memory_mib', 'plot_psnr_latency', 'run_bench',
+           'write_per_class', 'write_tables']
 
 
 def _test_dataset(opt: Dict[str, Any], path: Path) -> Dict[str, Any]:
@@ -107,36 +113,85 @@ def memory_child(request: str, answer: str) -> None:
     Path(answer).write_text(json.dumps({'peak_mib': forward_peak_mib(net, job['lr_size'], device)}))
 
 
+def test_sets_of(model: BenchModel, folders: Sequence[Path]) -> List[TestSet]:
+    """The ``--test-set`` folders at the model's scale, or the model's own test set when none are given."""
+    if not folders:
+        return [option_file_test_set(model)]
+    return [folder_test_set(Path(folder), model.scale) for folder in folders]
+
+
 def run_bench(sources: Sequence[Path], out: Path, *, device: str = 'cpu', lr_size: int = 64, runs: int = 5,
-              per_class: bool = False, expert_maps: bool = False, force_yml: Sequence[str] = ()) -> List[BenchRow]:
-    """Evaluate every source and write the tables; returns the rows (bicubic first in each test set)."""
+              per_class: bool = False, expert_maps: bool = False, force_yml: Sequence[str] = (),
+              protocols: Sequence[str] = (DEFAULT_PROTOCOL,), test_sets: Sequence[Path] = (),
+              metrics: Sequence[str] = ()) -> List[BenchRow]:
+    """Evaluate every source and write the tables; returns the rows (bicubic first in each table).
+
+    Args:
+        protocols: Protocol names (:data:`hmoe_arch.protocols.PROTOCOLS`), one table block each.
+        test_sets: Folders in ``basicsr prepare``'s layout to evaluate every model on instead of its option file's
+            test set (one table block each).
+        metrics: Optional metrics, ``niqe`` and/or ``lpips``.
+    """
     logger = get_root_logger()
+    try:
+        chosen = [protocol(name) for name in dict.fromkeys(protocols)]
+    except ValueError as error:
+        raise OptionError(f'--protocol: {error}') from None
+    if not chosen:
+        raise OptionError('--protocol: at least one protocol is needed')
+    unknown = [m for m in metrics if m not in OPTIONAL_METRICS]
+    if unknown:
+        raise OptionError(f'unknown optional metric(s) {unknown}; known: {list(OPTIONAL_METRICS)}')
+    optional = [m for m in OPTIONAL_METRICS if m in metrics]
+    names = [Path(folder).name for folder in test_sets]
+    if len(set(names)) != len(names):
+        raise OptionError(f'--test-set: two folders share a name ({names}); the tables tell test sets apart by it')
     if device.startswith('cuda') and not torch.cuda.is_available():
         raise OptionError('--device cuda: no CUDA device is available')
     dev = torch.device(device)
     models = [model_from_source(Path(s), force_yml) for s in sources]
+    sets = {id(model): test_sets_of(model, test_sets) for model in models}  # every folder checked before any work
+    lpips = load_lpips(dev) if 'lpips' in optional else None
     rows: List[BenchRow] = []
     seen_sets = set()
     for model in models:
-        key = (model.dataset_opt.get('dataroot_gt'), model.dataset_opt.get('dataroot_lq'), model.scale)
-        if key not in seen_sets:
-            seen_sets.add(key)
-            bicubic = BenchModel(name='Bicubic', scale=model.scale, dataset_opt=model.dataset_opt, source='imresize')
-            rows.append(evaluate(bicubic, None, dev))
-            logger.info(f'bench: Bicubic on {rows[-1].test_set} x{model.scale}: {rows[-1].psnr:.4f} dB')
         net = build(model, dev)
-        maps_dir = out / 'expert_maps' / model.name if expert_maps and isinstance(net, MFGHMoEArch) and net.moe \
-            else None
-        row = evaluate(model, net, dev, maps_dir)
-        row.params_m = sum(p.numel() for p in net.parameters()) / 1e6
-        row.macs_g = count_macs(net, lr_size, dev) / 1e9
-        row.latency_ms = forward_latency(net, lr_size, dev, runs) * 1e3
-        row.peak_mib = forward_memory(model, net, lr_size, dev)
-        rows.append(row)
-        logger.info(f'bench: {model.name} on {row.test_set} x{model.scale}: {row.psnr:.4f} dB, {row.ssim:.4f}')
-    write_tables(rows, out)
+        cost = dict(params_m=sum(p.numel() for p in net.parameters()) / 1e6,
+                    macs_g=count_macs(net, lr_size, dev) / 1e9,
+                    latency_ms=forward_latency(net, lr_size, dev, runs) * 1e3,
+                    peak_mib=forward_memory(model, net, lr_size, dev))
+        for test_set in sets[id(model)]:
+            key = (test_set.dataset_opt.get('dataroot_gt'), test_set.dataset_opt.get('dataroot_lq'), model.scale)
+            if key not in seen_sets:
+                seen_sets.add(key)
+                bicubic = BenchModel(name='Bicubic', scale=model.scale, dataset_opt=test_set.dataset_opt,
+                                     source='imresize')
+                for row in evaluate(bicubic, None, dev, test_set, chosen, with_niqe='niqe' in optional, lpips=lpips):
+                    rows.append(row)
+                    logger.info(f'bench: Bicubic on {row.test_set} x{model.scale} ({row.protocol}): '
+                                f'{row.psnr:.4f} dB, {row.ssim:.4f}')
+            moe = expert_maps and isinstance(net, MFGHMoEArch) and net.moe
+            maps_dir = out / 'expert_maps' / model.name / test_set.name if moe else None
+            for row in evaluate(model, net, dev, test_set, chosen, with_niqe='niqe' in optional, lpips=lpips,
+                                maps_dir=maps_dir):
+                for name, value in cost.items():
+                    setattr(row, name, value)
+                rows.append(row)
+                logger.info(f'bench: {model.name} on {row.test_set} x{model.scale} ({row.protocol}): '
+                            f'{row.psnr:.4f} dB, {row.ssim:.4f}')
+    rows = ordered(rows)
+    write_tables(rows, out, optional)
     plot_psnr_latency(rows, out / 'bench_psnr_latency.png')
     if per_class:
         write_per_class(rows, out / 'bench_per_class.csv')
     logger.info(f'bench: tables in {out}:\n' + (out / 'bench.md').read_text())
     return rows
+
+
+def ordered(rows: List[BenchRow]) -> List[BenchRow]:
+    """Rows grouped by protocol (in the order asked), then test set and scale (in order of first appearance);
+    bicubic first in each group, the models in the order given."""
+    protocols = list(dict.fromkeys(r.protocol for r in rows))
+    tables = list(dict.fromkeys((r.test_set, r.model.scale) for r in rows))
+    return sorted(rows, key=lambda r: (protocols.index(r.protocol), tables.index((r.test_set, r.model.scale)),
+                                       r.model.name != 'Bicubic'))
