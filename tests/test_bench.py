@@ -1,5 +1,6 @@
 """``basicsr bench``: tables on tiny trained models and bicubic, MACs at routed cost, sources and errors."""
 import csv
+import importlib.util
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from basicsr.data import build_dataset
 from basicsr.metrics import calculate_psnr, calculate_ssim
 from basicsr.utils import tensor2img
 from basicsr.utils.matlab_functions import imresize
+from test_protocols import independent
 from torch.utils.flop_counter import FlopCounterMode
 
 from hmoe_arch import MFGHMoEArch
@@ -177,10 +179,8 @@ def test_protocols_test_sets_and_niqe_from_the_command_line(trained: Path, tmp_p
     prepare('rsscn7', source, rsscn7, scales=[2], progress=False)
     experiment = trained / 'experiments' / 'train_MFGHMoE_UCMerced_x2'
     out = tmp_path / 'out'
-    code = main(['bench', str(experiment), '--out', str(out), '--runs', '1', '--protocol', 'basicsr-y',
-                 '--protocol', 'transenet-rgb', '--test-set', 'datasets/UCMerced', '--test-set', str(rsscn7),
-                 '--niqe', '--per-class'])
-    assert code == 0
+    rows = run_bench([experiment], out, runs=1, protocols=['basicsr-y', 'transenet-rgb'],
+                     test_sets=[Path('datasets/UCMerced'), rsscn7], metrics=['niqe'], per_class=True)
     with open(out / 'bench.csv') as f:
         table = list(csv.DictReader(f))
     assert list(table[0]) == ['protocol', 'test_set', 'scale', 'model', 'psnr', 'ssim', 'niqe', 'params_m',
@@ -203,6 +203,11 @@ def test_protocols_test_sets_and_niqe_from_the_command_line(trained: Path, tmp_p
         assert float(bicubic['psnr']) == pytest.approx(
             np.mean([p.measure(sr, tensor2img(item['gt']), 2)[0] for sr, item in zip(sr_imgs, dataset)]), abs=1e-4)
         assert float(bicubic['niqe']) == pytest.approx(np.mean([niqe(sr, 2) for sr in sr_imgs]), abs=1e-4)
+        # the bicubic row against the independent computation of the protocol's definition, unrounded
+        expected = np.mean([independent(protocol, imresize(item['lq'], 2), tensor2img(item['gt'])[..., ::-1], 2)
+                            for item in dataset], axis=0)
+        row = next(r for r in rows if (r.protocol, r.test_set, r.model.name) == (protocol, 'RSSCN7', 'Bicubic'))
+        assert (row.psnr, row.ssim) == (pytest.approx(expected[0], abs=1e-6), pytest.approx(expected[1], abs=1e-6))
     assert by_key[('basicsr-y', 'RSSCN7', 'Bicubic')]['psnr'] != by_key[('transenet-rgb', 'RSSCN7', 'Bicubic')]['psnr']
     markdown = (out / 'bench.md').read_text()
     assert markdown.count('### ') == 4
@@ -212,6 +217,18 @@ def test_protocols_test_sets_and_niqe_from_the_command_line(trained: Path, tmp_p
         per_class = list(csv.DictReader(f))
     assert {(r['protocol'], r['test_set']) for r in per_class} == {
         (p, s) for p in ('basicsr-y', 'transenet-rgb') for s in ('UCMerced', 'RSSCN7')}
+
+
+def test_command_line_options_reach_run_bench(monkeypatch: pytest.MonkeyPatch) -> None:
+    import hmoe_arch.commands.cli as cli
+    seen = {}
+    monkeypatch.setattr(cli, 'run_bench', lambda sources, out, **kwargs: seen.update(kwargs))
+    assert main(['bench', 'a.yml', '--protocol', 'ttst-y', '--protocol', 'haunet-rgb', '--test-set', 'X',
+                 '--test-set', 'Y', '--lpips']) == 0
+    assert (seen['protocols'], seen['test_sets'], seen['metrics']) == (['ttst-y', 'haunet-rgb'], [Path('X'), Path('Y')],
+                                                                       ['lpips'])
+    assert main(['bench', 'a.yml']) == 0
+    assert (seen['protocols'], seen['test_sets'], seen['metrics']) == (['basicsr-y'], [], [])
 
 
 def test_test_set_errors(trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
@@ -232,6 +249,11 @@ def test_test_set_errors(trained: Path, tmp_path: Path, monkeypatch: pytest.Monk
         with pytest.raises(OptionError, match=message):
             run_bench([Path(experiment)], tmp_path / 'out', runs=1, test_sets=[Path(a) for a in args[1::2]])
     assert not (tmp_path / 'out').exists()
+    if importlib.util.find_spec('lpips') is not None:
+        monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'empty_torch_home'))
+        with pytest.raises(OptionError, match='--lpips needs the AlexNet weights'):
+            run_bench([Path(experiment)], tmp_path / 'out', runs=1, metrics=['lpips'])
+        assert not (tmp_path / 'out').exists() and not (tmp_path / 'empty_torch_home').exists()
     with pytest.raises(SystemExit) as exit_info:
         main(['bench', experiment, '--protocol', 'psnr-y'])
     assert exit_info.value.code == 2 and "invalid choice: 'psnr-y'" in capsys.readouterr().err
