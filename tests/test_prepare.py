@@ -189,6 +189,7 @@ def test_bad_inputs_are_named_and_nothing_is_written(tmp_path: Path, make_bad, m
     with pytest.raises(PrepareError, match=message):
         prepare('ucmerced', source, tmp_path / 'out', progress=False)
     assert not (tmp_path / 'out').exists() and not (tmp_path / 'out.incomplete').exists()
+    assert not (tmp_path / 'out.lock').exists()  # a failed run leaves nothing beside the output either
     summary = prepare('ucmerced', source, tmp_path / 'out', skip_bad=True, progress=False)
     assert list(summary.skipped) == ['beach02.tif'] and re.search(message, summary.skipped['beach02.tif'])
     listed = (tmp_path / 'out' / 'train.txt').read_text() + (tmp_path / 'out' / 'test.txt').read_text()
@@ -406,6 +407,7 @@ def test_a_second_run_on_the_same_output_is_refused_while_the_first_holds_it(tmp
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(PrepareError, match=r'out: another prepare run is writing it \(pid 12345\)'):
             prepare('ucmerced', source, out, progress=False)
+        assert (tmp_path / 'out.lock').read_text() == 'pid 12345'  # the holder's file is left alone
     assert not out.exists()
     prepare('ucmerced', source, out, progress=False)
     assert out.is_dir() and not (tmp_path / 'out.lock').exists()

@@ -17,8 +17,8 @@ def exclusive_lock(path: Path, busy: Callable[[str], HmoeError], *, remove_when_
     Args:
         path: The lock file.
         busy: Builds the error raised when another process holds the lock, from what that process wrote.
-        remove_when_done: Delete the lock file when the block ends normally (still held, so a process that opened
-            it meanwhile finds the work done when it gets the lock).
+        remove_when_done: Delete the lock file when the block ends, also by an error (still held at that moment:
+            another run either failed to get it before, or creates and locks a fresh file after).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     handle = open(path, 'a+')
@@ -28,12 +28,14 @@ def exclusive_lock(path: Path, busy: Callable[[str], HmoeError], *, remove_when_
         except BlockingIOError:
             handle.seek(0)
             raise busy(handle.read().strip() or 'another process') from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f'pid {os.getpid()}, started {time.strftime("%Y-%m-%d %H:%M:%S")}')
-        handle.flush()
-        yield
-        if remove_when_done:
-            path.unlink(missing_ok=True)
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f'pid {os.getpid()}, started {time.strftime("%Y-%m-%d %H:%M:%S")}')
+            handle.flush()
+            yield
+        finally:
+            if remove_when_done:
+                path.unlink(missing_ok=True)
     finally:
         handle.close()
