@@ -170,26 +170,8 @@ def run_pipeline(args: argparse.Namespace) -> None:
 
 # ----------------------------------------------------------------------------------------------------------
 # command line
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog='basicsr', description='MFG-HMoE (hmoe_arch) commands on top of BasicSR.')
-    commands = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
-    for name, help_text in (('train', 'train with a BasicSR option file (experiments/ in the current directory)'),
-                            ('test', 'evaluate with a BasicSR option file (results/ in the current directory)')):
-        sub = commands.add_parser(name, help=help_text, description=help_text)
-        sub.add_argument('-opt', required=True, help='path to the option YAML file')
-        sub.add_argument('--launcher', choices=['none', 'pytorch'], default='none',
-                         help='pytorch: distributed data parallel under torchrun (nccl on GPUs, gloo on CPU)')
-        sub.add_argument('--force_yml', nargs='+', default=None, metavar='KEY:SUB=VALUE',
-                         help='override options; VALUE is YAML (e.g. train:total_iter=10 network_g:depths=[2,2])')
-        sub.add_argument('--plugin', action='append', default=[], metavar='PACKAGE',
-                         help='import PACKAGE first so its BasicSR types register (repeatable; same as the '
-                              'top-level option `plugins: [PACKAGE]`); HAT is imported by itself when the options '
-                              'name one of its types')
-        if name == 'train':
-            sub.add_argument('--auto_resume', action='store_true',
-                             help='continue from the latest training state of this experiment, if any')
-            sub.add_argument('--debug', action='store_true', help="BasicSR's debug mode (prefixes the name)")
-        sub.add_argument('--local_rank', '--local-rank', type=int, default=0, help=argparse.SUPPRESS)
+def add_prepare_parser(commands) -> None:
+    """``basicsr prepare``."""
     prep = commands.add_parser(
         'prepare', help='published UCMerced/AID (train+test) or RSSCN7/WHU-RS19 (test only) archive or folder -> '
                         'split lists, HR/LR PNGs and LMDBs',
@@ -211,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
                       'summary) instead of stopping')
     prep.add_argument('--download', action='store_true', help='fetch the official archive and verify its MD5')
     prep.add_argument('--no-progress', action='store_true', help='no progress bar')
+
+
+def add_bench_parser(commands) -> None:
+    """``basicsr bench``."""
     bench = commands.add_parser(
         'bench', help='evaluate models on their test split: PSNR/SSIM table, MACs, latency, memory, plot',
         description='Evaluate test option files or experiment folders (plus bicubic) and write bench.md, '
@@ -235,6 +221,29 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument('--niqe', action='store_true', help='add NIQE of the SR images (no reference; BasicSR\'s)')
     bench.add_argument('--lpips', action='store_true', help='add LPIPS (AlexNet; needs the lpips extra and the '
                        'AlexNet weights already on disk: nothing is downloaded)')
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog='basicsr', description='MFG-HMoE (hmoe_arch) commands on top of BasicSR.')
+    commands = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
+    for name, help_text in (('train', 'train with a BasicSR option file (experiments/ in the current directory)'),
+                            ('test', 'evaluate with a BasicSR option file (results/ in the current directory)')):
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument('-opt', required=True, help='path to the option YAML file')
+        sub.add_argument('--launcher', choices=['none', 'pytorch'], default='none',
+                         help='pytorch: distributed data parallel under torchrun (nccl on GPUs, gloo on CPU)')
+        sub.add_argument('--force_yml', nargs='+', default=None, metavar='KEY:SUB=VALUE',
+                         help='override options; VALUE is YAML (e.g. train:total_iter=10 network_g:depths=[2,2])')
+        sub.add_argument('--plugin', action='append', default=[], metavar='PACKAGE',
+                         help='import PACKAGE first so its BasicSR types register (repeatable; same as the '
+                              'top-level option `plugins: [PACKAGE]`); HAT is imported by itself when the options '
+                              'name one of its types')
+        if name == 'train':
+            sub.add_argument('--auto_resume', action='store_true',
+                             help='continue from the latest training state of this experiment, if any')
+            sub.add_argument('--debug', action='store_true', help="BasicSR's debug mode (prefixes the name)")
+        sub.add_argument('--local_rank', '--local-rank', type=int, default=0, help=argparse.SUPPRESS)
+    add_prepare_parser(commands)
+    add_bench_parser(commands)
     inf = commands.add_parser(
         'infer', help='super-resolve images, folders and GeoTIFFs (tiled, feathered blending)',
         description='Super-resolve an image, a GeoTIFF or every one of a folder with tiled inference.')
