@@ -3,6 +3,7 @@ missing."""
 import builtins
 import math
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -65,11 +66,14 @@ def test_lpips_from_weights_on_disk(torch_home: Path) -> None:
     alexnet = torchvision.models.alexnet(weights=None).state_dict()
     torch_home.mkdir(parents=True)
     torch.save(alexnet, torch_home / ALEXNET_FILE)
-    distance = load_lpips(torch.device('cpu'))
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        distance = load_lpips(torch.device('cpu'))
     a, b = image(1), image(2)
     assert distance(a, a, 0) == 0
     # the same as the lpips package's own model given those AlexNet weights
-    reference = lpips.LPIPS(net='alex', version='0.1', pnet_rand=True, verbose=False).eval()
+    with pytest.warns(UserWarning, match='deprecated'):  # lpips's call into torchvision (load_lpips hides it)
+        reference = lpips.LPIPS(net='alex', version='0.1', pnet_rand=True, verbose=False).eval()
     for name, value in reference.net.state_dict().items():
         value.copy_(alexnet[f'features.{name.split(".", 1)[1]}'])
     pair = [torch.from_numpy(np.ascontiguousarray(x[4:-4, 4:-4, ::-1])).permute(2, 0, 1)[None].float() / 127.5 - 1

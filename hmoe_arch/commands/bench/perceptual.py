@@ -59,7 +59,9 @@ def load_lpips(device: torch.device) -> Callable[[np.ndarray, np.ndarray, int], 
                           'downloads during a run; fetch them once with: python -c "import torchvision; '
                           "torchvision.models.alexnet(weights='IMAGENET1K_V1')\" (or copy "
                           f'{ALEXNET_FILE} there)')
-    model = lpips.LPIPS(net='alex', version='0.1', pnet_rand=True, verbose=False)
+    with warnings.catch_warnings():  # lpips passes torchvision the deprecated `pretrained=False`
+        warnings.filterwarnings('ignore', message='.*(pretrained|weights).*deprecated', category=UserWarning)
+        model = lpips.LPIPS(net='alex', version='0.1', pnet_rand=True, verbose=False)
     alexnet = torch.load(weights, map_location='cpu', weights_only=True)
     # LPIPS's slices keep AlexNet's feature layers under their original indices: slice2.3.weight is features.3.weight
     wanted = model.net.state_dict()
