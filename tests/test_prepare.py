@@ -256,6 +256,28 @@ def test_rsscn7_is_a_test_only_set(tmp_path: Path, lmdb: bool) -> None:
     assert np.array_equal(cv2.imread(str(out / 'Test_LR_x4' / 'b002.png'))[..., ::-1], expected)
 
 
+def test_rsscn7_as_published_on_github(tmp_path: Path) -> None:
+    """The repository's own layout (README.md beside the class folders, .git) and GitHub's archive of it."""
+    clone = tmp_path / 'RSSCN7-master'
+    make_rsscn7_tree(tmp_path / 'tree', per_class=2)
+    (tmp_path / 'tree' / 'RSSCN7').rename(clone)
+    (clone / 'README.md').write_text('# RSSCN7\n')
+    (clone / '.git').mkdir()
+    (clone / '.git' / 'HEAD').write_text('ref: refs/heads/master\n')
+    from_clone = prepare('rsscn7', clone, tmp_path / 'a', scales=[2], progress=False)
+    archive = tmp_path / 'RSSCN7-master.zip'
+    with zipfile.ZipFile(archive, 'w') as zf:
+        for path in sorted(clone.rglob('*')):
+            if path.is_file() and '.git' not in path.parts:
+                zf.write(path, path.relative_to(tmp_path).as_posix())
+    from_archive = prepare('rsscn7', archive, tmp_path / 'b', scales=[2], progress=False)
+    assert from_clone.test_per_class == from_archive.test_per_class == {'aGrass': 2, 'bField': 2, 'gParking': 2}
+    assert (tmp_path / 'a' / 'test.txt').read_text() == (tmp_path / 'b' / 'test.txt').read_text()
+    (clone / 'notes.txt').write_text('x')
+    with pytest.raises(PrepareError, match='notes.txt: wrong folder layout'):
+        prepare('rsscn7', clone, tmp_path / 'c', scales=[2], progress=False)
+
+
 def test_whurs19_names_in_either_case_and_duplicate_stems_are_refused(tmp_path: Path) -> None:
     root = tmp_path / 'WHU-RS19'
     for c, (folder, stem) in enumerate([('Airport', 'airport'), ('footballField', 'footballField'),

@@ -22,7 +22,8 @@ Re-running with the same arguments does nothing.
 
 Inputs are bounded: an image file (or archive member, by its declared size) over :data:`MAX_IMAGE_BYTES`, or
 an image whose header declares more than :data:`MAX_IMAGE_PIXELS` pixels, is refused before it is decoded.
-Hidden and system files (``.DS_Store``, ``Thumbs.db``, ``desktop.ini``, ``__MACOSX/``) are ignored.
+Hidden and system files (``.DS_Store``, ``Thumbs.db``, ``desktop.ini``, ``__MACOSX/``, ``.git/``) are ignored, and so
+are README and LICENSE files beside the class folders (RSSCN7 is published as a Git repository with a README).
 """
 import hashlib
 import json
@@ -95,8 +96,9 @@ DATASETS: Dict[str, DatasetSpec] = {
         title='AID', test_fraction=0.2, roots=('AID', ''), layout='AID/<Class>/<class>_N.jpg',
         file_pattern=r'{cls}_\d+\.jpg'),
     'rsscn7': DatasetSpec(
-        title='RSSCN7', test_fraction=1.0, roots=('RSSCN7', ''), layout='RSSCN7/<x><Class>/<x>NNN.jpg (e.g. '
-        'aGrass/a001.jpg; 7 classes x 400 images of 400x400)', file_pattern=r'{initial}\d{{3}}\.jpg',
+        title='RSSCN7', test_fraction=1.0, roots=('RSSCN7', 'RSSCN7-master', 'RSSCN7-main', ''),
+        layout='RSSCN7/<x><Class>/<x>NNN.jpg (e.g. aGrass/a001.jpg; 7 classes x 400 images of 400x400)',
+        file_pattern=r'{initial}\d{{3}}\.jpg',
         test_only=True, where='https://github.com/palewithout/RSSCN7 (Zou et al., GRSL 2015)'),
     'whurs19': DatasetSpec(
         title='WHU-RS19', test_fraction=1.0, roots=('WHU-RS19', 'RSDataset', ''),
@@ -155,6 +157,7 @@ class Source:
         for root in self.spec.roots:
             prefix = f'{root}/' if root else ''
             inside = [f[len(prefix):] for f in files if f.startswith(prefix)]
+            inside = [f for f in inside if not is_documentation(f)]
             if any(f.count('/') == 1 for f in inside):
                 return [self._check(prefix, relative) for relative in inside]
         raise PrepareError(f'{self.path}: no class folders found; expected the layout {self.spec.layout}')
@@ -186,6 +189,11 @@ class Source:
     def close(self) -> None:
         if self._zip is not None:
             self._zip.close()
+
+
+def is_documentation(relative: str) -> bool:
+    """A README or LICENSE beside the class folders (a dataset's Git repository or its GitHub archive has one)."""
+    return '/' not in relative and relative.lower().startswith(('readme', 'license', 'licence'))
 
 
 def is_system_file(relative: str) -> bool:
