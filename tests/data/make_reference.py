@@ -117,9 +117,9 @@ def write(path: Path, stored: Dict[str, Any]) -> None:
     print(f'wrote {path} ({path.stat().st_size / 1024:.0f} KiB)')
 
 
-def make_hat(shared: Path, out: Path, seed: int = 0) -> None:
-    torch.manual_seed(seed)
-    net = load_hat_class(shared)(**TINY_HAT_CONFIG).eval()
+def coded_run(net: torch.nn.Module, seed: int):
+    """Perturb ``net``, code its weights and run the decoded weights on the seeded input:
+    ``(stored, state_dict, codes, x, output)``."""
     perturbed(net, seed + 1)
     stored = quantised(net.state_dict())
     state_dict = dequantised(stored)
@@ -128,6 +128,13 @@ def make_hat(shared: Path, out: Path, seed: int = 0) -> None:
     with torch.no_grad():
         net.load_state_dict(state_dict, strict=True)
         output = net(x)
+    return stored, state_dict, codes, x, output
+
+
+def make_hat(shared: Path, out: Path, seed: int = 0) -> None:
+    torch.manual_seed(seed)
+    net = load_hat_class(shared)(**TINY_HAT_CONFIG).eval()
+    stored, state_dict, codes, x, output = coded_run(net, seed)
     for attention in ('sdpa', 'plain'):
         gap = max_difference(ours_in_hat_mode(TINY_HAT_CONFIG, attention=attention), state_dict, x, output)
         if gap > TOLERANCE:
@@ -144,14 +151,7 @@ def make_authors(shared: Path, out: Path, seeds=range(10, 60)) -> None:
     for seed in seeds:
         torch.manual_seed(seed)
         net = MFGHMoEArch(**TINY_AUTHORS_CONFIG).eval()
-        perturbed(net, seed + 1)
-        stored = quantised(net.state_dict())
-        state_dict = dequantised(stored)
-        codes = reference_input(seed + 2)
-        x = codes.float() / 255
-        with torch.no_grad():
-            net.load_state_dict(state_dict, strict=True)
-            output = net(x)
+        stored, state_dict, codes, x, output = coded_run(net, seed)
         if int(net.routing_maps()['expert'].unique().numel()) >= 3:
             break
     else:
