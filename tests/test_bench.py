@@ -219,6 +219,24 @@ def test_protocols_test_sets_and_niqe_from_the_command_line(trained: Path, tmp_p
         (p, s) for p in ('basicsr-y', 'transenet-rgb') for s in ('UCMerced', 'RSSCN7')}
 
 
+def test_protocols_sharing_a_conversion_share_niqe(trained: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(trained)
+    calls = []
+    import hmoe_arch.commands.bench.evaluation as evaluation
+    monkeypatch.setattr(evaluation, 'niqe', lambda img, crop, label: calls.append(crop) or niqe(img, crop))
+    rows = run_bench([trained / 'experiments' / 'train_EDSR_UCMerced_x2'], tmp_path / 'out', runs=1,
+                     protocols=['basicsr-y', 'haunet-rgb', 'ttst-y'], metrics=['niqe'])
+    bicubic = {r.protocol: r for r in rows if r.model.name == 'Bicubic'}
+    images = sum(len(v) for v in bicubic['basicsr-y'].per_class.values())
+    # basicsr-y and haunet-rgb round and crop alike: one NIQE per image for both, another for ttst-y (for
+    # bicubic and for EDSR)
+    assert images > 0 and len(calls) == 2 * 2 * images and sorted(set(calls)) == [0, 2]
+    assert bicubic['basicsr-y'].metrics['niqe'] == bicubic['haunet-rgb'].metrics['niqe']
+    assert bicubic['basicsr-y'].metrics['niqe'] != bicubic['ttst-y'].metrics['niqe']
+    assert bicubic['basicsr-y'].psnr != bicubic['haunet-rgb'].psnr
+
+
 def test_command_line_options_reach_run_bench(monkeypatch: pytest.MonkeyPatch) -> None:
     import hmoe_arch.commands.cli as cli
     seen = {}

@@ -150,17 +150,17 @@ def run_bench(sources: Sequence[Path], out: Path, *, device: str = 'cpu', lr_siz
         raise OptionError('--device cuda: no CUDA device is available')
     dev = torch.device(device)
     models = [model_from_source(Path(s), force_yml) for s in sources]
-    sets = {id(model): test_sets_of(model, test_sets) for model in models}  # every folder checked before any work
+    plans = [(model, test_sets_of(model, test_sets)) for model in models]  # every folder checked before any work
     lpips = load_lpips(dev) if 'lpips' in optional else None
     rows: List[BenchRow] = []
     seen_sets = set()
-    for model in models:
+    for model, model_sets in plans:
         net = build(model, dev)
         cost = dict(params_m=sum(p.numel() for p in net.parameters()) / 1e6,
                     macs_g=count_macs(net, lr_size, dev) / 1e9,
                     latency_ms=forward_latency(net, lr_size, dev, runs) * 1e3,
                     peak_mib=forward_memory(model, net, lr_size, dev))
-        for test_set in sets[id(model)]:
+        for test_set in model_sets:
             key = (test_set.dataset_opt.get('dataroot_gt'), test_set.dataset_opt.get('dataroot_lq'), model.scale)
             if key not in seen_sets:
                 seen_sets.add(key)

@@ -73,19 +73,26 @@ def evaluate(model: BenchModel, net: Optional[torch.nn.Module], device: torch.de
         sr = sr.cpu()
         gt_img = tensor2img(item['gt'])
         stem = Path(item['lq_path']).stem
+        # protocols with the same 8-bit conversion share the SR image; NIQE (always on Y) and LPIPS (always on RGB)
+        # depend only on that image and the border, so each is computed once per (conversion, border)
+        images: Dict[str, np.ndarray] = {}
+        shared: Dict[tuple, Dict[str, float]] = {}
         for p in protocols:
-            sr_img = p.quantise(sr)
+            if p.to_uint8 not in images:
+                images[p.to_uint8] = p.quantise(sr)
+            sr_img, crop = images[p.to_uint8], p.crop(model.scale)
             psnr, ssim = p.measure(sr_img, gt_img, model.scale)
-            measured = {'psnr': psnr, 'ssim': ssim}
-            if with_niqe:
-                measured['niqe'] = niqe(sr_img, p.crop(model.scale), f'{test_set.name}/{stem} ({model.name})')
-            if lpips is not None:
-                measured['lpips'] = lpips(sr_img, gt_img, p.crop(model.scale))
-            for key, value in measured.items():
+            if (p.to_uint8, crop) not in shared:
+                extra = shared[(p.to_uint8, crop)] = {}
+                if with_niqe:
+                    extra['niqe'] = niqe(sr_img, crop, f'{test_set.name}/{stem} ({model.name})')
+                if lpips is not None:
+                    extra['lpips'] = lpips(sr_img, gt_img, crop)
+            for key, value in {'psnr': psnr, 'ssim': ssim, **shared[(p.to_uint8, crop)]}.items():
                 values[p.name].setdefault(key, []).append(value)
             per_class[p.name].setdefault(scene_class(stem), []).append(psnr)
         if maps is not None:
-            maps.add(stem, net, lq.shape[2], lq.shape[3], tensor2img(sr))
+            maps.add(stem, net, lq.shape[2], lq.shape[3], images['round'] if 'round' in images else tensor2img(sr))
     if maps is not None:
         maps.close()
     rows = []
