@@ -5,7 +5,8 @@
   start-up, so ``import basicsr`` works whatever the import order. :func:`install_functional_tensor_stand_in`
   registers the same finder when that start-up file did not run (a source checkout on ``PYTHONPATH``).
 - ``basicsr.utils.matlab_functions.rgb2ycbcr``: HAT's datasets import it from there; basicsr 1.4.2 moved it to
-  ``basicsr.utils.color_util``. :func:`restore_basicsr_names` adds the name back, only where it is missing.
+  ``basicsr.utils.color_util``. The start-up hook adds the name back when basicsr imports that module (so
+  ``import hat`` may come first); :func:`restore_basicsr_names` does it now, only where it is missing.
 """
 import sys
 
@@ -16,21 +17,17 @@ FUNCTIONAL_TENSOR = hmoe_arch_import_hook.FUNCTIONAL_TENSOR
 
 def install_functional_tensor_stand_in() -> bool:
     """Make sure the stand-in finder is on ``sys.meta_path`` (it serves the module only where torchvision lacks
-    it); returns True when this call had to add it, False when the start-up hook (or an earlier call) had."""
+    it) and that basicsr's names are restored when it is imported; returns True when this call had to add them,
+    False when the start-up hook (or an earlier call) had."""
     return hmoe_arch_import_hook.install()
 
 
 def restore_basicsr_names() -> list:
-    """Names that older basicsr releases had and HAT imports, added back where basicsr 1.4.2 lacks them;
-    returns what was added."""
-    from basicsr.utils import color_util, matlab_functions
+    """Names that older basicsr releases had and HAT imports, added back now where basicsr 1.4.2 lacks them
+    (imports basicsr); returns what was added."""
+    from basicsr.utils import matlab_functions
 
-    added = []
-    for name in ('rgb2ycbcr', 'bgr2ycbcr', 'ycbcr2rgb', 'ycbcr2bgr'):
-        if not hasattr(matlab_functions, name) and hasattr(color_util, name):
-            setattr(matlab_functions, name, getattr(color_util, name))
-            added.append(name)
-    return added
+    return hmoe_arch_import_hook.restore_basicsr_names(matlab_functions)
 
 
 def is_stand_in() -> bool:

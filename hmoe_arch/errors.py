@@ -13,7 +13,7 @@ class HmoeError(Exception):
     exit_status = 2
 
 
-class OptionError(HmoeError):
+class OptionError(HmoeError, ValueError):
     """A bad option file, ``--force_yml`` entry, flag or input/output location; the message names it."""
 
 

@@ -1,28 +1,23 @@
 """Option files: BasicSR's option semantics with a safe ``--force_yml`` and CPU-capable distributed setup.
 
-Used by ``basicsr train``/``test`` (in place of ``basicsr.utils.options.parse_options``) and ``basicsr bench``.
+Reading and the checks that need no network are in :mod:`hmoe_arch.option_file` (no torch, no basicsr; its
+readers are re-exported here). Used by ``basicsr train``/``test`` (in place of
+``basicsr.utils.options.parse_options``) and ``basicsr bench``.
 """
 import argparse
 import os
 import os.path as osp
 import random
-import re
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-import yaml
 from basicsr.utils import set_random_seed
 from basicsr.utils.dist_util import get_dist_info
 
 from .data.rs_paired_dataset import IMAGE_SUFFIXES
 from .errors import OptionError
-
-MAX_OPTION_BYTES = 4 * 2**20
-"""Largest option file read."""
-MAX_OPTION_VALUES = 100_000
-"""Most values an option file may hold once its YAML aliases are expanded (real files hold a few hundred)."""
-
+from .option_file import apply_force_yml, load_yaml, plain_options, precheck_option_file, read_option_file  # noqa: F401
 
 KNOWN_PLUGINS: Dict[str, Dict[str, Any]] = {
     'hat': {
@@ -108,78 +103,6 @@ def moe_model_warning(opt: Dict[str, Any]) -> Optional[str]:
             'model_type: MFGHMoEModel for those')
 
 
-def plain_options(value: Any) -> Any:
-    """Options as plain dicts, lists and scalars (for YAML/JSON output and checkpoint metadata)."""
-    if isinstance(value, dict):
-        return {str(k): plain_options(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain_options(v) for v in value]
-    return value
-
-
-def expanded_size(value: Any, limit: int = MAX_OPTION_VALUES) -> int:
-    """How many values ``value`` holds with every shared (aliased) node counted each time it is used; stops
-    counting past ``limit``. Linear in the number of distinct nodes."""
-    sizes: Dict[int, int] = {}
-
-    def size(node: Any) -> int:
-        if not isinstance(node, (dict, list)):
-            return 1
-        if id(node) not in sizes:
-            children = node.values() if isinstance(node, dict) else node
-            total = 1
-            for child in children:
-                total += size(child)
-                if total > limit:
-                    break
-            sizes[id(node)] = total
-        return sizes[id(node)]
-
-    return size(value)
-
-
-def load_yaml(text: str, source: str) -> Any:
-    """Plain YAML only (``yaml.SafeLoader``: no Python tags, nothing executed; mappings keep their order) whose
-    aliases expand to at most :data:`MAX_OPTION_VALUES` values.
-
-    Raises:
-        OptionError: naming ``source`` and, for a refused tag or a syntax error, the line.
-    """
-    try:
-        value = yaml.load(text, Loader=yaml.SafeLoader)
-    except yaml.constructor.ConstructorError as error:
-        mark = error.problem_mark
-        where = f'{source}:{mark.line + 1}' if mark is not None else source
-        tag = re.search(r"tag '([^']*)'", str(error.problem))
-        if tag and 'python' in tag.group(1):
-            raise OptionError(f'{where}: the tag {tag.group(1)} is refused: option files are plain YAML and '
-                              'nothing in them is executed') from None
-        raise OptionError(f'{where}: not plain YAML ({error.problem})') from None
-    except yaml.YAMLError as error:
-        raise OptionError(f'{source}: not valid YAML ({error})') from None
-    if expanded_size(value) > MAX_OPTION_VALUES:
-        raise OptionError(f'{source}: its YAML aliases expand to more than {MAX_OPTION_VALUES} values (an alias '
-                          'bomb?); write the options out without nested aliases')
-    return value
-
-
-def apply_force_yml(opt: Dict[str, Any], entry: str) -> None:
-    """Set ``opt[k1][k2]... = yaml(value)`` for ``entry = 'k1:k2=value'``; every key but the last must exist."""
-    if '=' not in entry:
-        raise OptionError(f'--force_yml {entry!r}: expected key:sub=value')
-    path, text = (part.strip() for part in entry.split('=', 1))
-    keys = path.split(':')
-    value = load_yaml(text, f'--force_yml {entry!r}')
-    node = opt
-    for depth, key in enumerate(keys[:-1]):
-        if not isinstance(node, dict) or key not in node:
-            raise OptionError(f'--force_yml {entry!r}: no option {":".join(keys[:depth + 1])}')
-        node = node[key]
-    if not isinstance(node, dict):
-        raise OptionError(f'--force_yml {entry!r}: {":".join(keys[:-1])} is not a mapping')
-    node[keys[-1]] = value
-
-
 def init_distributed() -> None:
     """Join the process group torchrun describes (nccl on GPUs, gloo on CPU)."""
     if dist.is_initialized():
@@ -195,36 +118,9 @@ def init_distributed() -> None:
         dist.init_process_group(backend='gloo')
 
 
-def read_option_file(path: Union[str, os.PathLike], force_yml: Sequence[str] = (),
-                     required: Sequence[str] = ()) -> Dict[str, Any]:
-    """An option file (plain YAML, :func:`load_yaml`) with ``--force_yml`` entries applied.
-
-    Raises:
-        OptionError: naming ``path`` when it cannot be read, is not plain YAML (a Python tag names its line), is
-            an alias bomb, is not a YAML mapping or lacks a ``required`` top-level key.
-    """
-    try:
-        with open(path, encoding='utf-8') as f:
-            text = f.read(MAX_OPTION_BYTES + 1)
-    except (OSError, UnicodeDecodeError) as error:
-        raise OptionError(f'{path}: cannot read the option file ({getattr(error, "strerror", None) or error})') \
-            from error
-    if len(text) > MAX_OPTION_BYTES:
-        raise OptionError(f'{path}: larger than {MAX_OPTION_BYTES // 2**20} MiB; not an option file')
-    opt = load_yaml(text, os.fspath(path))
-    if not isinstance(opt, dict):
-        raise OptionError(f'{path}: expected a mapping of options')
-    for entry in force_yml:
-        apply_force_yml(opt, entry)
-    missing = [key for key in required if key not in opt]
-    if missing:
-        raise OptionError(f'{path}: missing the top-level key(s) {", ".join(missing)}')
-    return opt
-
-
 def parse_options(args: argparse.Namespace, root_path: str, is_train: bool) -> Dict[str, Any]:
     """BasicSR's option semantics (paths, phases, seeds, debug mode) with safe ``--force_yml``."""
-    opt = read_option_file(args.opt, args.force_yml or (), required=('name', 'datasets', 'path'))
+    opt = precheck_option_file(args.opt, args.force_yml or (), is_train=is_train)
     import_plugins(opt, getattr(args, 'plugin', None) or ())
 
     if args.launcher == 'pytorch':
@@ -253,11 +149,6 @@ def parse_options(args: argparse.Namespace, root_path: str, is_train: bool) -> D
             opt['path'][key] = osp.expanduser(value)
 
     if is_train:
-        logger = opt.get('logger')
-        missing = [k for k in ('print_freq', 'save_checkpoint_freq') if not isinstance(logger, dict) or k not in logger]
-        if missing:
-            raise OptionError(f'{args.opt}: training needs a `logger:` block with {" and ".join(missing)} (how often '
-                              'to log and to save checkpoints, in iterations)')
         root = osp.join(root_path, 'experiments', opt['name'])
         opt['path'].update(experiments_root=root, models=osp.join(root, 'models'),
                            training_states=osp.join(root, 'training_states'), log=root,

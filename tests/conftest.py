@@ -1,14 +1,23 @@
-"""Fixtures: a fixed seed, BasicSR's log messages, and a prepared synthetic dataset tree (helpers: util.py)."""
+"""Fixtures: a fixed seed, BasicSR's log messages, and a prepared synthetic dataset tree (helpers: util.py).
+
+The suite runs torch on one CPU thread (``OMP_NUM_THREADS=1`` unless set, which the commands it starts in
+subprocesses inherit): its networks are tiny, and with a thread per core they were several times slower on a busy
+machine (docs/performance.md)."""
 import logging
+import os
 from pathlib import Path
 from typing import List
 
-import pytest
-import torch
+os.environ.setdefault('OMP_NUM_THREADS', '1')
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 import hmoe_arch  # noqa: F401  (registers the plugin)
 
-from util import make_aid_tree, make_ucmerced_tree
+from util import make_aid_tree, make_ucmerced_tree  # noqa: E402
+
+torch.set_num_threads(int(os.environ['OMP_NUM_THREADS']))
 
 
 @pytest.fixture(autouse=True)

@@ -52,6 +52,58 @@ def test_bad_option_file_exits_2_naming_it(tmp_path: Path, capsys) -> None:
     assert main(['train', '-opt', str(OPTIONS / 'train_ucm_x4.yml'), '--launcher', 'pytorch']) == 2
 
 
+HEAVY = ('torch', 'basicsr', 'timm', 'cv2')
+PROBE = ('import sys; from hmoe_arch.commands.cli import main; status = main(sys.argv[1:]); '
+         f'print(status, sorted(m for m in {HEAVY!r} if m in sys.modules))')
+
+
+def test_help_imports_nothing_heavy() -> None:
+    # what `python -X importtime -m hmoe_arch --help` shows: no torch, basicsr, timm or OpenCV
+    result = subprocess.run([sys.executable, '-X', 'importtime', '-m', 'hmoe_arch', '--help'], capture_output=True,
+                            text=True, timeout=120, cwd='/')
+    assert result.returncode == 0 and 'usage: basicsr' in result.stdout
+    imported = {line.rsplit('|', 1)[-1].strip() for line in result.stderr.splitlines()
+                if line.startswith('import time')}
+    assert 'hmoe_arch.commands.cli' in imported
+    assert not imported & set(HEAVY)
+
+
+@pytest.mark.parametrize('content, force, message', [
+    (None, [], 'cannot read the option file (No such file or directory)'),
+    ('name: [unclosed\n', [], ':2:1: not valid YAML (expected'),
+    ('train_ucm_x4.yml', ['train:aux_loss_weight=abc'], "`train.aux_loss_weight` must be a number >= 0, got 'abc'"),
+    ('train_ucm_x4.yml', ['train:routing_lr_scale=-1'], '`train.routing_lr_scale` must be a number > 0, got -1'),
+    ('train_ucm_x4.yml', ['num_threads=0'], 'num_threads: expected an integer >= 1 or auto, got 0'),
+    ('train_ucm_x4.yml', ['logger={}'], 'training needs a `logger:` block with print_freq and save_checkpoint_freq'),
+], ids=['missing', 'yaml', 'aux_loss_weight', 'routing_lr_scale', 'num_threads', 'logger'])
+def test_a_refused_option_file_is_one_line_before_the_heavy_imports(content, force, message, tmp_path: Path) -> None:
+    path = tmp_path / 'x.yml'
+    if content is not None:
+        path.write_text((OPTIONS / content).read_text() if content.endswith('.yml') else content)
+    command = ['train', '-opt', str(path)] + (['--force_yml', *force] if force else [])
+    result = subprocess.run([sys.executable, '-c', PROBE, *command], capture_output=True, text=True, timeout=120,
+                            cwd=tmp_path)
+    assert result.stdout.strip() == '2 []', result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and ' ERROR: basicsr train: ' in lines[0] and message in lines[0], lines
+
+
+def test_model_option_errors_are_one_line_in_process(basicsr_log) -> None:
+    assert main(['train', '-opt', str(OPTIONS / 'train_ucm_x4.yml'), '--force_yml', 'train:aux_loss_weight=abc']) == 2
+    assert basicsr_log[-1] == ("basicsr train: MFGHMoEModel: `train.aux_loss_weight` must be a number >= 0, "
+                               "got 'abc'")
+
+
+def test_num_threads_flag(tmp_path: Path) -> None:
+    assert build_parser().parse_args(['infer', '--weights', 'w', '--input', 'i', '--output', 'o',
+                                      '--num-threads', '3']).num_threads == 3
+    assert build_parser().parse_args(['bench', 'x.yml', '--num-threads', 'auto']).num_threads is None
+    result = subprocess.run([sys.executable, '-m', 'hmoe_arch', 'export', '--weights', 'w', '--out', 'o',
+                             '--num-threads', '0'], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "argument --num-threads: expected an integer >= 1 or auto, got '0'" in result.stderr
+
+
 # ------------------------------------------------------------------------------------------------------
 # training and evaluation on CPU
 def test_train_on_cpu_with_validation_checkpoints_and_tensorboard(cwd: Path) -> None:

@@ -1,9 +1,11 @@
 """Compatibility layer: the torchvision stand-in (whatever the import order, only where needed, cheap at start-up)
 and the basicsr names HAT imports."""
+import os
 import subprocess
 import sys
 import types
 from importlib.machinery import ModuleSpec
+from pathlib import Path
 
 import pytest
 import torch
@@ -95,8 +97,43 @@ def test_install_adds_the_finder_once(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_rgb2ycbcr_is_restored_only_where_basicsr_lacks_it(monkeypatch: pytest.MonkeyPatch) -> None:
     from basicsr.utils import color_util, matlab_functions
-    assert matlab_functions.rgb2ycbcr is color_util.rgb2ycbcr  # done by `import hmoe_arch`
+    assert matlab_functions.rgb2ycbcr is color_util.rgb2ycbcr  # done when basicsr imported matlab_functions
     own = object()
     monkeypatch.setattr(matlab_functions, 'rgb2ycbcr', own)
     assert 'rgb2ycbcr' not in restore_basicsr_names()
     assert matlab_functions.rgb2ycbcr is own
+
+
+HAT_CHECKOUT = Path(__file__).resolve().parents[2] / 'shared' / 'peers' / 'HAT'
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('order', ['import hat; import hmoe_arch', 'import hmoe_arch; import hat', 'import hat'])
+def test_hat_imports_in_any_order(order: str) -> None:
+    if not (HAT_CHECKOUT / 'hat' / '__init__.py').is_file():
+        pytest.skip(f'HAT\'s code is not at {HAT_CHECKOUT}')
+    code = (f'{order}; from basicsr.utils.registry import ARCH_REGISTRY; '
+            'print(ARCH_REGISTRY.get("HAT").__module__, "MFGHMoEArch" in ARCH_REGISTRY)')
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300, cwd='/',
+                            env={**os.environ, 'PYTHONPATH': str(HAT_CHECKOUT)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    # without `import hmoe_arch` nothing registers the plugin's types: the start-up hook only restores names
+    assert result.stdout.split() == ['hat.archs.hat_arch', str('hmoe_arch' in order)]
+
+
+def test_after_import_runs_once_when_the_module_has_executed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+    import inspect
+
+    (tmp_path / 'probe_after_import.py').write_text('VALUE = 1\n\n\ndef answer():\n    return 42\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, 'probe_after_import', raising=False)
+    seen = []
+    hmoe_arch_import_hook.after_import('probe_after_import', lambda module: seen.append(module.VALUE))
+    assert seen == []
+    module = importlib.import_module('probe_after_import')
+    assert seen == [1]
+    assert 'return 42' in inspect.getsource(module.answer)  # the wrapped loader still serves the source
+    importlib.reload(module)
+    hmoe_arch_import_hook.after_import('probe_after_import', lambda module: seen.append('now'))
+    assert seen == [1, 'now']  # once per registration; an imported module gets the callback at once

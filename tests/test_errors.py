@@ -26,7 +26,7 @@ def test_the_command_line_prints_one_line_and_exits_with_the_status(error: type,
     def refuse(*args, **kwargs):
         raise error('somewhere.yml: what was expected')
 
-    monkeypatch.setattr('hmoe_arch.commands.cli.export', refuse)
+    monkeypatch.setattr('hmoe_arch.commands.export.export', refuse)
     assert main(['export', '--weights', 'w.pth', '--out', 'w.safetensors']) == error.exit_status
     assert basicsr_log[-1] == 'basicsr export: somewhere.yml: what was expected'
 
