@@ -70,9 +70,35 @@ def test_a_hat_option_file_trains_through_basicsr_train(workdir: Path, hat_copy:
     assert log.count('model_type HATModel trains the MoE network without what MFGHMoEModel adds') == 1
 
 
-def test_without_hat_a_hat_option_file_gets_one_line_with_both_ways_out(workdir: Path, tmp_path: Path) -> None:
+WITHOUT_HAT = """
+import runpy
+import sys
+
+
+class RefuseHat:
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name == 'hat' or name.startswith('hat.'):
+            raise ModuleNotFoundError(f'No module named {name!r}', name=name)
+        return None
+
+
+sys.meta_path.insert(0, RefuseHat())
+runpy.run_module('hmoe_arch', run_name='__main__', alter_sys=True)
+"""
+"""``python -c WITHOUT_HAT ARGS`` is ``python -m hmoe_arch ARGS`` in an interpreter whose import system answers
+``import hat`` (and its submodules) as where HAT is not installed, whatever is installed or on PYTHONPATH."""
+
+
+@pytest.mark.parametrize('hat_on_path', [False, True], ids=['as-installed', 'hat-on-pythonpath'])
+def test_without_hat_a_hat_option_file_gets_one_line_with_both_ways_out(workdir: Path, tmp_path: Path,
+                                                                         hat_on_path: bool) -> None:
+    """HAT made absent by the child itself: the same line whether or not HAT is installed (or on PYTHONPATH)."""
+    if hat_on_path and not (HAT_SOURCE / 'hat' / '__init__.py').is_file():
+        pytest.skip(f'HAT peer code not available: {HAT_SOURCE}/hat is missing (it ships in ../shared/peers)')
     option = hat_option_file(tmp_path / 'hat_mfghmoe.yml', workdir, {'type': 'MFGHMoEArch', 'upscale': 4, **TINY})
-    done = run(['-m', 'hmoe_arch', 'train', '-opt', str(option)], tmp_path)
+    done = run(['-c', WITHOUT_HAT, 'train', '-opt', str(option)], tmp_path,
+               hat_root=HAT_SOURCE if hat_on_path else None)
     assert done.returncode == 2
     assert done.stderr.splitlines()[-1].endswith(
         "model_type: HATModel comes from HAT (the `hat` package), which cannot be imported (No module named 'hat'); "

@@ -1,5 +1,6 @@
 """MFGHMoEArch: shapes, HAT-exact and authors'-exact configurations, validation, gradients, loading."""
 import json
+import re
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -265,22 +266,94 @@ def test_committed_layouts_equal_the_shared_ones() -> None:
     assert {name: full_size_spec(name) for name in shared} == shared
 
 
+def make_reference_script():
+    """tests/data/make_reference.py as a module (it is a script, not a package member)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('make_reference', TEST_DATA.parent / 'make_reference.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.slow
-def test_committed_vectors_are_what_the_script_makes(tmp_path) -> None:
-    """tests/data/make_reference.py rebuilds the committed files byte for byte (HAT's code and the authors'
-    vectors in ../shared are its inputs)."""
+def test_committed_vectors_are_what_the_script_makes() -> None:
+    """tests/data/make_reference.py --check rebuilds the committed files from HAT's code and the authors' vectors in
+    ../shared: weights, inputs and configurations byte for byte, outputs within its stated float tolerance."""
     import subprocess
     import sys
     reference_file('official_mfghmoe_x2.pt')
     if not (REFERENCE_PEERS / 'HAT' / 'hat' / 'archs' / 'hat_arch.py').is_file():
         pytest.skip(f'HAT peer code not available: {REFERENCE_PEERS}/HAT is missing (it ships in ../shared/peers)')
-    result = subprocess.run([sys.executable, str(TEST_DATA.parent / 'make_reference.py'), '--out', str(tmp_path)],
+    result = subprocess.run([sys.executable, str(TEST_DATA.parent / 'make_reference.py'), '--check'],
                             capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
-    made = sorted(p.name for p in tmp_path.iterdir())
-    assert made == sorted(p.name for p in TEST_DATA.iterdir())
-    for name in made:
-        assert (tmp_path / name).read_bytes() == (TEST_DATA / name).read_bytes(), name
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert (f'make_reference --check: the rebuild matches {TEST_DATA} (outputs within 1e-05, the rest byte for '
+            'byte)') in result.stdout
+
+
+def copy_of_committed_vectors(folder: Path) -> Path:
+    """The committed reference files, copied into ``folder`` (a stand-in for a rerun of the script)."""
+    import shutil
+    shutil.copytree(TEST_DATA, folder)
+    return folder
+
+
+def test_reference_check_accepts_float_drift_of_the_outputs_up_to_its_tolerance(tmp_path) -> None:
+    script = make_reference_script()
+    assert script.OUTPUT_TOLERANCE == 1e-5
+    made = copy_of_committed_vectors(tmp_path / 'made')
+    assert script.differences(made, TEST_DATA) == []
+    for name, shift in (('tiny_hat_x2.pt', 9.5e-7), ('tiny_authors_x2.pt', -9e-6)):
+        stored = torch.load(made / name, weights_only=True)
+        stored['output'] = stored['output'] + shift
+        torch.save(stored, made / name)
+    assert script.differences(made, TEST_DATA) == []
+    stored['output'][0, 1, 2, 3] += 2e-4
+    torch.save(stored, made / 'tiny_authors_x2.pt')
+    problems = script.differences(made, TEST_DATA)
+    assert len(problems) == 1
+    assert re.fullmatch(r'tiny_authors_x2\.pt: output differs by 1\.9\de-04 \(tolerance 1e-05\)', problems[0])
+    stored['output'] = stored['output'][:, :, :-1]
+    torch.save(stored, made / 'tiny_authors_x2.pt')
+    assert script.differences(made, TEST_DATA) == ['tiny_authors_x2.pt: output is torch.float32 (2, 3, 23, 32), '
+                                                   'expected torch.float32 (2, 3, 24, 32)']
+
+
+def test_reference_check_wants_weights_inputs_and_layouts_byte_for_byte(tmp_path) -> None:
+    """One int8 code, one exponent, one input level, the configuration or the layout text changed: each is named."""
+    import gzip
+    script = make_reference_script()
+    made = copy_of_committed_vectors(tmp_path / 'made')
+    stored = torch.load(made / 'tiny_hat_x2.pt', weights_only=True)
+    key = 'conv_first.weight'
+    stored['state_dict_int8'][key].view(-1)[5] += 1
+    stored['state_dict_exponent']['conv_last.bias'] -= 1
+    stored['input_uint8'][1, 2, 3, 4] ^= 1
+    stored['config'] = {**stored['config'], 'window_size': 8}
+    torch.save(stored, made / 'tiny_hat_x2.pt')
+    spec = made / 'state_dict_spec_full.json.gz'
+    spec.write_bytes(gzip.compress(gzip.decompress(spec.read_bytes()) + b' '))
+    (made / 'extra.pt').write_bytes(b'')
+    assert script.differences(made, TEST_DATA) == [
+        "files ['extra.pt', 'state_dict_spec_full.json.gz', 'tiny_authors_x2.pt', 'tiny_hat_x2.pt'], expected "
+        "['state_dict_spec_full.json.gz', 'tiny_authors_x2.pt', 'tiny_hat_x2.pt']",
+        'state_dict_spec_full.json.gz: the decompressed text is not byte for byte the same',
+        "tiny_hat_x2.pt: config['window_size'] is not byte for byte the same",
+        'tiny_hat_x2.pt: input_uint8 is not byte for byte the same',
+        "tiny_hat_x2.pt: state_dict_exponent['conv_last.bias'] is not byte for byte the same",
+        "tiny_hat_x2.pt: state_dict_int8['conv_first.weight'] is not byte for byte the same"]
+
+
+def test_reference_check_compares_the_layout_text_not_its_gzip_stream(tmp_path) -> None:
+    """Another zlib build may compress the same JSON text into other bytes; that is no difference."""
+    import gzip
+    script = make_reference_script()
+    made = copy_of_committed_vectors(tmp_path / 'made')
+    spec = made / 'state_dict_spec_full.json.gz'
+    recompressed = gzip.compress(gzip.decompress(spec.read_bytes()), compresslevel=1, mtime=1)
+    assert recompressed != spec.read_bytes()
+    spec.write_bytes(recompressed)
+    assert script.differences(made, TEST_DATA) == []
 
 
 def test_default_is_the_paper_configuration() -> None:

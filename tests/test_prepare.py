@@ -2,6 +2,7 @@
 import dataclasses
 import hashlib
 import io
+import json
 import os
 import re
 import signal
@@ -116,6 +117,117 @@ def test_rerun_with_same_arguments_is_a_no_op(tmp_path: Path) -> None:
     (tmp_path / 'other').mkdir()
     with pytest.raises(PrepareError, match='exists and was not written by prepare'):
         prepare('ucmerced', source, tmp_path / 'other', progress=False)
+
+
+def files_under(root: Path, skip=('prepare.json',)) -> dict:
+    """Relative path -> (bytes, mtime in ns) of every file under ``root``, but for ``skip`` and LMDB folders."""
+    return {p.relative_to(root).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(root.rglob('*'))
+            if p.is_file() and p.name not in skip and not any(part.endswith('.lmdb') for part in p.parts)}
+
+
+def lmdb_contents(root: Path) -> dict:
+    """Relative path -> bytes of the data and the meta_info.txt of ``root``'s LMDBs (not ``lock.mdb``, LMDB's lock
+    file, which holds the writing process's state: two fresh runs in two processes differ there)."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.glob('*.lmdb/*'))
+            if p.name != 'lock.mdb'}
+
+
+@pytest.mark.parametrize('dataset', ['ucmerced', 'rsscn7'])
+def test_lmdb_on_a_finished_png_run_adds_the_lmdbs_a_fresh_run_writes(tmp_path: Path, basicsr_log,
+                                                                     dataset: str) -> None:
+    if dataset == 'ucmerced':
+        source = make_ucmerced_tree(tmp_path / 'src', per_class=4, odd={'beach01.tif': (26, 24)})
+        added = ['Train.lmdb', 'Test_HR.lmdb', 'Test_LR_x2.lmdb', 'Test_LR_x4.lmdb']
+    else:
+        source = make_rsscn7_tree(tmp_path / 'src')
+        added = ['Test_HR.lmdb', 'Test_LR_x2.lmdb', 'Test_LR_x4.lmdb']
+    out = tmp_path / 'out'
+    first = prepare(dataset, source, out, progress=False)
+    pngs_and_lists = files_under(out)
+    summary = prepare(dataset, source, out, lmdb=True, progress=False)
+    assert summary.lmdb_added == added and dataclasses.replace(summary, lmdb_added=[]) == first
+    assert files_under(out) == pngs_and_lists  # neither rewritten nor touched (same bytes, same mtime)
+    assert not (tmp_path / 'out.incomplete').exists() and not (out / 'prepare.json.partial').exists()
+    assert f'LMDBs added from the PNGs already there: {", ".join(added)}' in basicsr_log[-1]
+    assert 'PNGs and split lists unchanged' in basicsr_log[-1]
+
+    fresh = prepare(dataset, source, tmp_path / 'fresh', lmdb=True, progress=False)
+    assert fresh == first
+    made, expected = lmdb_contents(out), lmdb_contents(tmp_path / 'fresh')
+    assert sorted(made) == sorted(f'{name}/{file}' for name in added for file in ('data.mdb', 'meta_info.txt'))
+    assert list(made) == list(expected) and all(made[name] == expected[name] for name in expected), \
+        [name for name in expected if made.get(name) != expected[name]]
+    recorded = json.loads((out / 'prepare.json').read_text())
+    assert recorded['arguments'] == json.loads((tmp_path / 'fresh' / 'prepare.json').read_text())['arguments']
+    assert recorded['arguments']['lmdb'] is True and recorded['summary']['lmdb_added'] == added
+    assert prepare(dataset, source, out, lmdb=True, progress=False) == summary
+    assert basicsr_log[-1].endswith('already prepared with these arguments; nothing to do.')
+
+
+def test_adding_lmdbs_keeps_nothing_when_interrupted_and_refuses_folders_it_cannot_trust(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = make_ucmerced_tree(tmp_path / 'src', per_class=4)
+    out = tmp_path / 'out'
+    prepare('ucmerced', source, out, scales=[2], progress=False)
+    before = files_under(out, skip=())
+
+    def untouched() -> None:
+        assert files_under(out, skip=()) == before and not list(out.glob('*.lmdb'))
+        assert not (tmp_path / 'out.incomplete').exists() and not (out / 'prepare.json.partial').exists()
+
+    moves, rename = [], Path.rename
+
+    def interrupted_move(self: Path, target: Path):
+        if self.suffix == '.lmdb':
+            moves.append(self.name)
+            if len(moves) == 2:
+                raise KeyboardInterrupt
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, 'rename', interrupted_move)
+    with pytest.raises(KeyboardInterrupt):
+        prepare('ucmerced', source, out, scales=[2], lmdb=True, progress=False)
+    monkeypatch.undo()
+    assert moves == ['Train.lmdb', 'Test_HR.lmdb']
+    untouched()
+
+    import lmdb as lmdb_module
+
+    def full(self, *args, **kwargs):
+        raise lmdb_module.DiskError('mdb_put: MDB_DISK_FULL')
+
+    monkeypatch.setattr(prepare_module.LmdbMaker, 'put', full)
+    with pytest.raises(PrepareError, match=r'out\.incomplete/Train\.lmdb: cannot write it \(mdb_put: MDB_DISK_FULL\); '
+                                           r'nothing of this run is kept'):
+        prepare('ucmerced', source, out, scales=[2], lmdb=True, progress=False)
+    monkeypatch.undo()
+    untouched()
+
+    with pytest.raises(PrepareError, match=r"other arguments \(seed: 0 there, 3 now, lmdb: False there, True now\)"):
+        prepare('ucmerced', source, out, scales=[2], seed=3, lmdb=True, progress=False)
+    untouched()
+
+    lr = out / 'Test_LR_x2' / f'{Path((out / "test.txt").read_text().split()[0]).stem}.png'
+    data = lr.read_bytes()
+    lr.unlink()
+    with pytest.raises(PrepareError, match=r'out/Test_LR_x2: 2 PNG images but the split list names 3; the folder was '
+                                           r'changed after prepare wrote it'):
+        prepare('ucmerced', source, out, scales=[2], lmdb=True, progress=False)
+    lr.write_bytes(b'not a png')
+    with pytest.raises(PrepareError, match=r'Test_LR_x2/\w+\.png: cannot be decoded as an image; expected an 8-bit RGB '
+                                           r'image; prepare wrote an 8-bit RGB PNG there'):
+        prepare('ucmerced', source, out, scales=[2], lmdb=True, progress=False)
+    lr.write_bytes(data)
+    (out / 'Test_HR.lmdb').mkdir()
+    with pytest.raises(PrepareError, match=r'out/Test_HR\.lmdb: exists though .*out/prepare\.json records no LMDBs'):
+        prepare('ucmerced', source, out, scales=[2], lmdb=True, progress=False)
+    (out / 'Test_HR.lmdb').rmdir()
+    assert not list(out.glob('*.lmdb')) and not (tmp_path / 'out.incomplete').exists()
+    assert (out / 'prepare.json').read_bytes() == before['prepare.json'][0]
+
+    summary = prepare('ucmerced', source, out, scales=[2], lmdb=True, progress=False)
+    assert summary.lmdb_added == ['Train.lmdb', 'Test_HR.lmdb', 'Test_LR_x2.lmdb']
+    assert sorted(p.name for p in out.glob('*.lmdb')) == ['Test_HR.lmdb', 'Test_LR_x2.lmdb', 'Train.lmdb']
 
 
 def test_interrupted_run_leaves_nothing_that_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -351,6 +463,12 @@ def test_cli_exit_codes_and_summary(tmp_path: Path) -> None:
                             '--out', str(tmp_path / 'out'), '--scales', '2', '--no-progress'], capture_output=True,
                            text=True, env=env, timeout=300)
     assert again.returncode == 0 and 'nothing to do' in again.stderr
+    lmdb = subprocess.run([sys.executable, '-m', 'hmoe_arch', 'prepare', 'ucmerced', '--source', str(source),
+                           '--out', str(tmp_path / 'out'), '--scales', '2', '--no-progress', '--lmdb'],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert lmdb.returncode == 0, lmdb.stderr
+    assert 'LMDBs added from its PNGs (PNGs and split lists unchanged)' in lmdb.stderr
+    assert 'LMDBs added from the PNGs already there: Train.lmdb, Test_HR.lmdb, Test_LR_x2.lmdb' in lmdb.stderr
     bad = subprocess.run([sys.executable, '-m', 'hmoe_arch', 'prepare', 'ucmerced', '--source',
                           str(tmp_path / 'missing'), '--out', str(tmp_path / 'o2')], capture_output=True, text=True,
                          env=env, timeout=300)

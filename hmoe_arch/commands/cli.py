@@ -59,12 +59,14 @@ def add_prepare_parser(commands) -> None:
     prep.add_argument('--source', type=Path, default=None,
                       help='the published .zip archive or its extracted folder (with --download: where to save '
                            'the archive; default: the folder that holds --out)')
-    prep.add_argument('--out', type=Path, required=True, help='output folder DIR (must not exist, or be a '
-                      'finished run with the same arguments)')
+    prep.add_argument('--out', type=Path, required=True, help='output folder DIR (must not exist, be a finished '
+                      'run with the same arguments, or a finished run without --lmdb, to which --lmdb adds the '
+                      'LMDBs)')
     prep.add_argument('--scales', type=int, nargs='+', default=[2, 4], help='LR scales of the test split')
     prep.add_argument('--seed', type=int, default=0, help='split seed (0 gives the committed UCMerced split)')
     prep.add_argument('--degradation', choices=DEGRADATIONS, default='bicubic', help='LR synthesis')
-    prep.add_argument('--lmdb', action='store_true', help='also write Train.lmdb, Test_HR.lmdb, Test_LR_x{s}.lmdb')
+    prep.add_argument('--lmdb', action='store_true', help='also write Train.lmdb, Test_HR.lmdb, Test_LR_x{s}.lmdb '
+                      '(on a finished run made without it: added from its PNGs)')
     prep.add_argument('--skip-bad', action='store_true', help='skip unreadable or non-RGB files (listed in the '
                       'summary) instead of stopping')
     prep.add_argument('--download', action='store_true', help='fetch the official archive and verify its MD5')

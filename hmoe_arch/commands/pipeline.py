@@ -9,7 +9,7 @@ fail on current PyTorch or on CPU, or say too little:
   torchrun's environment and uses nccl on GPUs, gloo on CPU;
 - resuming: the training state is mapped to the training device (BasicSR maps it to
   ``torch.cuda.current_device()``, which fails on CPU);
-- the message logger: :class:`hmoe_arch.training_log.CompactMessageLogger` (routing in a few words, no
+- the message logger: :class:`hmoe_arch.training_log.TrainingMessageLogger` (routing in a few words, no
   negative ETA).
 
 This module imports torch and basicsr; :mod:`hmoe_arch.commands.cli` imports it only once the arguments and the
@@ -35,6 +35,7 @@ from basicsr.utils.misc import check_resume
 
 from ..errors import OptionError
 from ..options import moe_model_warning, parse_options, plain_options
+from ..training_log import TrainingMessageLogger
 from .locking import exclusive_lock
 
 
@@ -83,7 +84,6 @@ def basicsr_pipeline(module: Any, args: argparse.Namespace, is_train: bool) -> I
     file is copied into the experiment folder only once training starts, so a refused resume leaves the
     recorded options of the previous run as they were.
     """
-    from basicsr.utils import MessageLogger
     from basicsr.utils.options import copy_opt_file
 
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as held:
@@ -128,7 +128,7 @@ def basicsr_pipeline(module: Any, args: argparse.Namespace, is_train: bool) -> I
             # created right after the model is built and the training state restored: the run has started
             while pending_copies:
                 copy_opt_file(*pending_copies.pop(0))
-            return MessageLogger(*message_args, **message_kwargs)
+            return TrainingMessageLogger(*message_args, **message_kwargs)
 
         replaced = {'parse_options': parse, 'get_root_logger': root_logger}
         if is_train:

@@ -20,6 +20,15 @@ A second run on the same ``DIR`` refuses while the first holds the lock; a later
 that it did not write. Before the rename the counts of written files are checked against the split lists.
 Re-running with the same arguments does nothing.
 
+``--lmdb`` on a finished run made with the same arguments but without ``--lmdb`` adds the LMDBs from the PNGs
+already in ``DIR`` (:func:`add_lmdbs`): the same records in the same order as a fresh ``--lmdb`` run writes, so
+each LMDB's ``data.mdb`` and ``meta_info.txt`` are byte for byte those of a fresh run (``lock.mdb``, LMDB's lock
+file, holds the writing process's state and differs between any two runs). They are built and checked in
+``DIR.incomplete`` under the same lock and owner marker, moved into ``DIR``, and ``DIR/prepare.json`` is replaced
+last (now recording ``lmdb: true``); an error or Ctrl-C before that takes back what was moved. A process killed
+between the moves can leave some LMDBs beside the old ``prepare.json``; the next ``--lmdb`` run names them
+instead of overwriting them. The PNGs and split lists are only read.
+
 Inputs are bounded: an image file (or archive member, by its declared size) over :data:`MAX_IMAGE_BYTES`, or
 an image whose header declares more than :data:`MAX_IMAGE_PIXELS` pixels, is refused before it is decoded.
 Hidden and system files (``.DS_Store``, ``Thumbs.db``, ``desktop.ini``, ``__MACOSX/``, ``.git/``) are ignored, and so
@@ -254,6 +263,8 @@ class PrepareSummary:
     """name -> ``'HxW -> HxW'`` for GT not a multiple of every scale."""
     skipped: Dict[str, str] = field(default_factory=dict)
     """name -> reason, only with ``skip_bad``."""
+    lmdb_added: List[str] = field(default_factory=list)
+    """The LMDBs (``Train.lmdb``, ...) a later ``--lmdb`` run added from the PNGs already written."""
 
     def lines(self) -> Iterator[str]:
         train, test = sum(self.train_per_class.values()), sum(self.test_per_class.values())
@@ -266,6 +277,8 @@ class PrepareSummary:
         yield f'files skipped: {len(self.skipped) or "none"}'
         for name, reason in self.skipped.items():
             yield f'  {name}: {reason}'
+        if self.lmdb_added:
+            yield f'LMDBs added from the PNGs already there: {", ".join(self.lmdb_added)}'
 
 
 class _Writers:
@@ -336,9 +349,14 @@ def prepare(dataset: str, source: Optional[Path], out: Path, *, scales: Sequence
     with exclusive_lock(out.with_name(out.name + '.lock'), remove_when_done=True, busy=lambda holder: PrepareError(
             f'{out}: another prepare run is writing it ({holder}); wait for it to finish')):
         recorded = _already_prepared(out, arguments)
-        if recorded is not None:
+        if recorded is not None and recorded['arguments'] == arguments:
             logger.info(f'{out}: already prepared with these arguments; nothing to do.')
             return PrepareSummary(**recorded['summary'])
+        if recorded is not None:
+            summary = add_lmdbs(out, recorded, arguments, spec.test_only, progress)
+            logger.info(f'{spec.title} in {out}: LMDBs added from its PNGs (PNGs and split lists unchanged):\n'
+                        + '\n'.join(summary.lines()))
+            return summary
         src = Source(spec, source)
         try:
             names_by_class: Dict[str, List[str]] = {}
@@ -355,8 +373,7 @@ def prepare(dataset: str, source: Optional[Path], out: Path, *, scales: Sequence
                 summary = _write(src, by_name, train, test, partial, sorted(set(scales)), degradation, lmdb,
                                  skip_bad, progress, spec.test_only)
                 _verify(partial, sorted(set(scales)), lmdb, spec.test_only)
-                (partial / 'prepare.json').write_text(json.dumps({'arguments': arguments,
-                                                                  'summary': asdict(summary)}, indent=2))
+                _write_record(partial, arguments, summary)
                 (partial / OWNER_FILE).unlink()
             except BaseException:
                 shutil.rmtree(partial, ignore_errors=True)
@@ -372,15 +389,28 @@ OWNER_FILE = '.prepare-owner'
 """Marker in ``DIR.incomplete``: the PID and arguments of the prepare run writing it."""
 
 
+def _write_record(root: Path, arguments: Dict[str, object], summary: PrepareSummary) -> None:
+    """``root/prepare.json`` (the arguments and the summary), replaced in one step."""
+    partial = root / 'prepare.json.partial'
+    partial.write_text(json.dumps({'arguments': arguments, 'summary': asdict(summary)}, indent=2))
+    partial.replace(root / 'prepare.json')
+
+
+def _adds_only_lmdb(recorded: Dict[str, object], arguments: Dict[str, object]) -> bool:
+    """Whether ``arguments`` are the recorded ones with ``lmdb`` turned on (LMDBs can be added to the PNGs)."""
+    return bool(arguments['lmdb']) and recorded == {**arguments, 'lmdb': False}
+
+
 def _already_prepared(out: Path, arguments: Dict[str, object]) -> Optional[Dict[str, object]]:
-    """The record of a finished run with these arguments, ``None`` when ``out`` does not exist; refuses others."""
+    """The record of a finished run with these arguments, or with these arguments but without ``lmdb`` (the caller
+    adds the LMDBs); ``None`` when ``out`` does not exist; refuses others."""
     if not out.exists():
         return None
     stamp = out / 'prepare.json'
     if not stamp.is_file():
         raise PrepareError(f'{out}: exists and was not written by prepare; remove it or choose another --out')
     recorded = json.loads(stamp.read_text())
-    if recorded['arguments'] != arguments:
+    if recorded['arguments'] != arguments and not _adds_only_lmdb(recorded['arguments'], arguments):
         changed = ', '.join(f'{k}: {recorded["arguments"].get(k)!r} there, {arguments[k]!r} now'
                             for k in arguments if recorded['arguments'].get(k) != arguments[k])
         raise PrepareError(f'{out}: already prepared with other arguments ({changed}); remove it or choose '
@@ -403,13 +433,23 @@ def _claim_partial(out: Path, arguments: Dict[str, object]) -> Path:
     return partial
 
 
+def _split_stems(root: Path, scales: Sequence[int], test_only: bool) -> Dict[str, List[str]]:
+    """Image folder -> the file stems its split list names, in the list's order: ``Train`` from ``train.txt``
+    (not for test-only sets), ``Test_HR`` and each ``Test_LR_x{s}`` from ``test.txt``."""
+    lists = ({} if test_only else {'Train': 'train.txt'}) | {'Test_HR': 'test.txt'}
+    lists.update({f'Test_LR_x{s}': 'test.txt' for s in scales})
+    stems = {}
+    for folder, name in lists.items():
+        if not (root / name).is_file():
+            raise PrepareError(f'{root / name}: missing; prepare wrote it, so the folder was changed afterwards')
+        stems[folder] = [Path(n).stem for n in (root / name).read_text().split('\n')[:-1]]
+    return stems
+
+
 def _verify(root: Path, scales: List[int], lmdb: bool, test_only: bool = False) -> None:
     """Every split-list entry has its PNG in each folder (and its LMDB record), and nothing else is there."""
-    expected = {} if test_only else {'Train': (root / 'train.txt').read_text().split('\n')[:-1]}
-    expected['Test_HR'] = (root / 'test.txt').read_text().split('\n')[:-1]
-    expected.update({f'Test_LR_x{s}': expected['Test_HR'] for s in scales})
-    for folder, names in expected.items():
-        stems = sorted(Path(n).stem for n in names)
+    for folder, stems in _split_stems(root, scales, test_only).items():
+        stems = sorted(stems)
         written = sorted(p.stem for p in (root / folder).glob('*.png'))
         if written != stems:
             raise PrepareError(f'{root / folder}: {len(written)} images written but the split list names '
@@ -419,6 +459,90 @@ def _verify(root: Path, scales: List[int], lmdb: bool, test_only: bool = False) 
             records = sorted(line.split('.png')[0] for line in meta.read_text().splitlines() if line.strip())
             if records != stems:
                 raise PrepareError(f'{meta}: {len(records)} records but the split list names {len(stems)}')
+
+
+def add_lmdbs(out: Path, recorded: Dict[str, object], arguments: Dict[str, object], test_only: bool,
+              progress: bool = True) -> PrepareSummary:
+    """Add ``Train.lmdb``, ``Test_HR.lmdb`` and ``Test_LR_x{s}.lmdb`` to the finished PNG-only run in ``out``,
+    whose ``prepare.json`` holds ``recorded``; ``arguments`` are the recorded ones with ``lmdb`` on.
+
+    Each LMDB gets the PNG files of its folder as they are (bytes and ``(H, W, 3)`` shape), in the order of the
+    split list, as :class:`_Writers` does in a fresh ``--lmdb`` run. The caller holds ``out``'s lock.
+
+    Returns:
+        The recorded summary with :attr:`PrepareSummary.lmdb_added` naming the new LMDBs.
+
+    Raises:
+        PrepareError: naming the file, for PNG folders that no longer match the split lists, an unreadable PNG,
+            an LMDB already in ``out``, or a failed write or move (nothing of this run is kept then).
+    """
+    import lmdb
+
+    expected = _split_stems(out, arguments['scales'], test_only)
+    for folder, stems in expected.items():
+        written = sorted(p.stem for p in (out / folder).glob('*.png'))
+        if written != sorted(stems):
+            raise PrepareError(f'{out / folder}: {len(written)} PNG images but the split list names {len(stems)}; '
+                               'the folder was changed after prepare wrote it, so it cannot give the LMDB a fresh '
+                               'run writes; prepare it again into another --out')
+        if os.path.lexists(out / f'{folder}.lmdb'):
+            raise PrepareError(f'{out / folder}.lmdb: exists though {out / "prepare.json"} records no LMDBs (a '
+                               'killed --lmdb run may have left it); remove it and run again')
+    partial = _claim_partial(out, arguments)
+    moved: List[Path] = []
+    try:
+        for folder, stems in expected.items():
+            target = partial / f'{folder}.lmdb'
+            try:
+                maker = LmdbMaker(str(target), compress_level=PNG_COMPRESSION)
+                try:
+                    for stem in tqdm(stems, desc=f'{folder}.lmdb', unit='image', disable=not progress):
+                        path = out / folder / f'{stem}.png'
+                        try:
+                            data = path.read_bytes()
+                        except OSError as error:
+                            raise PrepareError(f'{path}: cannot read it ({error.strerror or error}); nothing of '
+                                               'this run is kept') from error
+                        try:
+                            shape = decode_rgb(data, str(path)).shape
+                        except ImageError as error:
+                            raise PrepareError(f'{error}; prepare wrote an 8-bit RGB PNG there, so the folder was '
+                                               'changed afterwards') from None
+                        maker.put(data, stem, shape)
+                finally:
+                    maker.close()
+            except (OSError, lmdb.Error) as error:  # disk full, read-only or removed output
+                raise PrepareError(f'{target}: cannot write it ({getattr(error, "strerror", None) or error}); '
+                                   'nothing of this run is kept') from error
+        _verify_lmdbs(partial, expected)
+        summary = PrepareSummary(**recorded['summary'])
+        summary.lmdb_added = [f'{folder}.lmdb' for folder in expected]
+        for name in summary.lmdb_added:
+            try:
+                (partial / name).rename(out / name)
+            except OSError as error:
+                raise PrepareError(f'{out / name}: cannot move it there from {partial} ({error.strerror or error}); '
+                                   'nothing of this run is kept') from error
+            moved.append(out / name)
+        _write_record(out, arguments, summary)
+    except BaseException:
+        for path in moved:
+            shutil.rmtree(path, ignore_errors=True)
+        (out / 'prepare.json.partial').unlink(missing_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    shutil.rmtree(partial)
+    return summary
+
+
+def _verify_lmdbs(root: Path, expected: Dict[str, List[str]]) -> None:
+    """Each ``root/<folder>.lmdb`` lists exactly the stems of ``expected[folder]``, in that order."""
+    for folder, stems in expected.items():
+        meta = root / f'{folder}.lmdb' / 'meta_info.txt'
+        records = [line.split('.png')[0] for line in meta.read_text().splitlines() if line.strip()]
+        if records != stems:
+            raise PrepareError(f'{meta}: {len(records)} records but the split list names {len(stems)}; the PNG '
+                               'folder was changed while prepare ran')
 
 
 def _write(src: Source, by_name: Dict[str, SourceImage], train: List[str], test: List[str], root: Path,
