@@ -56,10 +56,11 @@ def main() -> None:
                     times[label][side].append(seconds(arguments, checkout))
     print(f'start-up, median of {args.repeats} alternating runs (range), Python {sys.version.split()[0]}; '
           f'baseline: {sides["baseline"]}\n')
-    print('| command | this checkout (s) | baseline (s) | ratio |')
+    print('| command | this checkout (ms) | baseline (ms) | ratio |')
     print('| --- | --- | --- | --- |')
     for label, by_side in times.items():
-        cells = [f'{statistics.median(v):.2f} ({min(v):.2f}-{max(v):.2f})' for v in by_side.values()]
+        cells = [f'{1000 * statistics.median(v):.1f} ({1000 * min(v):.1f}-{1000 * max(v):.1f})'
+                 for v in by_side.values()]
         ratio = statistics.median(by_side['this checkout']) / statistics.median(by_side['baseline'])
         print(f'| {label} | {cells[0]} | {cells[1]} | {ratio:.3f}x |')
 

@@ -149,7 +149,7 @@ def check_num_threads(value: Any, key: str = 'num_threads') -> Optional[int]:
 
 def check_model_options(opt: Dict[str, Any], is_train: Optional[bool] = None) -> None:
     """The value checks of :class:`~hmoe_arch.models.MFGHMoEModel`'s own keys (``tile``, ``use_amp``, ``compile``,
-    ``train.aux_loss_weight``, ``train.routing_lr_scale``, ``train.skip_nonfinite``) that need no network.
+    ``val.pbar``, ``train.aux_loss_weight``, ``train.routing_lr_scale``, ``train.skip_nonfinite``) that need no network.
 
     ``is_train`` defaults to ``opt['is_train']``; the ``train`` keys are checked only in training.
 
@@ -169,6 +169,9 @@ def check_model_options(opt: Dict[str, Any], is_train: Optional[bool] = None) ->
         raise OptionError(f"MFGHMoEModel: `use_amp` must be false or 'bf16', got {amp!r}")
     if not isinstance(opt.get('compile', False), bool):
         raise OptionError(f'MFGHMoEModel: `compile` must be true or false, got {opt["compile"]!r}')
+    pbar = (opt.get('val') or {}).get('pbar', True)
+    if not isinstance(pbar, bool):
+        raise OptionError(f'MFGHMoEModel: `val.pbar` must be true or false, got {pbar!r}')
     if not (opt.get('is_train', False) if is_train is None else is_train):
         return
     train = opt.get('train') or {}

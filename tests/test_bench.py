@@ -1,11 +1,14 @@
 """``basicsr bench``: tables on tiny trained models and bicubic, MACs at routed cost, sources and errors."""
 import csv
 import importlib.util
+import re
+import shlex
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -21,6 +24,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from hmoe_arch import MFGHMoEArch
 from hmoe_arch.commands.bench import COLUMNS, build, count_macs, forward_memory, model_from_source, run_bench
 from hmoe_arch.commands.bench.perceptual import niqe
+from hmoe_arch.commands.bench.report import plot_psnr_latency
+from hmoe_arch.commands.bench.rows import BenchModel, BenchRow
 from hmoe_arch.commands.cli import main
 from hmoe_arch.commands.prepare import prepare
 from hmoe_arch.errors import OptionError
@@ -238,9 +243,9 @@ def test_protocols_sharing_a_conversion_share_niqe(trained: Path, tmp_path: Path
 
 
 def test_command_line_options_reach_run_bench(monkeypatch: pytest.MonkeyPatch) -> None:
-    import hmoe_arch.commands.cli as cli
+    import hmoe_arch.commands.bench as bench  # cli imports run_bench from it when the command runs
     seen = {}
-    monkeypatch.setattr(cli, 'run_bench', lambda sources, out, **kwargs: seen.update(kwargs))
+    monkeypatch.setattr(bench, 'run_bench', lambda sources, out, **kwargs: seen.update(kwargs))
     assert main(['bench', 'a.yml', '--protocol', 'ttst-y', '--protocol', 'haunet-rgb', '--test-set', 'X',
                  '--test-set', 'Y', '--lpips']) == 0
     assert (seen['protocols'], seen['test_sets'], seen['metrics']) == (['ttst-y', 'haunet-rgb'], [Path('X'), Path('Y')],
@@ -275,3 +280,128 @@ def test_test_set_errors(trained: Path, tmp_path: Path, monkeypatch: pytest.Monk
     with pytest.raises(SystemExit) as exit_info:
         main(['bench', experiment, '--protocol', 'psnr-y'])
     assert exit_info.value.code == 2 and "invalid choice: 'psnr-y'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------------
+# a network_g that does not fit its checkpoint, progress, the plot
+def mismatch_source(tmp_path: Path, network: dict, checkpoint: dict) -> Path:
+    """``options/test_ucm_x4.yml`` with ``network`` as its network_g, its weights ``checkpoint`` saved in tmp_path."""
+    weights = tmp_path / 'weights.pth'
+    torch.save(checkpoint, weights)
+    opt = yaml.safe_load((OPTIONS / 'test_ucm_x4.yml').read_text())
+    opt['path']['pretrain_network_g'] = str(weights)
+    if network:
+        opt['network_g'] = network
+    source = tmp_path / 'test_tiny.yml'
+    source.write_text(yaml.safe_dump(opt))
+    return source
+
+
+def refusal(argv: list, log: list) -> str:
+    """The one line ``basicsr`` logs when it refuses ``argv`` with exit status 2."""
+    assert main(argv) == 2
+    assert '\n' not in log[-1], log[-1]
+    return log[-1]
+
+
+def test_bench_says_which_network_options_differ_from_the_checkpoint(tmp_path: Path, basicsr_log) -> None:
+    config = {'type': 'MFGHMoEArch', **tiny(upscale=4, expert_groups=SMALL_GROUPS)}
+    net = build_network(dict(config))
+    source = mismatch_source(tmp_path, {}, {'params_ema': net.state_dict(), 'network_g': config})
+    line = refusal(['bench', str(source), '--out', str(tmp_path / 'out')], basicsr_log)
+    weights = tmp_path / 'weights.pth'
+    assert line.startswith(f'basicsr bench: {source}: network_g does not fit the checkpoint {weights} '
+                           '(path.pretrain_network_g): network_g.embed_dim is 180 but the checkpoint holds 24; '
+                           'network_g.depths is [6, 6, 6, 6, 6, 6] but the checkpoint holds [1, 1]; '
+                           'network_g.num_heads is [6, 6, 6, 6, 6, 6] but the checkpoint holds [2, 2]; '
+                           'network_g.window_size is 16 but the checkpoint holds 4; '
+                           'network_g.squeeze_factor is 30 but the checkpoint holds 6; '
+                           'network_g.expert_groups is [{kernel_size: 1, num_experts: 8}, {kernel_size: 3, '
+                           'num_experts: 8}] but the checkpoint holds [{kernel_size: 1, num_experts: 2}, '
+                           '{kernel_size: 3, num_experts: 2}]; to fix, give network_g these values in '), line
+    # compress_ratio 3 and overlap_ratio 0.5 give the tiny network the same widths: not named
+    assert 'compress_ratio' not in line and 'overlap_ratio' not in line
+    assert line.endswith(', or point path.pretrain_network_g at weights trained with this network_g')
+    # the --force_yml entries it suggests make the option file load the checkpoint exactly
+    suggested = shlex.split(line.split('(or add --force_yml ')[1].split(')')[0])
+    fixed = build(model_from_source(source, suggested), torch.device('cpu'))
+    for key, value in fixed.state_dict().items():
+        assert torch.equal(value, net.state_dict()[key])
+
+    # an experiment folder: its option file and its weights, the values the options left at their defaults
+    experiment = tmp_path / 'experiment'
+    (experiment / 'models').mkdir(parents=True)
+    opt = yaml.safe_load(source.read_text())
+    opt['network_g'] = {'type': 'MFGHMoEArch', 'upscale': 4, **tiny(embed_dim=48, expert_groups=SMALL_GROUPS)}
+    del opt['network_g']['window_size']
+    (experiment / 'train.yml').write_text(yaml.safe_dump(opt))
+    torch.save({'params_ema': net.state_dict()}, experiment / 'models' / 'net_g_latest.pth')
+    line = refusal(['bench', str(experiment), '--out', str(tmp_path / 'out')], basicsr_log)
+    assert line == (f'basicsr bench: {experiment / "train.yml"}: network_g does not fit the checkpoint '
+                    f'{experiment / "models" / "net_g_latest.pth"}: network_g.embed_dim is 48 but the checkpoint '
+                    'holds 24; network_g.window_size is 16 (the default) but the checkpoint holds 4; to fix, give '
+                    f'network_g these values in {experiment / "train.yml"} (or add --force_yml network_g:embed_dim=24 '
+                    'network_g:window_size=4)')
+
+
+def test_bench_names_the_first_tensor_of_another_architecture_that_does_not_fit(tmp_path: Path,
+                                                                                basicsr_log) -> None:
+    edsr = {'type': 'EDSR', 'num_in_ch': 3, 'num_out_ch': 3, 'num_feat': 8, 'num_block': 1, 'upscale': 4}
+    state = build_network(dict(edsr)).state_dict()
+    weights = tmp_path / 'weights.pth'
+    fix = ('; to fix, give network_g the options the checkpoint was trained with, or point path.pretrain_network_g '
+           'at weights trained with this network_g')
+    source = mismatch_source(tmp_path, {**edsr, 'num_feat': 16}, {'params_ema': state, 'network_g': edsr})
+    assert refusal(['bench', str(source)], basicsr_log) == (
+        f'basicsr bench: {source}: network_g does not fit the checkpoint {weights} (path.pretrain_network_g): '
+        'conv_first.weight is [8, 3, 3, 3] in the checkpoint but [16, 3, 3, 3] in the network network_g builds; '
+        f'the checkpoint was saved with network_g.num_feat: 8{fix}')
+    # a plain state_dict: no saved options to compare; the paper's MFG-HMoE options against EDSR weights
+    source = mismatch_source(tmp_path, {}, state)
+    assert refusal(['bench', str(source)], basicsr_log) == (
+        f'basicsr bench: {source}: network_g does not fit the checkpoint {weights} (path.pretrain_network_g): '
+        f'conv_first.weight is [8, 3, 3, 3] in the checkpoint but [180, 3, 3, 3] in the network network_g builds{fix}')
+
+
+def test_bench_shows_progress_unless_told_not_to(trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys) -> None:
+    monkeypatch.chdir(trained)
+    experiment = trained / 'experiments' / 'train_EDSR_UCMerced_x2'
+    capsys.readouterr()
+    rows = run_bench([experiment], tmp_path / 'shown', runs=1)
+    shown = capsys.readouterr().err
+    images = sum(len(v) for v in rows[0].per_class.values())
+    for name in ('Bicubic', 'train_EDSR_UCMerced_x2'):
+        # tqdm's bar: images done of all, elapsed<remaining (the ETA), in images
+        assert re.search(rf'{name} on UCMerced_test: 100%.*\| {images}/{images} \[\d\d:\d\d<\d\d:\d\d, '
+                         r'[\d.]+image/s\]', shown), shown
+    run_bench([experiment], tmp_path / 'silent', runs=1, progress=False)
+    silent = capsys.readouterr().err
+    assert 'UCMerced_test:' not in silent and 'image/s' not in silent
+    assert (tmp_path / 'silent' / 'bench.csv').read_text().count('\n') == 3
+
+
+def test_plot_keeps_every_text_inside_the_image(tmp_path: Path) -> None:
+    def row(name: str, latency: float, psnr: float) -> BenchRow:
+        return BenchRow(model=BenchModel(name=name, scale=4, dataset_opt={}), protocol='basicsr-y',
+                        test_set='UCMerced_test', psnr=psnr, ssim=0.7, latency_ms=latency)
+
+    long_name = 'an_experiment_name_' * 12
+    rows = [row('Bicubic', float('nan'), 26.74), row('ex_edsr_tiny', 10.37, 27.60), row('ex_hat_tiny', 52.60, 27.39),
+            row('ex_mfghmoe_tiny', 68.12, 27.00), row(long_name, 12345.6, 26.5)]
+    path = tmp_path / 'plot.png'
+    texts = plot_psnr_latency(rows, path)
+    image = cv2.imread(str(path))
+    height, width = image.shape[:2]
+    drawn = [t.text for t in texts]
+    for label in ('ex_edsr_tiny (UCMerced_test x4)', 'ex_hat_tiny (UCMerced_test x4)',
+                  'ex_mfghmoe_tiny (UCMerced_test x4)', 'latency (ms)', 'PSNR (dB), basicsr-y', '13580.2'):
+        assert label in drawn
+    # a label wider than the image is shrunk, then shortened
+    assert any(t.startswith('an_experiment_name_') and t.endswith('...') for t in drawn)
+    for text in texts:  # the extent OpenCV's renderer gives each text (cv2.getTextSize) lies inside the image
+        left, top, right, bottom = text.box()
+        assert 0 <= left and right < width and 0 <= top and bottom < height, (text, width, height)
+    # and no ink reaches the image's edge: nothing was cut off there
+    edges = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+    assert (edges == 255).all()

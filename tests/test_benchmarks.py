@@ -88,3 +88,24 @@ def test_diagnose_routing_reports_each_mode(workdir: Path, tmp_path: Path) -> No
             or line.startswith('| straight_through')]
     assert len(rows) == 6  # iterations 1, 2 and 4 of each mode
     assert all(line.split(' | ')[5] == '0' for line in rows if line.startswith('| none'))  # backbone shift
+
+
+def test_bench_threads_prints_both_thread_counts_and_their_ratio() -> None:
+    out = run('bench_threads.py', '--workloads', 'tiny_step', '--repeats', '1', '--warmup', '0', '--busy', '1',
+              '--busy-limit', '60')
+    rows = [line.strip('| ').split(' | ') for line in out.splitlines() if line.startswith('| tiny_step')]
+    assert [r[:2] for r in rows] == [['tiny_step', '1'], ['tiny_step', '2']]
+    times = [float(r[2]) for r in rows]
+    ratio = float(re.search(r'tiny_step (\d+\.\d+)x', out).group(1))
+    assert ratio == pytest.approx(times[0] / times[1], rel=0.01, abs=0.01)
+    assert '1 kept busy by this script' in out
+
+
+def test_bench_startup_prints_each_command_against_the_baseline() -> None:
+    out = run('bench_startup.py', '--baseline', str(BENCHMARKS.parent), '--repeats', '1')
+    rows = {line.strip('| ').split(' | ')[0]: line.strip('| ').split(' | ') for line in out.splitlines()
+            if line.startswith('| ') and '---' not in line and 'command' not in line}
+    assert set(rows) == {'basicsr --help', 'refused option file', 'import hmoe_arch'}
+    for row in rows.values():
+        this, baseline = (float(cell.split()[0]) for cell in row[1:3])
+        assert float(row[3].rstrip('x')) == pytest.approx(this / baseline, rel=0.02, abs=0.006)

@@ -113,7 +113,9 @@ def test_train_on_cpu_with_validation_checkpoints_and_tensorboard(cwd: Path) -> 
     exp = cwd / 'experiments' / 'train_MFGHMoE_UCMerced_x4'
     assert sorted(p.name for p in (exp / 'models').iterdir()) == ['net_g_2.pth', 'net_g_4.pth', 'net_g_latest.pth']
     assert sorted(p.name for p in (exp / 'training_states').iterdir()) == ['2.state', '4.state']
-    assert run.stderr.count('Validation UCMerced_test') == 3 and '# psnr:' in run.stderr and '# ssim:' in run.stderr
+    # at 2 and 4; not again after the loop (BasicSR's last validation would repeat the one at 4)
+    assert run.stderr.count('Validation UCMerced_test') == 2 and '# psnr:' in run.stderr and '# ssim:' in run.stderr
+    assert 'UCMerced_test: the weights are those validated at iteration 4; not validated again' in run.stderr
     assert re.search(r'experts: e\d+ \d', run.stderr) and 'entropy: ' in run.stderr
     assert 'routing/expert_03' not in run.stderr  # every expert's share goes to tensorboard, not to the text line
     assert 'run estimate: ' in run.stderr

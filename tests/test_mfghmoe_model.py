@@ -1,5 +1,6 @@
 """MFGHMoEModel: padding, tiling, train-mode restore, auxiliary loss, routing statistics, loading HAT weights."""
 import math
+import re
 from pathlib import Path
 from typing import Any, Dict
 
@@ -140,6 +141,63 @@ def test_routing_statistics_since_the_last_log(tmp_path: Path) -> None:
     assert log['routing/entropy'] == pytest.approx(float(-(used * used.log()).sum()))
     assert 0 <= log['routing/entropy'] <= math.log(4)
     assert 'routing/entropy' not in model.get_current_log()
+
+
+def test_log_line_of_sixteen_experts_names_the_used_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         basicsr_log) -> None:
+    from hmoe_arch.training_log import TrainingMessageLogger
+    groups = [{'kernel_size': 1, 'num_experts': 8}, {'kernel_size': 3, 'num_experts': 8}]
+    model = build_model(options(tmp_path, network_g={'type': 'MFGHMoEArch', **tiny(upscale=2, expert_groups=groups)}))
+    bare = model.get_bare_model(model.net_g)
+    experts = torch.tensor([3] * 71 + [9] * 22 + [0] * 7).reshape(1, 10, 10, 1)  # 13 of 16 experts unused
+    monkeypatch.setattr(bare, 'routing_maps', lambda: {'group': (experts[..., 0] >= 8).long(), 'expert': experts})
+    feed(model)
+    model.optimize_parameters(1)
+
+    class TensorBoard:
+        def __init__(self) -> None:
+            self.tags = []
+
+        def add_scalar(self, tag: str, value: float, step: int) -> None:
+            self.tags.append(tag)
+
+    opt = {**model.opt, 'logger': {'print_freq': 1, 'use_tb_logger': True}, 'train': {'total_iter': 10}}
+    tb = TensorBoard()
+    TrainingMessageLogger(opt, 0, tb)({'epoch': 0, 'iter': 1, 'lrs': model.get_current_learning_rate(),
+                                       **model.get_current_log()})
+    line = basicsr_log[-1]
+    entropy = -sum(p * math.log(p) for p in (0.71, 0.22, 0.07))
+    assert line.endswith(f'experts: e3 71%, e9 22%, e0 7.0% (13 unused) groups: g0 78%, g1 22% entropy: {entropy:.3f}')
+    assert 'routing/' not in line and len(line) < 160
+    assert sorted(tb.tags) == sorted(['losses/l_pix', 'routing/group_0', 'routing/group_1', 'routing/entropy',
+                                               *(f'routing/expert_{e:02d}' for e in range(16))])
+
+
+def test_first_iterations_log_the_run_estimate(tmp_path: Path, basicsr_log) -> None:
+    from hmoe_arch.training_log import RunEstimate
+    model = build_model(options(tmp_path, train={'total_iter': 6}))
+    assert model.run_estimate is None
+    feed(model)
+    model.optimize_parameters(1)
+    made = model.run_estimate
+    assert (made.total_iter, made.on_cpu, made.first_iter) == (6, True, 1)
+    threads = torch.get_num_threads()
+    assert made.device == f'the CPU ({threads} thread{"s" if threads > 1 else ""})'
+    ticks = iter(range(0, 100, 10))  # 10 s per iteration
+    model.run_estimate = RunEstimate(6, 'the CPU', True, clock=lambda: float(next(ticks)))
+    losses = []
+    for step in range(1, 6):
+        feed(model)
+        model.optimize_parameters(step)
+        losses.append(model.log_dict['l_pix'])
+    lines = [m for m in basicsr_log if m.startswith('run estimate')]
+    assert lines == [f'run estimate: 10.000 s per iteration on the CPU (iterations 2-4; iteration 1, with the warm-up, '
+                     f'not timed); loss so far (mean of 4 iterations): l_pix {sum(losses[:4]) / 4:.4e}; the remaining '
+                     '2 of 6 iterations take about 0:00:20 (validation and checkpoints not included)']
+    untimed = build_model(options(tmp_path))  # not BasicSR's training: no train.total_iter
+    feed(untimed)
+    untimed.optimize_parameters(1)
+    assert untimed.run_estimate is None
 
 
 @pytest.mark.parametrize('name', ['tiny_hat_x2', 'hat_x2'])
@@ -305,3 +363,37 @@ def test_routing_lr_scale_gives_the_routing_parameters_their_own_learning_rate(t
     with pytest.raises(ValueError, match='routing_lr_scale` must be a number > 0'):
         build_model(options(tmp_path, train={'routing_lr_scale': 0}))
     assert len(build_model(options(tmp_path)).optimizer_g.param_groups) == 1
+
+
+class TinyPairs(torch.utils.data.Dataset):
+    """Three random 8x8 LR / 16x16 GT pairs, as BasicSR's paired datasets return them."""
+
+    opt = {'name': 'tiny'}
+
+    def __len__(self) -> int:
+        return 3
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        generator = torch.Generator().manual_seed(index)
+        return {'lq': torch.rand(3, 8, 8, generator=generator), 'gt': torch.rand(3, 16, 16, generator=generator),
+                'lq_path': f'img{index}.png'}
+
+
+@pytest.mark.parametrize('val, rank, shown', [({}, 0, True), ({'pbar': True}, 0, True), ({'pbar': False}, 0, False),
+                                              ({}, 1, False)])
+def test_validation_shows_a_progress_bar_by_default(tmp_path: Path, capsys, val: dict, rank: int,
+                                                    shown: bool) -> None:
+    val = {'save_img': False, 'metrics': {'psnr': {'type': 'calculate_psnr', 'crop_border': 2}}, **val}
+    model = build_model(options(tmp_path, is_train=False, rank=rank, val=dict(val)))
+    loader = torch.utils.data.DataLoader(TinyPairs(), batch_size=1)
+    capsys.readouterr()
+    model.validation(loader, 'unit', None, save_img=False)
+    err = capsys.readouterr().err
+    # tqdm's bar: images done of all, elapsed<remaining (the ETA), in images
+    bar = re.search(r'Test img2: 100%.*\| 3/3 \[\d\d:\d\d<\d\d:\d\d, +[\d.]+image/s\]', err)
+    assert (bar is not None) == shown, err
+    assert 'image/s' in err if shown else 'image/s' not in err
+    assert model.opt['val'] == val and model.metric_results['psnr'] > 0  # the options as given; validated
+    with pytest.raises(OptionError, match=r'`val.pbar` must be true or false, got .yes.'):
+        build_model(options(tmp_path, is_train=False, val={**val, 'pbar': 'yes'})).validation(loader, 'unit', None,
+                                                                                             save_img=False)

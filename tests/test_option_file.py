@@ -32,6 +32,7 @@ def test_a_yaml_error_is_one_line_with_line_and_column(text: str, where: str, pr
     ({'train': {'skip_nonfinite': 1.5}}, '`train.skip_nonfinite` must be an integer >= 0, got 1.5'),
     ({'use_amp': 'fp16'}, "`use_amp` must be false or 'bf16', got 'fp16'"),
     ({'compile': 'yes'}, "`compile` must be true or false, got 'yes'"),
+    ({'val': {'pbar': 'yes'}}, "`val.pbar` must be true or false, got 'yes'"),
     ({'tile': {'tile_size': 0, 'tile_pad': 4}}, '`tile.tile_size` must be a non-negative integer (tile_size >= 1)'),
 ])
 def test_model_option_values_are_refused_naming_the_key(change: dict, message: str) -> None:

@@ -13,10 +13,13 @@ Differences from ``SRModel`` (everything else is SRModel's):
 - ``setup_optimizers``: with ``train.routing_lr_scale`` the routing parameters (routers, group embedding, MFA
   branches, ``aggr_conv``) learn at that multiple of the learning rate (a second Adam parameter group);
 - ``optimize_parameters``: adds ``train.aux_loss_weight * net_g.aux_loss()`` (logged as ``l_aux``) when the
-  weight is positive, and records which expert each LR pixel used;
+  weight is positive, records which expert each LR pixel used, and times the first iterations: one early log
+  line with the time per iteration, the loss so far and the estimated time left
+  (:class:`~hmoe_arch.training_log.RunEstimate`);
 - ``get_current_log``: adds expert usage since the last log (``routing/group_{g}``, ``routing/expert_{e}``:
   fractions of routed LR pixels, summed over ranks; ``routing/entropy``: entropy of the expert usage in nats,
-  ``log(num_experts)`` when balanced), which BasicSR's MessageLogger writes to the log and TensorBoard;
+  ``log(num_experts)`` when balanced), which BasicSR's MessageLogger writes to the log and TensorBoard
+  (:class:`~hmoe_arch.training_log.TrainingMessageLogger` summarises them in the log line);
 - ``model_to_device``: DistributedDataParallel on CPU (gloo) as well as GPUs, with unused parameters allowed
   (experts that no pixel of a batch selected get no gradient);
 - ``load_network``: :meth:`MFGHMoEArch.load_pretrained` (``weights_only`` loading, one report of what kept its
@@ -27,6 +30,8 @@ Differences from ``SRModel`` (everything else is SRModel's):
 - non-finite losses or gradients stop training before the optimizer step (:class:`NonFiniteLossError`
   names the iteration and the term), or with ``train.skip_nonfinite: N`` skip up to N such steps with a
   warning each;
+- validation (during training and in ``basicsr test``) shows SRModel's progress bar (images, with an ETA, on
+  stderr; rank 0 only) unless ``val.pbar: false``;
 - validation with ``val.save_expert_maps: true``: per image an expert map (SR image, map, legend) in
   ``<results or experiment>/expert_maps/<dataset>/`` and ``expert_usage.csv`` per scene class there.
 """
@@ -35,7 +40,7 @@ import shutil
 import tempfile
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -48,8 +53,9 @@ from ..archs import MFGHMoEArch
 from ..checkpoints import CONFIG_ENTRY
 from ..errors import NonFiniteLossError, OptionError
 from ..expert_maps import ExpertMapWriter, group_sizes_of
-from ..options import plain_options
+from ..option_file import check_model_options, plain_options
 from ..tiling import padded_forward, tiled_forward, window_size_of
+from ..training_log import RunEstimate
 
 
 @MODEL_REGISTRY.register()
@@ -63,43 +69,31 @@ class MFGHMoEModel(SRModel):
     """
 
     def __init__(self, opt: Dict[str, Any]) -> None:
+        check_model_options(opt)  # before anything is built
         super().__init__(opt)
         bare = self.get_bare_model(self.net_g)
         self.window_size = window_size_of(bare, opt.get('network_g'))
         self.scale = int(opt.get('scale', 1))
-        tile = opt.get('tile')
-        if tile is not None:
-            if not isinstance(tile, dict) or set(tile) != {'tile_size', 'tile_pad'}:
-                raise ValueError(f'MFGHMoEModel: `tile` must be {{tile_size, tile_pad}}, got {tile!r}')
-            for key in ('tile_size', 'tile_pad'):
-                if isinstance(tile[key], bool) or not isinstance(tile[key], int) or tile[key] < (key == 'tile_size'):
-                    raise ValueError(f'MFGHMoEModel: `tile.{key}` must be a non-negative integer (tile_size >= 1), '
-                                     f'got {tile[key]!r}')
-        self.tile = tile
-        weight = opt.get('train', {}).get('aux_loss_weight', 0.0) if self.is_train else 0.0
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
-            raise ValueError(f'MFGHMoEModel: `train.aux_loss_weight` must be a number >= 0, got {weight!r}')
-        self.aux_loss_weight = float(weight)
+        self.tile = opt.get('tile')
+        train = opt.get('train') or {}
+        self.aux_loss_weight = float(train.get('aux_loss_weight', 0.0)) if self.is_train else 0.0
         if self.aux_loss_weight > 0 and not (isinstance(bare, MFGHMoEArch) and bare.moe):
-            raise ValueError('MFGHMoEModel: `train.aux_loss_weight` > 0 needs an MFGHMoEArch network with `moe: true` '
-                             f'(the load-balancing loss of its routers), but network_g is {type(bare).__name__}'
-                             f'{" with moe: false" if isinstance(bare, MFGHMoEArch) else ""}; set the weight to 0')
+            raise OptionError('MFGHMoEModel: `train.aux_loss_weight` > 0 needs an MFGHMoEArch network with `moe: true` '
+                              f'(the load-balancing loss of its routers), but network_g is {type(bare).__name__}'
+                              f'{" with moe: false" if isinstance(bare, MFGHMoEArch) else ""}; set the weight to 0')
         if self.aux_loss_weight > 0 and bare.routing_grad == 'none':
-            raise ValueError('MFGHMoEModel: `train.aux_loss_weight` > 0 needs routers that learn, but '
-                             '`network_g.routing_grad` is none (the load-balancing loss would reach no parameter); '
-                             'set routing_grad to isolated or straight_through, or the weight to 0')
-        skip = opt.get('train', {}).get('skip_nonfinite', 0) if self.is_train else 0
-        if isinstance(skip, bool) or not isinstance(skip, int) or skip < 0:
-            raise ValueError(f'MFGHMoEModel: `train.skip_nonfinite` must be an integer >= 0, got {skip!r}')
-        self.skip_nonfinite = skip
+            raise OptionError('MFGHMoEModel: `train.aux_loss_weight` > 0 needs routers that learn, but '
+                              '`network_g.routing_grad` is none (the load-balancing loss would reach no parameter); '
+                              'set routing_grad to isolated or straight_through, or the weight to 0')
+        self.skip_nonfinite = train.get('skip_nonfinite', 0) if self.is_train else 0
         self.skipped_steps = 0
+        self.steps_taken = 0
+        """Optimizer steps taken since the model was built (or resumed): whether the weights changed."""
+        self.validated: Dict[str, Tuple[int, int]] = {}
+        """Validation set name -> (:attr:`steps_taken`, iteration) of its last validation in training."""
         amp = opt.get('use_amp', False)
-        if amp not in (False, None, 'bf16'):
-            raise ValueError(f"MFGHMoEModel: `use_amp` must be false or 'bf16', got {amp!r}")
         self.amp_dtype = torch.bfloat16 if amp == 'bf16' else None
         compiled = opt.get('compile', False)
-        if not isinstance(compiled, bool):
-            raise ValueError(f'MFGHMoEModel: `compile` must be true or false, got {compiled!r}')
         self._inference_net = None
         if compiled:
             self.net_g = torch.compile(self.net_g)
@@ -140,15 +134,13 @@ class MFGHMoEModel(SRModel):
     def setup_optimizers(self) -> None:
         """SRModel's optimizer; with ``train.routing_lr_scale`` the routing parameters
         (:meth:`MFGHMoEArch.routing_parameter_names`) form a second group at that multiple of the learning rate."""
-        scale = self.opt['train'].get('routing_lr_scale', 1.0)
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
-            raise ValueError(f'MFGHMoEModel: `train.routing_lr_scale` must be a number > 0, got {scale!r}')
+        scale = self.opt['train'].get('routing_lr_scale', 1.0)  # a number > 0 (check_model_options)
         bare = self.get_bare_model(self.net_g)
         if scale == 1.0:
             return super().setup_optimizers()
         if not isinstance(bare, MFGHMoEArch) or not bare.moe or bare.routing_grad == 'none':
-            raise ValueError('MFGHMoEModel: `train.routing_lr_scale` needs routers that learn (an MFGHMoEArch with '
-                             'moe: true and routing_grad other than none)')
+            raise OptionError('MFGHMoEModel: `train.routing_lr_scale` needs routers that learn (an MFGHMoEArch with '
+                              'moe: true and routing_grad other than none)')
         routing = set(bare.routing_parameter_names())
         named = [(n, p) for n, p in bare.named_parameters() if p.requires_grad]
         optim = dict(self.opt['train']['optim_g'])
@@ -224,7 +216,16 @@ class MFGHMoEModel(SRModel):
         """bf16 autocast when ``use_amp: bf16`` (no loss scaling is needed for bf16), else a no-op context."""
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
+    run_estimate: Optional[RunEstimate] = None
+    """Times the first training iterations and logs the estimate of the run's duration (:class:`RunEstimate`;
+    created by the first :meth:`optimize_parameters` when the options have ``train.total_iter``)."""
+
     def optimize_parameters(self, current_iter: int) -> None:
+        if self.run_estimate is None and self.opt['train'].get('total_iter') is not None:
+            on_cpu, threads = self.device.type == 'cpu', torch.get_num_threads()
+            self.run_estimate = RunEstimate(self.opt['train']['total_iter'], on_cpu=on_cpu,
+                                            device=f'the CPU ({threads} thread{"s" * (threads != 1)})' if on_cpu
+                                            else str(self.device))
         self.optimizer_g.zero_grad()
         with self._autocast():
             self.output = self.net_g(self.lq)
@@ -259,10 +260,13 @@ class MFGHMoEModel(SRModel):
             self._non_finite(current_iter, bad)
             return
         self.optimizer_g.step()
+        self.steps_taken += 1
         self._record_routing(bare)
         self.log_dict = self.reduce_loss_dict(loss_dict)
         if self.ema_decay > 0:
             self.model_ema(decay=self.ema_decay)
+        if self.run_estimate is not None:
+            self.run_estimate.step(current_iter, self.log_dict)
 
     def _non_finite(self, current_iter: int, terms) -> None:
         """Stop (or, within ``train.skip_nonfinite``, skip) a step whose loss or gradient is NaN/Inf."""
@@ -310,13 +314,45 @@ class MFGHMoEModel(SRModel):
         paths = data.get('lq_path')
         self._lq_path = paths[0] if isinstance(paths, (list, tuple)) else paths
 
+    def validation(self, dataloader, current_iter, tb_logger, save_img=False) -> None:
+        """BasicSR's validation, but in training weights that were already validated on this set are not validated
+        again: BasicSR's training loop validates once more after its last iteration, which repeats the pass of
+        that iteration whenever ``val_freq`` divides ``total_iter`` (one line in the log says so)."""
+        name = dataloader.dataset.opt['name']
+        last = self.validated.get(name)
+        if self.is_train and last is not None and last[0] == self.steps_taken:
+            get_root_logger().info(f'{name}: the weights are those validated at iteration {last[1]}; not validated '
+                                   'again')
+            return
+        super().validation(dataloader, current_iter, tb_logger, save_img)
+        if self.is_train:
+            self.validated[name] = (self.steps_taken, current_iter)
+
     def nondist_validation(self, dataloader, current_iter, tb_logger, save_img) -> None:
+        """SRModel's validation loop (``validation`` during training, ``basicsr test``) with its progress bar
+        (images, with an ETA, on stderr) on by default: ``val.pbar: false`` turns it off, and only rank 0 shows
+        it; with ``val.save_expert_maps`` also the expert maps."""
+        val = self.opt['val']
+        shown = val.get('pbar', True)
+        if not isinstance(shown, bool):
+            raise OptionError(f'MFGHMoEModel: `val.pbar` must be true or false, got {shown!r}')
+        given = {'pbar': val['pbar']} if 'pbar' in val else {}
+        val['pbar'] = shown and self.opt.get('rank', 0) == 0  # what SRModel's loop reads (its default: no bar)
+        try:
+            self._validation_with_expert_maps(dataloader, current_iter, tb_logger, save_img)
+        finally:
+            val.pop('pbar')
+            val.update(given)
+
+    def _validation_with_expert_maps(self, dataloader, current_iter, tb_logger, save_img) -> None:
+        """SRModel's validation loop; with ``val.save_expert_maps`` on an MoE network, the expert map of every image
+        and the usage per scene class in ``<results or experiment>/expert_maps/<dataset>/``."""
         bare = self.get_bare_model(self.net_g_ema if hasattr(self, 'net_g_ema') else self.net_g)
-        wanted = self.opt.get('val', {}).get('save_expert_maps', False)
+        wanted = self.opt['val'].get('save_expert_maps', False)
         if not wanted or not (isinstance(bare, MFGHMoEArch) and bare.moe):
             return super().nondist_validation(dataloader, current_iter, tb_logger, save_img)
         if self.tile is not None:
-            raise ValueError('MFGHMoEModel: val.save_expert_maps needs untiled inference (remove `tile`)')
+            raise OptionError('MFGHMoEModel: val.save_expert_maps needs untiled inference (remove `tile`)')
         root = Path(self.opt['path']['visualization']).parent
         self.expert_maps = ExpertMapWriter(root / 'expert_maps' / dataloader.dataset.opt['name'], bare, self.scale)
         try:

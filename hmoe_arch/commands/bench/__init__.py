@@ -9,7 +9,8 @@ training iterations of the weights where known. Bicubic (MATLAB ``imresize``) is
 set, scale, protocol) table. Outputs in ``--out``: ``bench.md`` (one table per protocol, test set and scale),
 ``bench.csv`` (the protocol in every row), ``bench_psnr_latency.png``, with ``--per-class``
 ``bench_per_class.csv``, and with ``--expert-maps`` the maps and usage CSV of every MoE model per test set
-(:mod:`hmoe_arch.expert_maps`).
+(:mod:`hmoe_arch.expert_maps`). A progress bar per model and test set goes to stderr (``progress``). A
+``network_g`` that does not fit its checkpoint is refused in one line that says what differs (:mod:`.mismatch`).
 
 Peak memory: on CUDA ``max_memory_allocated`` above what was allocated before the forward; on the CPU the
 rise of the peak resident set (VmHWM, reset via ``/proc/self/clear_refs``) of a child process that fixes
@@ -35,6 +36,7 @@ from ...protocols import DEFAULT_PROTOCOL, protocol
 from ..infer import load_network
 from .cost import count_macs, fix_malloc_threshold, forward_latency, forward_peak_mib, peak_memory_mib
 from .evaluation import TestSet, evaluate, folder_test_set, option_file_test_set
+from .mismatch import mismatch_message
 from .perceptual import OPTIONAL_METRICS, load_lpips
 from .report import plot_psnr_latency, write_per_class, write_tables
 from .rows import COLUMNS, REQUIRED_KEYS, BenchModel, BenchRow, columns
@@ -69,7 +71,8 @@ def model_from_source(source: Path, force_yml: Sequence[str] = ()) -> BenchModel
         return BenchModel(name=opt.get('name', source.name), scale=int(opt['scale']),
                           dataset_opt=_test_dataset(opt, options[0]), network=dict(opt['network_g']),
                           weights=str(weights), param_key='params_ema', strict=True, tile=opt.get('tile'),
-                          train_iters=None if iters is None else int(iters), source=str(source))
+                          train_iters=None if iters is None else int(iters), source=str(source),
+                          option_file=str(options[0]))
     opt = read_option_file(source, force_yml, required=REQUIRED_KEYS)
     path_opt = opt.get('path', {})
     weights = path_opt.get('pretrain_network_g')
@@ -78,12 +81,24 @@ def model_from_source(source: Path, force_yml: Sequence[str] = ()) -> BenchModel
     return BenchModel(name=opt.get('name', source.stem), scale=int(opt['scale']),
                       dataset_opt=_test_dataset(opt, source), network=dict(opt['network_g']), weights=str(weights),
                       param_key=path_opt.get('param_key_g', 'params'), strict=path_opt.get('strict_load_g', True),
-                      tile=opt.get('tile'), source=str(source))
+                      tile=opt.get('tile'), source=str(source), option_file=str(source))
 
 
 def build(model: BenchModel, device: torch.device) -> torch.nn.Module:
-    return load_network(Path(model.weights), model.network, device, param_key=model.param_key, strict=model.strict,
-                        label=f'{model.source}: path.pretrain_network_g')
+    """``model``'s network with its weights, in eval mode on ``device``.
+
+    Raises:
+        OptionError: one line; where ``network_g`` does not fit the checkpoint, naming the option file, the
+            checkpoint, the options (or the first tensor) that differ and how to fix it (:mod:`.mismatch`).
+    """
+    try:
+        return load_network(Path(model.weights), model.network, device, param_key=model.param_key,
+                            strict=model.strict, label=f'{model.source}: path.pretrain_network_g')
+    except OptionError:
+        message = mismatch_message(model)
+        if message is None:
+            raise
+        raise OptionError(message) from None
 
 
 def forward_memory(model: BenchModel, net: torch.nn.Module, lr_size: int, device: torch.device) -> float:
@@ -123,7 +138,7 @@ def test_sets_of(model: BenchModel, folders: Sequence[Path]) -> List[TestSet]:
 def run_bench(sources: Sequence[Path], out: Path, *, device: str = 'cpu', lr_size: int = 64, runs: int = 5,
               per_class: bool = False, expert_maps: bool = False, force_yml: Sequence[str] = (),
               protocols: Sequence[str] = (DEFAULT_PROTOCOL,), test_sets: Sequence[Path] = (),
-              metrics: Sequence[str] = ()) -> List[BenchRow]:
+              metrics: Sequence[str] = (), progress: bool = True) -> List[BenchRow]:
     """Evaluate every source and write the tables; returns the rows (bicubic first in each table).
 
     Args:
@@ -131,6 +146,7 @@ def run_bench(sources: Sequence[Path], out: Path, *, device: str = 'cpu', lr_siz
         test_sets: Folders in ``basicsr prepare``'s layout to evaluate every model on instead of its option file's
             test set (one table block each).
         metrics: Optional metrics, ``niqe`` and/or ``lpips``.
+        progress: A progress bar (images, with an ETA) on stderr for every model and bicubic on every test set.
     """
     logger = get_root_logger()
     try:
@@ -166,14 +182,15 @@ def run_bench(sources: Sequence[Path], out: Path, *, device: str = 'cpu', lr_siz
                 seen_sets.add(key)
                 bicubic = BenchModel(name='Bicubic', scale=model.scale, dataset_opt=test_set.dataset_opt,
                                      source='imresize')
-                for row in evaluate(bicubic, None, dev, test_set, chosen, with_niqe='niqe' in optional, lpips=lpips):
+                for row in evaluate(bicubic, None, dev, test_set, chosen, with_niqe='niqe' in optional, lpips=lpips,
+                                    progress=progress):
                     rows.append(row)
                     logger.info(f'bench: Bicubic on {row.test_set} x{model.scale} ({row.protocol}): '
                                 f'{row.psnr:.4f} dB, {row.ssim:.4f}')
             moe = expert_maps and isinstance(net, MFGHMoEArch) and net.moe
             maps_dir = out / 'expert_maps' / model.name / test_set.name if moe else None
             for row in evaluate(model, net, dev, test_set, chosen, with_niqe='niqe' in optional, lpips=lpips,
-                                maps_dir=maps_dir):
+                                maps_dir=maps_dir, progress=progress):
                 for name, value in cost.items():
                     setattr(row, name, value)
                 rows.append(row)

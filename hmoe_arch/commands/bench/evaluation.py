@@ -9,6 +9,7 @@ import torch
 from basicsr.data import build_dataset
 from basicsr.utils import get_root_logger, tensor2img
 from basicsr.utils.matlab_functions import imresize
+from tqdm import tqdm
 
 from ...errors import OptionError
 from ...expert_maps import ExpertMapWriter, scene_class
@@ -51,8 +52,9 @@ def folder_test_set(folder: Path, scale: int) -> TestSet:
 
 def evaluate(model: BenchModel, net: Optional[torch.nn.Module], device: torch.device, test_set: TestSet,
              protocols: Sequence[Protocol], *, with_niqe: bool = False, lpips: Optional[Lpips] = None,
-             maps_dir: Optional[Path] = None) -> List[BenchRow]:
-    """One row per protocol for ``net`` (bicubic when None) on ``test_set``; the network runs once per image."""
+             maps_dir: Optional[Path] = None, progress: bool = False) -> List[BenchRow]:
+    """One row per protocol for ``net`` (bicubic when None) on ``test_set``; the network runs once per image.
+    With ``progress`` a progress bar (images, with an ETA) on stderr."""
     if maps_dir is not None and model.tile is not None:
         raise OptionError(f'{model.source}: expert maps need untiled inference (remove `tile`)')
     dataset = build_dataset(dict(test_set.dataset_opt))
@@ -60,7 +62,8 @@ def evaluate(model: BenchModel, net: Optional[torch.nn.Module], device: torch.de
     maps = ExpertMapWriter(maps_dir, net, model.scale) if maps_dir is not None else None
     values: Dict[str, Dict[str, List[float]]] = {p.name: {} for p in protocols}
     per_class: Dict[str, Dict[str, List[float]]] = {p.name: {} for p in protocols}
-    for index in range(len(dataset)):
+    for index in tqdm(range(len(dataset)), desc=f'{model.name} on {test_set.name}', unit='image',
+                      disable=not progress):
         item = dataset[index]
         lq = item['lq'].unsqueeze(0).to(device)
         with torch.no_grad():

@@ -32,6 +32,8 @@ class BenchModel:
     tile: Optional[Dict[str, int]] = None
     train_iters: Optional[int] = None
     source: str = ''
+    option_file: str = ''
+    """The option file ``network`` comes from (``source`` itself, or the one in the experiment folder)."""
 
 
 @dataclass
