@@ -72,6 +72,29 @@ def write_safetensors(state: Mapping[str, torch.Tensor], path: Union[str, os.Pat
     safetensors.torch.save_file(tensors, str(path), metadata=metadata)
 
 
+def plain_file_mode() -> int:
+    """The permission bits ``open(path, 'w')`` gives a new file: ``0o666 & ~umask`` (the umask read from
+    ``/proc/self/status`` on Linux, else by setting it and setting it back at once)."""
+    try:
+        with open('/proc/self/status') as status:
+            for line in status:
+                if line.startswith('Umask:'):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def move_into_place(partial: Union[str, os.PathLike], target: Union[str, os.PathLike]) -> None:
+    """Rename the complete file ``partial`` to ``target`` (atomic on one file system), with the permissions a plain
+    ``open(target, 'w')`` would give it (:func:`plain_file_mode`): writers that go through a private temporary
+    file of their own (safetensors' ``save_file``, torch.hub's download) leave it 0600."""
+    os.chmod(partial, plain_file_mode())
+    os.replace(partial, target)
+
+
 def is_url(text: Union[str, os.PathLike]) -> bool:
     return str(text).startswith(('https://', 'http://'))
 
@@ -103,7 +126,7 @@ def fetch_weights(url: str, cache_dir: Optional[Union[str, os.PathLike]] = None)
             if found != expected:
                 raise CheckpointError(f'{url}: the downloaded file has SHA-256 {found}, not {expected}; '
                                       'it was not kept')
-            os.replace(partial, target)
+            move_into_place(partial, target)
         except CheckpointError:
             raise
         except Exception as error:

@@ -6,11 +6,10 @@ averaged with feather weights; used by ``infer``). Errors inside a tile (out of 
 no tile is ever left blank.
 """
 import math
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from .expert_maps import lr_expert_map
@@ -29,13 +28,31 @@ def window_size_of(net: torch.nn.Module, network_opt: Optional[Dict[str, Any]] =
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     """Pad ``(B, C, H, W)`` at the bottom/right to multiples of ``multiple`` (reflect, as HAT; replicate where
-    the image is too small to reflect)."""
+    the image is too small to reflect: a pad not smaller than its side, on either axis).
+
+    The padding gathers rows and columns at indices computed from the input's shape, with no branch on the
+    sizes, so the same code traces into an ONNX graph that pads inputs of any size (``basicsr export``); outside
+    a trace an input that needs no padding is returned as it is.
+    """
     height, width = x.shape[-2:]
-    pad_h, pad_w = (-height) % multiple, (-width) % multiple
-    if pad_h == 0 and pad_w == 0:
+    pad_h = (height + multiple - 1) // multiple * multiple - height
+    pad_w = (width + multiple - 1) // multiple * multiple - width
+    if not torch.jit.is_tracing() and pad_h == 0 and pad_w == 0:
         return x
-    mode = 'reflect' if pad_h < height and pad_w < width else 'replicate'
-    return F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
+    reflect = torch.as_tensor((pad_h < height) & (pad_w < width), device=x.device)
+    rows = _source_index(height, pad_h, reflect, x.device)
+    cols = _source_index(width, pad_w, reflect, x.device)
+    return x.index_select(-2, rows).index_select(-1, cols)
+
+
+def _source_index(size: Union[int, torch.Tensor], pad: Union[int, torch.Tensor], reflect: torch.Tensor,
+                  device: torch.device) -> torch.Tensor:
+    """``(size + pad,)`` int64: the input position each position of one padded axis copies; itself inside the
+    image, then the image mirrored about its last position (``reflect``, a 0-dim bool) or that position repeated.
+    ``size`` and ``pad`` are ints, or 0-dim tensors while tracing."""
+    index = torch.arange(size + pad, device=device)
+    last = size - 1
+    return torch.where(reflect, last - (last - index).abs(), index.clamp(max=last))
 
 
 def padded_forward(net: Network, x: torch.Tensor, scale: int, window_size: int) -> torch.Tensor:

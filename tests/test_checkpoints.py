@@ -1,27 +1,51 @@
-"""Checkpoint files: .safetensors with the network options, export, weights from a URL with a SHA-256 check, and
-networks rebuilt from checkpoints alone (ours, the authors', HAT's)."""
+"""Checkpoint files: .safetensors with the network options, export (safetensors, ONNX of any input size with its
+metadata, the docs' onnxruntime snippet), weights from a URL with a SHA-256 check, the permissions of written
+files, and networks rebuilt from checkpoints alone (ours, the authors', HAT's)."""
 import functools
 import hashlib
 import http.server
+import json
+import os
+import shutil
+import stat
 import threading
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 import torch
 
+import hmoe_arch
 from hmoe_arch import MFGHMoEArch
-from hmoe_arch.checkpoints import fetch_weights, read_checkpoint_file, write_safetensors
+from hmoe_arch.checkpoints import fetch_weights, plain_file_mode, read_checkpoint_file, write_safetensors
 from hmoe_arch.commands.cli import main
-from hmoe_arch.commands.infer import infer, load_network
+from hmoe_arch.commands.infer import infer, load_network, read_rgb
 from hmoe_arch.errors import CheckpointError, OptionError
+from hmoe_arch.tiling import padded_forward
 
-from util import HAT_RGB_MEAN, load_reference, tiny, write_image
+from util import HAT_RGB_MEAN, SMALL_GROUPS, docs_block, load_reference, tiny, ucmerced_mini, write_image
 
 pytest.importorskip('safetensors', reason='safetensors is not installed (pip install -e .[export])')
 
 OURS = tiny(upscale=2, top_k=2, rgb_mean=[0.5, 0.4, 0.3], img_range=2.0,
             expert_groups=[{'kernel_size': 1, 'num_experts': 2}, {'kernel_size': 3, 'num_experts': 2}])
+
+
+INFERENCE_DOCS = Path(__file__).resolve().parents[1] / 'docs' / 'inference.md'
+
+
+def mode_of(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.fixture
+def umask_027():
+    """The process umask 0o027 for the test; yields the mode ``open(path, 'w')`` then gives (0o640, neither the
+    0o600 of a private temporary file nor the usual 0o644)."""
+    previous = os.umask(0o027)
+    yield 0o640
+    os.umask(previous)
 
 
 @pytest.fixture
@@ -157,17 +181,74 @@ def test_infer_takes_a_url(ours: Path, tmp_path: Path, server, monkeypatch: pyte
                                     tiny(upscale=3, routing='single', attention='plain'),
                                     tiny(moe=False, mfa=False, rgb_mean=HAT_RGB_MEAN, upscale=4)], ids=range(3))
 @pytest.mark.slow
-def test_onnx_export_has_dynamic_sizes_and_matches_pytorch(config: dict, tmp_path: Path) -> None:
+def test_onnx_export_takes_any_input_size_and_matches_pytorch(config: dict, tmp_path: Path, umask_027: int) -> None:
     onnxruntime = pytest.importorskip('onnxruntime', reason='onnxruntime is not installed (pip install -e .[export])')
     net = MFGHMoEArch(**config).eval()
     torch.save({'params': net.state_dict(), 'network_g': {'type': 'MFGHMoEArch', **config}}, tmp_path / 'w.pth')
     assert main(['export', '--weights', str(tmp_path / 'w.pth'), '--format', 'onnx', '--out',
                  str(tmp_path / 'w.onnx')]) == 0
+    assert mode_of(tmp_path / 'w.onnx') == umask_027
     session = onnxruntime.InferenceSession(str(tmp_path / 'w.onnx'), providers=['CPUExecutionProvider'])
-    window = config['window_size']
-    for shape in [(1, 2 * window, 3 * window), (2, 5 * window, window)]:
-        x = torch.rand(shape[0], 3, *shape[1:])
+    window, scale = config['window_size'], config['upscale']
+    # 37x53: neither side a multiple of the window (padded by reflection); 3x1: too small to reflect (replicated)
+    for batch, height, width in [(1, 37, 53), (2, 64, 64), (2, 2 * window, 3 * window), (1, 3, 1)]:
+        x = torch.rand(batch, 3, height, width)
         with torch.no_grad():
-            expected = net(x).numpy()
+            expected = padded_forward(net, x, scale, window).numpy()
         out = session.run(None, {'lr': x.numpy()})[0]
-        assert out.shape == expected.shape and abs(out - expected).max() <= 1e-4
+        assert out.shape == expected.shape == (batch, 3, height * scale, width * scale)
+        assert abs(out - expected).max() <= 1e-4, (height, width)
+
+
+@pytest.mark.slow
+def test_onnx_metadata_reads_back_with_onnx_load(ours: Path, tmp_path: Path) -> None:
+    onnx = pytest.importorskip('onnx', reason='onnx is not installed (pip install -e .[export])')
+    assert main(['export', '--weights', str(ours), '--format', 'onnx', '--out', str(tmp_path / 'w.onnx')]) == 0
+    assert main(['export', '--weights', str(ours), '--out', str(tmp_path / 'w.safetensors')]) == 0
+    metadata = {entry.key: entry.value for entry in onnx.load(str(tmp_path / 'w.onnx')).metadata_props}
+    network = json.loads(metadata.pop('network_g'))
+    assert network == read_checkpoint_file(tmp_path / 'w.safetensors')['network_g']  # the same options
+    assert {key: network[key] for key in OURS} == OURS and network['type'] == 'MFGHMoEArch'
+    assert metadata == {
+        'scale': '2', 'window_size': '4', 'layout': 'NCHW', 'channels': 'RGB', 'dtype': 'float32',
+        'value_range': '[0, 1]',
+        'input': 'lr: float32 (batch, 3, height, width), RGB in [0, 1]; any height and width >= 1 (padded inside '
+                 'the graph to multiples of 4)',
+        'output': 'sr: float32 (batch, 3, height * 2, width * 2), RGB, nominally in [0, 1] (not clamped: clip '
+                  'before converting to integers)',
+        'hmoe_arch_version': hmoe_arch.__version__}
+
+
+@pytest.mark.slow
+def test_the_docs_onnxruntime_snippet_super_resolves_a_ucmerced_image(tmp_path: Path, monkeypatch) -> None:
+    pytest.importorskip('onnxruntime', reason='onnxruntime is not installed (pip install -e .[export])')
+    image = ucmerced_mini() / 'Images' / 'golfcourse' / 'golfcourse07.tif'  # 256 x 251: not a multiple of 4
+    code = docs_block('inference.md', 'python', 'onnxruntime.InferenceSession')
+    assert "'model.onnx'" in code and "'input.tif'" in code and "'input_SR.png'" in code
+    config = tiny(upscale=2, expert_groups=SMALL_GROUPS)  # the ONNX graph evaluates every expert: keep them few
+    net = MFGHMoEArch(**config).eval()
+    torch.save({'params_ema': net.state_dict(), 'network_g': {'type': 'MFGHMoEArch', **config}}, tmp_path / 'w.pth')
+    assert main(['export', '--weights', str(tmp_path / 'w.pth'), '--format', 'onnx', '--out',
+                 str(tmp_path / 'model.onnx')]) == 0
+    shutil.copyfile(image, tmp_path / 'input.tif')
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, f'{INFERENCE_DOCS} (onnxruntime snippet)', 'exec'), {'__name__': 'docs_snippet'})
+    written = cv2.imread(str(tmp_path / 'input_SR.png'))[..., ::-1]
+    lr = torch.from_numpy(read_rgb(image).transpose(2, 0, 1).copy())[None]
+    with torch.no_grad():
+        expected = padded_forward(net, lr, 2, 4)[0].clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy()
+    assert written.shape == expected.shape == (251 * 2, 256 * 2, 3)
+    assert np.abs(written.astype(np.int16) - expected).max() <= 1
+
+
+def test_written_files_get_the_mode_a_plain_open_gives(ours: Path, tmp_path: Path, server, umask_027: int) -> None:
+    assert plain_file_mode() == umask_027
+    assert main(['export', '--weights', str(ours), '--out', str(tmp_path / 'model.safetensors')]) == 0
+    base, folder, _ = server
+    (folder / 'w.pth').write_bytes(ours.read_bytes())
+    downloaded = fetch_weights(f'{base}/w.pth', tmp_path / 'cache')
+    write_image(tmp_path / 'in.png', 16, 16, 1)
+    assert main(['infer', '--weights', str(ours), '--input', str(tmp_path / 'in.png'), '--output',
+                 str(tmp_path / 'out.png'), '--expert-map', '--no-progress']) == 0
+    written = [tmp_path / 'model.safetensors', downloaded, tmp_path / 'out.png', tmp_path / 'out_experts.png']
+    assert {path.name: oct(mode_of(path)) for path in written} == {path.name: oct(umask_027) for path in written}

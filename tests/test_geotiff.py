@@ -1,4 +1,8 @@
-"""GeoTIFF super-resolution: georeferencing, dtype, nodata, bands, blocks."""
+"""GeoTIFF super-resolution: georeferencing, dtype, nodata, bands, blocks, and the docs' worked example."""
+import os
+import shlex
+import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -6,14 +10,19 @@ import pytest
 import torch
 
 from hmoe_arch import MFGHMoEArch
+from hmoe_arch.commands.cli import main
 from hmoe_arch.commands.geotiff import is_georeferenced, super_resolve_geotiff
-from hmoe_arch.commands.infer import infer
+from hmoe_arch.commands.infer import infer, network_options
 from hmoe_arch.errors import OptionError
 
-from util import SMALL_GROUPS, tiny
+from util import SMALL_GROUPS, docs_block, tiny, ucmerced_mini
 
 rasterio = pytest.importorskip('rasterio', reason='GeoTIFF support needs rasterio (pip install -e .[geo])')
+from affine import Affine  # noqa: E402  (a rasterio dependency)
 from rasterio.transform import from_origin  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+INFERENCE_DOCS = REPO / 'docs' / 'inference.md'
 
 TINY_ARGS = ['embed_dim=24', 'depths=[1, 1]', 'num_heads=[2, 2]', 'window_size=4', 'img_size=16',
              'squeeze_factor=6', 'expert_groups=[{kernel_size: 1, num_experts: 2}, {kernel_size: 3, num_experts: 2}]',
@@ -101,3 +110,40 @@ def test_infer_command_routes_geotiffs(tmp_path: Path) -> None:
     assert [p.name for p in written] == ['a_SR.tif']
     with rasterio.open(written[0]) as out:
         assert out.crs.to_epsg() == 32633 and out.width == 52
+
+
+@pytest.mark.slow
+def test_the_docs_geotiff_recipe_and_command_keep_the_georeferencing(tmp_path: Path, monkeypatch) -> None:
+    shared = '../shared/data/UCMerced_mini'
+    recipe = docs_block('inference.md', 'python', "'airplane00_geo.tif'")
+    command = shlex.split(docs_block('inference.md', 'bash', '--input airplane00_geo.tif'))
+    assert shared in recipe and command[:2] == ['basicsr', 'infer']
+    recipe = recipe.replace(shared, str(ucmerced_mini()))
+    # the tiny network the command names, untrained (this checks the plumbing), where the command looks for it
+    opt = Path(command[command.index('-opt') + 1])
+    arch_args = command[command.index('--arch-args') + 1:command.index('--input')]
+    options = network_options(REPO / opt, arch_args)
+    weights = tmp_path / command[command.index('--weights') + 1]
+    weights.parent.mkdir(parents=True)
+    net = MFGHMoEArch(**{k: v for k, v in options.items() if k != 'type'})
+    torch.save({'params_ema': net.state_dict(), 'network_g': options}, weights)
+    (tmp_path / opt).parent.mkdir(parents=True)
+    shutil.copyfile(REPO / opt, tmp_path / opt)
+    monkeypatch.chdir(tmp_path)
+    previous = os.umask(0o027)
+    try:
+        exec(compile(recipe, f'{INFERENCE_DOCS} (GeoTIFF recipe)', 'exec'), {'__name__': 'docs_recipe'})
+        assert main(command[1:] + ['--no-progress']) == 0
+    finally:
+        os.umask(previous)
+    scale = options['upscale']
+    with rasterio.open('airplane00_geo.tif') as src, rasterio.open('airplane00_geo_x4.tif') as out, \
+            rasterio.open('airplane00_geo_x4_experts.tif') as experts:
+        assert src.crs.to_epsg() == out.crs.to_epsg() == experts.crs.to_epsg() == 26911
+        assert src.transform == from_origin(500000, 3800000, 0.3, 0.3) == experts.transform
+        assert out.transform == src.transform @ Affine.scale(1 / scale)
+        assert out.transform.almost_equals(from_origin(500000, 3800000, 0.075, 0.075))
+        assert (src.width, src.height, out.width, out.height) == (256, 256, 256 * scale, 256 * scale)
+        assert out.dtypes == ('uint8',) * 3 and out.nodata == 0 and experts.nodata == 255
+    for name in ('airplane00_geo_x4.tif', 'airplane00_geo_x4_experts.tif'):  # as open(name, 'w') would make them
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o640, name

@@ -1,4 +1,6 @@
 """Padding to the window size and tiled inference."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -19,6 +21,20 @@ def test_pad_to_multiple_reflects_and_keeps_the_image() -> None:
     assert pad_to_multiple(x, 1) is x
     tiny_img = torch.rand(1, 1, 2, 2)
     assert pad_to_multiple(tiny_img, 8).shape == (1, 1, 8, 8)  # too small to reflect: replicate
+
+
+def test_pad_to_multiple_traces_into_a_graph_that_pads_every_size() -> None:
+    """What ``basicsr export`` relies on: traced on an input that needs no padding, the graph still pads others,
+    choosing reflect or replicate from their shape, exactly as ``F.pad`` does."""
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', torch.jit.TracerWarning)  # its notes on shape arithmetic
+        warnings.simplefilter('ignore', FutureWarning)  # torch.jit.trace is deprecated; the ONNX exporter uses it
+        traced = torch.jit.trace(lambda t: pad_to_multiple(t, 4), torch.rand(1, 2, 8, 8))
+    for height, width in [(5, 6), (8, 8), (7, 1), (2, 2), (1, 9), (3, 4)]:
+        x = torch.rand(1, 2, height, width)
+        pad_h, pad_w = (-height) % 4, (-width) % 4
+        mode = 'reflect' if pad_h < height and pad_w < width else 'replicate'
+        assert torch.equal(traced(x), F.pad(x, (0, pad_w, 0, pad_h), mode=mode)), (height, width)
 
 
 def test_padded_forward_crops_to_the_input_size() -> None:

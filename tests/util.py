@@ -1,6 +1,7 @@
 """Helpers the tests share (configurations, reference vectors, synthetic datasets); fixtures are in conftest.py."""
 import gzip
 import json
+import re
 from pathlib import Path
 from typing import Any, Dict
 
@@ -115,3 +116,15 @@ TINY_TRAINING = ['network_g:embed_dim=12', 'network_g:depths=[1]', 'network_g:nu
                  'datasets:train:gt_size=32', 'datasets:train:batch_size_per_gpu=2',
                  'datasets:train:num_worker_per_gpu=0', 'logger:print_freq=1']
 """``--force_yml`` entries that turn a paper option file into a seconds-long CPU run."""
+
+
+DOCS = Path(__file__).resolve().parents[1] / 'docs'
+
+
+def docs_block(page: str, language: str, containing: str) -> str:
+    """The one fenced ``language`` block of ``docs/<page>`` (or ``README.md`` with ``page='../README.md'``) that
+    contains ``containing``; fails naming the page when there is not exactly one."""
+    path = DOCS / page
+    blocks = [block for block in re.findall(rf'```{language}\n(.*?)```', path.read_text(), re.S) if containing in block]
+    assert len(blocks) == 1, f'{path}: {len(blocks)} {language} blocks contain {containing!r}, expected 1'
+    return blocks[0]

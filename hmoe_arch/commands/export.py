@@ -4,25 +4,33 @@ ONNX: the network is traced with PyTorch's TorchScript-based exporter (opset 17)
 dynamic. The sparse expert dispatch has shapes that depend on the routing (the number of pixels per expert), so
 the exported graph evaluates every expert on every pixel and masks the results
 (:attr:`~hmoe_arch.archs.experts.HeterogeneousMoE.dense`, the authors' computation: same outputs, more
-arithmetic). Input sides must be multiples of ``window_size``, as for the PyTorch network. When onnxruntime is
-installed the file is checked against PyTorch on two input sizes before it is kept (largest difference at most
-1e-4). Needs the optional extra ``pip install -e .[export]`` (onnx, onnxruntime, safetensors).
+arithmetic). The network is wrapped in :class:`PaddedNetwork`, so the graph takes inputs of any height and width
+>= 1: it pads them to multiples of ``window_size`` and crops the output exactly as PyTorch inference does
+(:func:`hmoe_arch.tiling.padded_forward`). The file's ``metadata_props`` (:func:`onnx_metadata`) record the scale,
+the window size, the network options, the tensor layout and value range and this package's version. When
+onnxruntime is installed the file is checked against PyTorch on four input sizes, two of them not multiples of a
+window size above 1, before it is kept (largest difference at most 1e-4). Needs the optional extra
+``pip install -e .[export]`` (onnx, onnxruntime, safetensors).
+
+Files appear complete or not at all, with the permissions ``open(out, 'w')`` would give them
+(:func:`hmoe_arch.checkpoints.move_into_place`).
 """
 import copy
+import json
 import os
 import warnings
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 from basicsr.utils import get_root_logger
 
 from ..archs import MFGHMoEArch
-from ..checkpoints import write_safetensors
+from ..checkpoints import move_into_place, write_safetensors
 from ..errors import OptionError
 from ..options import plain_options
-from ..tiling import window_size_of
-from .infer import load_network, network_options
+from ..tiling import padded_forward, window_size_of
+from .infer import load_network, measured_scale, network_options
 
 FORMATS = ('safetensors', 'onnx')
 ONNX_TOLERANCE = 1e-4
@@ -53,41 +61,89 @@ def export(weights: str, out: Path, *, fmt: str = 'safetensors', opt_path: Optio
             detail = f'{sum(t.numel() for t in net.state_dict().values())} values'
         else:
             detail = export_onnx(net, window_size_of(net, net.network_options), partial)
-        os.replace(partial, out)
+        move_into_place(partial, out)
     finally:
         partial.unlink(missing_ok=True)
     get_root_logger().info(f'export: {out} ({fmt}; {detail})')
     return out
 
 
+class PaddedNetwork(torch.nn.Module):
+    """``net`` on ``(B, C, H, W)`` inputs of any height and width >= 1: padded to multiples of ``window`` and its
+    ``(B, C, H * scale, W * scale)`` output cropped by :func:`hmoe_arch.tiling.padded_forward` (what ``infer``,
+    ``bench`` and the model's validation run), so that tracing records the padding and the crop in the graph."""
+
+    def __init__(self, net: torch.nn.Module, scale: int, window: int) -> None:
+        super().__init__()
+        self.net, self.scale, self.window = net, scale, window
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W)`` -> ``(B, C, H * scale, W * scale)``."""
+        return padded_forward(self.net, x, self.scale, self.window)
+
+
+def onnx_metadata(net: torch.nn.Module, scale: int, window: int, in_chans: int) -> Dict[str, str]:
+    """The ``metadata_props`` of an exported file (all strings): ``scale``, ``window_size``, ``network_g`` (the
+    network options as JSON, as in a ``.safetensors`` export; present when ``net`` was built from options, as
+    ``basicsr export`` does), ``layout``, ``channels``, ``dtype``, ``value_range``, ``input``, ``output`` and
+    ``hmoe_arch_version``."""
+    from .. import __version__
+    channels = 'RGB' if in_chans == 3 else f'{in_chans} channels'
+    metadata = {'scale': str(scale), 'window_size': str(window)}
+    options = getattr(net, 'network_options', None)
+    if options is not None:
+        metadata['network_g'] = json.dumps(plain_options(options))
+    metadata.update({
+        'layout': 'NCHW', 'channels': channels, 'dtype': 'float32', 'value_range': '[0, 1]',
+        'input': f'lr: float32 (batch, {in_chans}, height, width), {channels} in [0, 1]; any height and width >= 1 '
+                 f'(padded inside the graph to multiples of {window})',
+        'output': f'sr: float32 (batch, {in_chans}, height * {scale}, width * {scale}), {channels}, nominally in '
+                  '[0, 1] (not clamped: clip before converting to integers)',
+        'hmoe_arch_version': __version__})
+    return metadata
+
+
 def export_onnx(net: torch.nn.Module, window: int, path: Path) -> str:
-    """Trace ``net`` to ONNX at ``path`` (see the module docstring); returns what the check found."""
+    """Trace ``net`` (wrapped in :class:`PaddedNetwork`) to ONNX at ``path`` with :func:`onnx_metadata` (see the
+    module docstring); returns what the check found.
+
+    Raises:
+        OptionError: when onnx is missing, the network's scale is not an integer, or onnxruntime's output differs
+            from PyTorch's by more than ``ONNX_TOLERANCE``.
+    """
     try:
-        import onnx  # noqa: F401  (the exporter needs it)
+        import onnx
     except ImportError:
         raise OptionError('--format onnx needs onnx: pip install -e .[export]') from None
     net = copy.deepcopy(net).eval()
     if isinstance(net, MFGHMoEArch) and net.moe:
         net.upsample.moe.dense = True
     in_chans = int(getattr(getattr(net, 'conv_first', None), 'in_channels', 3))
+    scale = measured_scale(net, {'the network\'s upscale': getattr(net, 'upscale', getattr(net, 'scale', None))},
+                           torch.device('cpu'), window, in_chans)
+    padded = PaddedNetwork(net, scale, window).eval()
     side = window * max(1, -(-16 // window))
     example = torch.rand(1, in_chans, side, side)
     with warnings.catch_warnings():  # the tracer's notes on shape arithmetic; the check below is what counts
         warnings.simplefilter('ignore')
-        torch.onnx.export(net, (example,), str(path), input_names=['lr'], output_names=['sr'], opset_version=17,
+        torch.onnx.export(padded, (example,), str(path), input_names=['lr'], output_names=['sr'], opset_version=17,
                           dynamic_axes={'lr': {0: 'batch', 2: 'height', 3: 'width'},
                                         'sr': {0: 'batch', 2: 'out_height', 3: 'out_width'}}, dynamo=False)
+    model = onnx.load(str(path))
+    onnx.helper.set_model_props(model, onnx_metadata(net, scale, window, in_chans))
+    onnx.save(model, str(path))
     try:
         import onnxruntime
     except ImportError:
         return 'not checked: onnxruntime is not installed'
     session = onnxruntime.InferenceSession(str(path), providers=['CPUExecutionProvider'])
+    sizes = ((side, side), (side + window, 2 * side), (side + window // 2 + 1, 2 * side - 1), (1, 2))
     worst = 0.0
-    for height, width in ((side, side), (side + window, 2 * side)):
+    for height, width in sizes:
         x = torch.rand(1, in_chans, height, width)
         with torch.no_grad():
-            expected = net(x).numpy()
+            expected = padded(x).numpy()
         worst = max(worst, float(abs(session.run(None, {'lr': x.numpy()})[0] - expected).max()))
     if worst > ONNX_TOLERANCE:
         raise OptionError(f'the ONNX model differs from PyTorch by {worst:.2e} (more than {ONNX_TOLERANCE}); not kept')
-    return f'checked with onnxruntime on two sizes: largest difference {worst:.2e}'
+    return f'checked with onnxruntime on {len(sizes)} sizes: largest difference {worst:.2e}'

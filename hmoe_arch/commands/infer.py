@@ -21,7 +21,7 @@ from tqdm import tqdm
 from ..archs import MFGHMoEArch
 from ..archs.config import network_config, upscale_of
 from ..archs.mfghmoe_arch import checkpoint_filter_fn
-from ..checkpoints import fetch_weights, is_url, read_checkpoint_file
+from ..checkpoints import fetch_weights, is_url, move_into_place, read_checkpoint_file
 from ..data.images import decode_rgb
 from ..data.rs_paired_dataset import IMAGE_SUFFIXES
 from ..errors import CheckpointError, ConfigError, ImageError, OptionError
@@ -263,11 +263,12 @@ def writable_folder(folder: Path) -> None:
 
 def atomic_write(target: Path, write: Callable[[Path], None]) -> None:
     """``write`` a file with ``target``'s suffix under a hidden temporary name in its folder, then rename it, so
-    a killed run never leaves a complete-looking partial image."""
+    a killed run never leaves a complete-looking partial image; the file gets the permissions ``open(target, 'w')``
+    would give it (:func:`hmoe_arch.checkpoints.move_into_place`)."""
     partial = target.with_name(f'.{target.stem}.partial-{os.getpid()}{target.suffix}')
     try:
         write(partial)
-        os.replace(partial, target)
+        move_into_place(partial, target)
     finally:
         partial.unlink(missing_ok=True)
 
@@ -380,14 +381,15 @@ def infer(weights: Union[str, Path], input_path: Path, output: Path, *, opt_path
 
 
 def _write_geotiff(net: torch.nn.Module, source: Path, target: Path, maps: Optional[Path], **kwargs: Any) -> None:
-    """:func:`super_resolve_geotiff` into hidden temporary files, renamed when both are complete."""
+    """:func:`super_resolve_geotiff` into hidden temporary files, renamed when both are complete (with the
+    permissions ``open(target, 'w')`` would give them, :func:`hmoe_arch.checkpoints.move_into_place`)."""
     partial = target.with_name(f'.{target.stem}.partial-{os.getpid()}{target.suffix}')
     partial_maps = None if maps is None else maps.with_name(f'.{maps.stem}.partial-{os.getpid()}{maps.suffix}')
     try:
         super_resolve_geotiff(net, source, partial, expert_map=partial_maps, **kwargs)
-        os.replace(partial, target)
+        move_into_place(partial, target)
         if maps is not None:
-            os.replace(partial_maps, maps)
+            move_into_place(partial_maps, maps)
     finally:
         for path in (partial, partial_maps):
             if path is not None:
