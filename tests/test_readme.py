@@ -43,6 +43,7 @@ def test_quick_start_runs_literally_and_does_what_the_readme_says(tmp_path: Path
                                                len(test)]
     validations = re.findall(r'Validation (\S+)', logs[1])
     assert len(validations) == 1, logs[1][-3000:]  # "validates once"
+    assert re.search(r'\| 63/63 \[', logs[1]), 'no progress bar in the validation'  # "with a progress bar"
     assert 'eta: -' not in logs[1]
     output = cv2.imread(str(work / 'airplane00_x4.png'))
     assert output.shape == (1024, 1024, 3)
