@@ -209,8 +209,8 @@ def test_python_tags_in_option_files_are_refused_and_never_run(command: str, tmp
             'bench': ['bench', str(option.parent), '--out', str(tmp_path / 'bench')]}[command]
     assert main(args) == 2
     assert not marker.exists()
-    assert basicsr_log[-1].endswith(f'{option}:2: the tag tag:yaml.org,2002:python/object/apply:os.system is refused: '
-                                    'option files are plain YAML and nothing in them is executed')
+    assert basicsr_log[-1].endswith(f'{option}:2:6: the tag tag:yaml.org,2002:python/object/apply:os.system is '
+                                    'refused: option files are plain YAML and nothing in them is executed')
     assert not (tmp_path / 'out.png').exists() and not (tmp_path / 'bench').exists()
 
 

@@ -125,3 +125,25 @@ def test_a_network_cast_to_another_dtype_routes_in_float32_or_wider(dtype: torch
     assert moe.last_routing.weight.dtype == torch.promote_types(dtype, torch.float32)
     assert torch.equal(moe.last_routing.expert, wanted)
     torch.testing.assert_close(out.float(), expected, atol=5e-2 if dtype == torch.bfloat16 else 5e-3, rtol=0)
+
+
+def test_centered_routing_features_follow_a_running_mean_in_training_only() -> None:
+    from hmoe_arch.archs.experts import CENTER_MOMENTUM, HeterogeneousMoE
+
+    torch.manual_seed(0)
+    moe = HeterogeneousMoE(4, 2, 6, [(1, 2), (3, 2)], top_k=1, routing='dual', routing_norm='center')
+    rows = torch.randn(50, 6) + 5.0
+    moe.eval()
+    torch.testing.assert_close(moe.centered_rows(rows), rows)  # nothing learnt yet: zero mean, frozen in eval
+    moe.train()
+    first = moe.centered_rows(rows)
+    torch.testing.assert_close(moe.feature_mean, rows.mean(0))  # the first batch as it is
+    torch.testing.assert_close(first, rows - rows.mean(0))
+    other = torch.randn(30, 6)
+    moe.centered_rows(other)
+    torch.testing.assert_close(moe.feature_mean, rows.mean(0) + CENTER_MOMENTUM * (other.mean(0) - rows.mean(0)))
+    assert int(moe.feature_batches) == 2
+    moe.eval()
+    frozen = moe.feature_mean.clone()
+    moe.centered_rows(other)
+    assert torch.equal(moe.feature_mean, frozen)

@@ -238,6 +238,34 @@ def test_authors_reference_vectors(name: str, attention: str) -> None:
 
 
 @pytest.mark.parametrize('name', AUTHORS_REFERENCES)
+def test_authors_weights_load_strictly_into_the_balancing_options_and_give_their_outputs(name: str) -> None:
+    ref = load_reference(f'{name}.pt')
+    net = MFGHMoEArch(**ref['config'], balance='bias', routing_norm='center').eval()
+    net.load_state_dict(ref['state_dict'], strict=True)  # the missing balance state starts at zero
+    assert set(net.balance_state_names()) == {'upsample.0.gate.group_bias', 'upsample.0.gate.expert_bias',
+                                              'upsample.0.feature_mean', 'upsample.0.feature_batches'}
+    with torch.no_grad():
+        out = net(ref['input'])
+    assert (out - ref['output']).abs().max() <= 1e-4
+    from hmoe_arch.archs.config import config_from_state_dict
+    config = config_from_state_dict(net.state_dict())
+    assert (config['balance'], config['routing_norm']) == ('bias', 'center')
+    assert 'balance' not in config_from_state_dict(ref['state_dict'])
+
+
+def test_balance_state_follows_training_and_the_ema_copy() -> None:
+    torch.manual_seed(0)
+    net = MFGHMoEArch(**tiny(expert_groups=SMALL_GROUPS), balance='bias', routing_norm='center',
+                      balance_rate=0.01).train()
+    net(torch.rand(2, 3, 16, 16))
+    state = net.state_dict()
+    assert state['upsample.0.gate.expert_bias'].abs().sum() > 0 and int(state['upsample.0.feature_batches']) == 1
+    net.eval()
+    net(torch.rand(2, 3, 16, 16))
+    assert torch.equal(net.state_dict()['upsample.0.gate.expert_bias'], state['upsample.0.gate.expert_bias'])
+
+
+@pytest.mark.parametrize('name', AUTHORS_REFERENCES)
 def test_authors_option_file_type_builds_the_same_network(name: str) -> None:
     from basicsr.archs import build_network
     ref = load_reference(f'{name}.pt')
@@ -488,6 +516,11 @@ def test_isolated_routing_gradient_trains_the_routers_but_stops_at_the_backbone(
     (dict(rgb_mean=[0.5, 0.5]), r'`rgb_mean` must be null or a list of in_chans \(3\)'),
     (dict(drop_path_rate=1.5), r'`drop_path_rate` must be a number in \[0, 1\)'),
     (dict(use_checkpoint='yes'), r'`use_checkpoint` must be true or false'),
+    (dict(balance='loss'), r"`balance` must be one of \('none', 'bias'\), got 'loss'"),
+    (dict(balance='bias', balance_rate=0), r'`balance_rate` must be a number in \(0, 1\], got 0'),
+    (dict(routing_norm='batch'), r"`routing_norm` must be one of \('none', 'center'\)"),
+    (dict(moe=False, mfa=False, balance='bias'), r'`balance` must be none when moe is false'),
+    (dict(moe=False, mfa=False, routing_norm='center'), r'`routing_norm` must be none when moe is false'),
     (dict(squeeze_factor=100), r'`squeeze_factor` must be at most embed_dim'),
     (dict(moe=False, mfa=True), r'`mfa` must be false when moe is false'),
     (dict(moe=False, mfa=False, upscale=5), r'`upscale` must be a power of 2 or 3'),

@@ -80,3 +80,72 @@ def test_dual_aux_loss_weights_each_group_by_its_share() -> None:
             expected = expected + members.float().mean() * balance_loss(routing.expert_probs[members, :2],
                                                                         routing.choice[members])
     torch.testing.assert_close(router.aux_loss(routing), expected)
+
+
+# ------------------------------------------------------------------------------------------------------
+# balance: bias (loss-free balancing)
+def test_bias_changes_the_selection_but_not_the_combination_weights() -> None:
+    torch.manual_seed(3)
+    plain = DualRouter(6, [3, 4], top_k=2)
+    biased = DualRouter(6, [3, 4], top_k=2, balance='bias').eval()
+    biased.load_state_dict(plain.state_dict())  # zero biases filled in: the same decisions
+    x = torch.randn(200, 6)
+    before = plain(x)
+    same = biased(x)
+    assert torch.equal(same.group, before.group) and torch.equal(same.expert, before.expert)
+    biased.group_bias.copy_(torch.tensor([0.0, 2.0]))  # every pixel to group 1
+    biased.expert_bias[1].copy_(torch.tensor([0.0, 0.0, 5.0, 4.0]))  # and to its experts 2 and 3
+    routing = biased(x)
+    assert torch.all(routing.group == 1) and torch.equal(routing.expert, torch.tensor([[5, 6]]).expand(200, 2))
+    probs = routing.expert_probs[:, [2, 3]]  # unbiased probabilities of the selected experts, renormalised
+    group_probs = routing.group_probs[:, 1:2]
+    torch.testing.assert_close(routing.weight, probs / probs.sum(-1, keepdim=True) * (group_probs / group_probs))
+    assert torch.all(routing.expert_probs[:, 4:] == 0)  # the padding column of group 1 is never chosen
+
+
+def test_bias_learns_in_training_mode_only_and_balances_a_collapsed_router() -> None:
+    torch.manual_seed(0)
+    router = DualRouter(4, [2, 3], top_k=1, balance='bias', balance_rate=0.05)
+    with torch.no_grad():  # a common component decides every pixel: group 0, its expert 1
+        router.w_group_gate.bias.copy_(torch.tensor([3.0, 0.0]))
+        router.w_expert_gates[0].bias.copy_(torch.tensor([0.0, 3.0]))
+    x = torch.randn(600, 4)
+    router.eval()
+    assert torch.all(router(x).expert[:, 0] == 1)
+    assert torch.equal(router.group_bias, torch.zeros(2))  # frozen in eval mode
+    router.train()
+    first = router(x)
+    load = torch.bincount(first.group, minlength=2).float() / 600
+    torch.testing.assert_close(router.group_bias, 0.05 * (0.5 - load))  # b += rate * (1/n - load)
+    for _ in range(400):
+        router(x)
+    router.eval()
+    routing = router(x)
+    groups = torch.bincount(routing.group, minlength=2).float() / 600
+    experts = torch.bincount(routing.expert[:, 0], minlength=5).float() / 600
+    assert groups.min() > 0.3 and (experts > 0.05).all(), (groups, experts)
+
+
+def test_single_router_bias_balances_its_experts() -> None:
+    torch.manual_seed(1)
+    router = SingleRouter(4, [2, 2], top_k=1, balance='bias', balance_rate=0.01)
+    with torch.no_grad():
+        router.w_gate.bias.copy_(torch.tensor([4.0, 0.0, 0.0, 0.0]))
+    x = torch.randn(400, 4)
+    router.eval()
+    assert (router(x).expert[:, 0] == 0).float().mean() > 0.9  # collapsed on expert 0
+    router.train()
+    for _ in range(600):
+        router(x)
+    router.eval()
+    routing = router(x)
+    assert (torch.bincount(routing.expert[:, 0], minlength=4) >= 90).all()
+    torch.testing.assert_close(routing.weight, torch.ones(400, 1))
+
+
+def test_balance_state_is_persistent_only_when_on() -> None:
+    assert set(DualRouter(4, [2, 2], 1).state_dict()) == {
+        'w_group_gate.weight', 'w_group_gate.bias', 'w_expert_gates.0.weight', 'w_expert_gates.0.bias',
+        'w_expert_gates.1.weight', 'w_expert_gates.1.bias', 'group_embedding.weight'}
+    assert {'group_bias', 'expert_bias'} <= set(DualRouter(4, [2, 2], 1, balance='bias').state_dict())
+    assert 'expert_bias' in SingleRouter(4, [2, 2], 1, balance='bias').state_dict()

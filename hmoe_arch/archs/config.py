@@ -6,7 +6,8 @@ relative-position tables and indices; ``overlap_ratio`` from the overlapping-att
 ``squeeze_factor`` and ``mlp_ratio`` from the channel-attention and MLP widths; ``qkv_bias``, ``patch_norm``,
 ``ape`` (and then ``img_size``) and ``resi_connection`` from which tensors exist; ``upscale`` from the
 upsampler; ``moe``, ``mfa``, ``routing`` and ``expert_groups`` (sizes from the routers, kernel sizes from the
-experts).
+experts); ``balance: bias`` and ``routing_norm: center`` from their buffers (``balance_rate``, a training setting,
+is not recorded).
 
 What no tensor records -- ``top_k``, ``rgb_mean``, ``img_range`` -- is taken from the ``network_g`` entry that
 this project writes into its checkpoints (:data:`CONFIG_ENTRY`), and otherwise defaults to the authors' values
@@ -143,6 +144,10 @@ def config_from_state_dict(state: Mapping[str, torch.Tensor]) -> Dict[str, Any]:
     if config['moe']:
         config['expert_groups'] = _expert_groups(state)
         config['routing'] = 'dual' if 'upsample.0.gate.w_group_gate.weight' in state else 'single'
+        if 'upsample.0.gate.expert_bias' in state:
+            config['balance'] = 'bias'
+        if 'upsample.0.feature_mean' in state:
+            config['routing_norm'] = 'center'
         config.update(top_k=1, rgb_mean=None, img_range=1.0)  # the authors' values
     else:
         config.update(rgb_mean=list(HAT_RGB_MEAN) if in_chans == 3 else None, img_range=1.0)  # HAT's

@@ -23,10 +23,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from .routing import ROUTING_GRADS, DualRouter, Routing, SingleRouter
+from .routing import BALANCES, ROUTING_GRADS, DualRouter, Routing, SingleRouter, summed_over_ranks, zeros_where_missing
 
 ExpertGroup = Tuple[int, int]
 """``(kernel_size, num_experts)`` of one expert group."""
+ROUTING_NORMS = ('none', 'center')
+"""Values of the ``routing_norm`` network key: ``none`` (the routers read the routing features as they are) or
+``center`` (a running mean of the features is subtracted first, see :class:`HeterogeneousMoE`)."""
+CENTER_MOMENTUM = 0.1
+"""Weight of a training batch's mean in the running mean of ``routing_norm: center`` (BatchNorm's default)."""
 
 
 def gather_neighbourhoods(x: torch.Tensor, pixels: torch.Tensor, kernel_size: int) -> torch.Tensor:
@@ -121,14 +126,32 @@ class HeterogeneousMoE(nn.Module):
         routing_grad: ``'none'`` runs the routers without autograd (the authors' training: the routers, the
             group embedding and whatever computed the routing features get no gradient); any other value
             (see :data:`~hmoe_arch.archs.routing.ROUTING_GRADS`) lets the straight-through weights carry it.
+        balance: ``'bias'``: loss-free balancing biases in the routers (see :mod:`~hmoe_arch.archs.routing`).
+        balance_rate: Their update rate.
+        routing_norm: ``'center'``: the routers read the routing features minus their running mean (buffer
+            ``feature_mean``, updated from each training batch with :data:`CENTER_MOMENTUM`, the first batch
+            taken as it is; frozen in eval mode like BatchNorm's statistics; zero, which changes nothing, when
+            a checkpoint without it is loaded). The features are LeakyReLU outputs with a large component common
+            to all pixels, which alone decides the arg-max of near-tied routers.
     """
 
     def __init__(self, channels: int, scale: int, routing_dim: int, expert_groups: Sequence[ExpertGroup],
-                 top_k: int, routing: str, routing_grad: str = 'none') -> None:
+                 top_k: int, routing: str, routing_grad: str = 'none', balance: str = 'none',
+                 balance_rate: float = 1e-3, routing_norm: str = 'none') -> None:
         super().__init__()
         if routing_grad not in ROUTING_GRADS:
             raise ValueError(f'HeterogeneousMoE: routing_grad must be one of {ROUTING_GRADS}, got {routing_grad!r}')
+        if balance not in BALANCES:
+            raise ValueError(f'HeterogeneousMoE: balance must be one of {BALANCES}, got {balance!r}')
+        if routing_norm not in ROUTING_NORMS:
+            raise ValueError(f'HeterogeneousMoE: routing_norm must be one of {ROUTING_NORMS}, got {routing_norm!r}')
         self.routing_grad = routing_grad
+        self.routing_norm = routing_norm
+        if routing_norm == 'center':
+            self.register_buffer('feature_mean', torch.zeros(routing_dim))
+            self.register_buffer('feature_batches', torch.zeros((), dtype=torch.long))
+            self._register_load_state_dict_pre_hook(zeros_where_missing(
+                ['feature_mean', 'feature_batches'], {'feature_mean': (routing_dim,), 'feature_batches': ()}))
         self.expert_groups = tuple(expert_groups)
         self.channels = channels
         self.scale = scale
@@ -137,7 +160,7 @@ class HeterogeneousMoE(nn.Module):
             nn.Conv2d(channels, self.out_channels, k, 1, k // 2) for k, count in expert_groups for _ in range(count)
         ])
         router = DualRouter if routing == 'dual' else SingleRouter
-        self.gate = router(routing_dim, [count for _, count in expert_groups], top_k)
+        self.gate = router(routing_dim, [count for _, count in expert_groups], top_k, balance, balance_rate)
         self.gate.centered = routing_grad == 'centered'
         self.dense = False
         """Evaluate every expert on every pixel and mask (:meth:`dense_dispatch`, the authors' computation): shapes
@@ -179,10 +202,30 @@ class HeterogeneousMoE(nn.Module):
         dtype = torch.promote_types(gate_dtype, torch.float32)
         with torch.autocast(device_type=rows.device.type, enabled=False), \
                 torch.set_grad_enabled(torch.is_grad_enabled() and self.routing_grad != 'none'):
+            rows = self.centered_rows(rows.to(dtype))
             if gate_dtype == dtype:
-                return self.gate(rows.to(dtype))
+                return self.gate(rows)
             widened = {name: p.to(dtype) for name, p in self.gate.named_parameters()}
-            return torch.func.functional_call(self.gate, widened, (rows.to(dtype),))
+            return torch.func.functional_call(self.gate, widened, (rows,))
+
+    def centered_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """``(N, routing_dim)`` rows minus the running mean with ``routing_norm: center`` (in training mode the
+        mean first takes in this batch, summed over ranks); the rows as they are otherwise."""
+        if self.routing_norm != 'center':
+            return rows
+        if self.training:
+            with torch.no_grad():
+                total = summed_over_ranks(torch.cat([rows.sum(0), rows.new_tensor([rows.shape[0]])]))
+                batch_mean = (total[:-1] / total[-1].clamp(min=1)).to(self.feature_mean.dtype)
+                momentum = 1.0 if int(self.feature_batches) == 0 else CENTER_MOMENTUM
+                self.feature_mean.lerp_(batch_mean, momentum)
+                self.feature_batches += 1
+        return rows - self.feature_mean.to(rows.dtype)
+
+    def balance_state_names(self) -> List[str]:
+        """Buffers the balancing options keep, relative to this module (empty without them)."""
+        names = [f'gate.{name}' for name in self.gate.balance_state_names()]
+        return names + (['feature_mean', 'feature_batches'] if self.routing_norm == 'center' else [])
 
     def aux_loss(self) -> torch.Tensor:
         """Load-balancing loss of the last forward's routing (differentiable in training)."""
@@ -248,8 +291,10 @@ class MoEUpsampler(nn.Sequential):
     """
 
     def __init__(self, scale: int, num_feat: int, routing_dim: int, expert_groups: Sequence[ExpertGroup],
-                 top_k: int, routing: str, routing_grad: str = 'none') -> None:
-        super().__init__(HeterogeneousMoE(num_feat, scale, routing_dim, expert_groups, top_k, routing, routing_grad),
+                 top_k: int, routing: str, routing_grad: str = 'none', balance: str = 'none',
+                 balance_rate: float = 1e-3, routing_norm: str = 'none') -> None:
+        super().__init__(HeterogeneousMoE(num_feat, scale, routing_dim, expert_groups, top_k, routing, routing_grad,
+                                          balance, balance_rate, routing_norm),
                          nn.PixelShuffle(scale))
 
     @property

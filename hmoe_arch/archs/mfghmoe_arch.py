@@ -27,7 +27,7 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from timm.layers import trunc_normal_
 
 from ..checkpoints import fetch_weights, is_url, read_checkpoint_file
-from .experts import MoEUpsampler
+from .experts import ROUTING_NORMS, MoEUpsampler
 from .hat_blocks import (
     PatchEmbed,
     PatchUnEmbed,
@@ -38,7 +38,7 @@ from .hat_blocks import (
     shifted_window_mask,
 )
 from .mfa import MultiLevelFeatureAggregation, routing_projection
-from .routing import ROUTING_GRADS
+from .routing import BALANCES, ROUTING_GRADS
 
 NUM_FEAT = 64
 """Channels of the reconstruction stage, the MFA branches and the routing features (HAT's ``num_feat``)."""
@@ -149,6 +149,13 @@ def check_arguments(a: SimpleNamespace, unknown: Mapping[str, Any]) -> Tuple[Tup
         _fail('routing', f'one of {ROUTINGS}', a.routing)
     if a.routing_grad not in ROUTING_GRADS:
         _fail('routing_grad', f'one of {ROUTING_GRADS}', a.routing_grad)
+    if a.balance not in BALANCES:
+        _fail('balance', f'one of {BALANCES}', a.balance)
+    if isinstance(a.balance_rate, bool) or not isinstance(a.balance_rate, (int, float)) or \
+            not 0 < a.balance_rate <= 1:
+        _fail('balance_rate', 'a number in (0, 1]', a.balance_rate)
+    if a.routing_norm not in ROUTING_NORMS:
+        _fail('routing_norm', f'one of {ROUTING_NORMS}', a.routing_norm)
     if a.attention not in ATTENTIONS:
         _fail('attention', f'one of {ATTENTIONS}', a.attention)
     if a.rgb_mean is not None and (isinstance(a.rgb_mean, (str, Mapping)) or not isinstance(a.rgb_mean, Sequence)
@@ -166,6 +173,9 @@ def check_arguments(a: SimpleNamespace, unknown: Mapping[str, Any]) -> Tuple[Tup
         _fail('upscale', 'a power of 2 or 3 with moe: false (HAT\'s pixel-shuffle upsampler)', a.upscale)
     if a.mfa and not a.moe:
         _fail('mfa', 'false when moe is false (MFA only produces routing features)', a.mfa)
+    for key, value in (('balance', a.balance), ('routing_norm', a.routing_norm)):
+        if value != 'none' and not a.moe:
+            _fail(key, 'none when moe is false (there are no routers)', value)
     return groups
 
 
@@ -206,7 +216,8 @@ class MFGHMoEArch(nn.Module):
                  upsampler: str = 'pixelshuffle', resi_connection: str = '1conv',
                  rgb_mean: Optional[Sequence[float]] = None, mfa: bool = True, moe: bool = True,
                  expert_groups: Sequence[Mapping] = PAPER_EXPERT_GROUPS, top_k: int = 1, routing: str = 'dual',
-                 routing_grad: str = 'none', attention: str = 'sdpa', **unknown: Any) -> None:
+                 routing_grad: str = 'none', balance: str = 'none', balance_rate: float = 1e-3,
+                 routing_norm: str = 'none', attention: str = 'sdpa', **unknown: Any) -> None:
         super().__init__()
         arguments = {k: v for k, v in locals().items() if k not in ('self', 'unknown', '__class__')}
         groups = check_arguments(SimpleNamespace(**arguments), unknown)
@@ -257,7 +268,8 @@ class MFGHMoEArch(nn.Module):
         # reconstruction
         self.conv_before_upsample = nn.Sequential(nn.Conv2d(embed_dim, NUM_FEAT, 3, 1, 1), nn.LeakyReLU(inplace=True))
         if moe:
-            self.upsample = MoEUpsampler(upscale, NUM_FEAT, NUM_FEAT, groups, top_k, routing, routing_grad)
+            self.upsample = MoEUpsampler(upscale, NUM_FEAT, NUM_FEAT, groups, top_k, routing, routing_grad,
+                                         balance, balance_rate, routing_norm)
         else:
             self.upsample = Upsample(upscale, NUM_FEAT)
         self.conv_last = nn.Conv2d(NUM_FEAT, in_chans, 3, 1, 1)
@@ -357,6 +369,13 @@ class MFGHMoEArch(nn.Module):
         return [name for name, _ in self.named_parameters()
                 if name.startswith(('upsample.0.gate.', 'aggr_conv.'))
                 or (name.startswith('mfg.') and int(name.split('.')[1]) % 2 == 1)]
+
+    def balance_state_names(self) -> List[str]:
+        """The state_dict names of the buffers that ``balance`` and ``routing_norm`` keep (updated in training
+        mode; an EMA copy of the network must follow them too); empty without MoE or those options."""
+        if not self.moe:
+            return []
+        return [f'upsample.0.{name}' for name in self.upsample.moe.balance_state_names()]
 
     def routing_maps(self) -> Optional[Dict[str, torch.Tensor]]:
         """Routing of the last forward on the LR grid: ``group`` ``(B, H, W)`` and ``expert`` ``(B, H, W, K)``

@@ -23,15 +23,28 @@ read detached backbone features). The forward value is the same in all three.
 Load balancing (Switch Transformer style): ``n * sum_i f_i * P_i`` with ``f_i`` the fraction of routed
 slots that went to choice ``i`` and ``P_i`` its mean probability; it is 1 when the load is uniform. The dual
 router adds the group term and the within-group expert terms (weighted by each group's share of pixels).
+
+Balance without a loss (``balance: bias``; Wang et al. 2024, "Auxiliary-Loss-Free Load Balancing Strategy for
+Mixture-of-Experts", arXiv 2408.15664): a per-choice bias ``b_i`` (one per group for the group router, one per
+expert for each expert router) is added to the probabilities for the selection only; the combination weights
+come from the unbiased probabilities. After every training forward, ``b_i += rate * (1/n - load_i)`` with
+``load_i`` the fraction of the routed slots that chose ``i`` (the proportional update the paper needed for a
+softmax gate), summed over ranks in distributed training. The biases are persistent buffers (they decide the
+routing at inference) updated only in training mode, like BatchNorm's statistics; loading a checkpoint without
+them (the authors', or one trained without) starts them at zero, which changes no decision.
 """
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Dict, List, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 ROUTING_GRADS = ('none', 'straight_through', 'isolated', 'centered')
 """Values of the ``routing_grad`` network key (see the module docstring)."""
+BALANCES = ('none', 'bias')
+"""Values of the ``balance`` network key: ``none`` (the authors' selection) or ``bias`` (see the module
+docstring)."""
 
 
 @dataclass
@@ -94,6 +107,33 @@ def balance_loss(probs: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
     return num_choices * (fraction * probs.mean(0)).sum()
 
 
+def summed_over_ranks(counts: torch.Tensor) -> torch.Tensor:
+    """``counts`` summed over the ranks of a distributed run (unchanged otherwise)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(counts)
+    return counts
+
+
+def update_bias(bias: torch.Tensor, counts: torch.Tensor, rate: float) -> None:
+    """``bias += rate * (1/n - load)`` in place for the ``(n,)`` slot counts of one router (no update without
+    slots)."""
+    total = counts.sum()
+    if total > 0:
+        bias += rate * (1.0 / counts.numel() - counts / total)
+
+
+def zeros_where_missing(names: Sequence[str], shapes: Dict[str, Any]):
+    """A ``load_state_dict`` pre-hook that gives a checkpoint without the buffers ``names`` (the balancing state)
+    zeros of ``shapes[name]``: the authors' checkpoints load strictly, and zeros route as before."""
+
+    def hook(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs) -> None:
+        for name in names:
+            if prefix + name not in state_dict:
+                state_dict[prefix + name] = torch.zeros(shapes[name])
+
+    return hook
+
+
 class DualRouter(nn.Module):
     """Group router + one expert router per group + group position embedding.
 
@@ -105,32 +145,72 @@ class DualRouter(nn.Module):
         top_k: Experts selected per pixel inside its group.
     """
 
-    def __init__(self, dim: int, group_sizes: Sequence[int], top_k: int) -> None:
+    def __init__(self, dim: int, group_sizes: Sequence[int], top_k: int, balance: str = 'none',
+                 balance_rate: float = 1e-3) -> None:
         super().__init__()
         self.group_sizes = tuple(group_sizes)
         self.top_k = top_k
         self.centered = False
         """Centered straight-through weights (``routing_grad: centered``; set by the expert bank)."""
+        self.balance, self.balance_rate = balance, balance_rate
         self.w_group_gate = nn.Linear(dim, len(group_sizes))
         self.w_expert_gates = nn.ModuleList([nn.Linear(dim, size) for size in group_sizes])
         self.group_embedding = nn.Embedding(len(group_sizes), dim)
         offsets = torch.tensor((0,) + tuple(group_sizes[:-1])).cumsum(0)
         self.register_buffer('group_offsets', offsets, persistent=False)
+        largest = max(group_sizes)
+        padding = torch.arange(largest) >= torch.tensor(group_sizes).unsqueeze(1)
+        self.register_buffer('padding', padding, persistent=False)
+        """``(G, largest)`` bool: the columns past each group's experts."""
+        if balance == 'bias':
+            shapes = {'group_bias': (len(group_sizes),), 'expert_bias': (len(group_sizes), largest)}
+            for name, shape in shapes.items():
+                self.register_buffer(name, torch.zeros(shape))
+            self._register_load_state_dict_pre_hook(zeros_where_missing(list(shapes), shapes))
 
     def forward(self, x: torch.Tensor) -> Routing:
         """Route ``(N, dim)`` routing features."""
         num_groups, largest = len(self.group_sizes), max(self.group_sizes)
         group_probs = self.w_group_gate(x).softmax(dim=-1)
-        group_top, group = group_probs.max(dim=-1)
+        if self.balance == 'bias':
+            group = (group_probs + self.group_bias).argmax(dim=-1)
+            group_top = group_probs.gather(1, group.unsqueeze(1)).squeeze(1)
+        else:
+            group_top, group = group_probs.max(dim=-1)
         logits = x.new_full((x.shape[0], num_groups, largest), float('-inf'))
         for g, gate in enumerate(self.w_expert_gates):
             logits[:, g, :self.group_sizes[g]] = gate(x + self.group_embedding.weight[g])
         picked = logits.gather(1, group.view(-1, 1, 1).expand(-1, 1, largest)).squeeze(1)
         expert_probs = picked.softmax(dim=-1)
-        top_probs, local = expert_probs.topk(self.top_k, dim=-1)
+        if self.balance == 'bias':
+            scores = (expert_probs + self.expert_bias[group]).masked_fill(self.padding[group], float('-inf'))
+            local = scores.topk(self.top_k, dim=-1).indices
+            top_probs = expert_probs.gather(1, local)
+            if self.training:
+                self._update_biases(group, local)
+        else:
+            top_probs, local = expert_probs.topk(self.top_k, dim=-1)
         weight = selection_weight(top_probs, self.centered) * selection_weight(group_top.unsqueeze(-1), self.centered)
         return Routing(group=group, expert=local + self.group_offsets[group].unsqueeze(-1), weight=weight,
                        group_probs=group_probs, expert_probs=expert_probs, choice=local)
+
+    @torch.no_grad()
+    def _update_biases(self, group: torch.Tensor, local: torch.Tensor) -> None:
+        """One step of the bias update from this forward's selections (group ``(N,)``, local experts ``(N, K)``)."""
+        num_groups, largest = len(self.group_sizes), max(self.group_sizes)
+        counts = torch.zeros(num_groups * (largest + 1), device=group.device)
+        counts[:num_groups] = torch.bincount(group, minlength=num_groups)
+        slots = (group.unsqueeze(1) * largest + local).reshape(-1)
+        counts[num_groups:] = torch.bincount(slots, minlength=num_groups * largest)
+        counts = summed_over_ranks(counts)
+        update_bias(self.group_bias, counts[:num_groups], self.balance_rate)
+        expert_counts = counts[num_groups:].view(num_groups, largest)
+        for g, size in enumerate(self.group_sizes):
+            update_bias(self.expert_bias[g, :size], expert_counts[g, :size], self.balance_rate)
+
+    def balance_state_names(self) -> List[str]:
+        """Buffers :attr:`balance` keeps (empty without it)."""
+        return ['group_bias', 'expert_bias'] if self.balance == 'bias' else []
 
     def aux_loss(self, routing: Routing) -> torch.Tensor:
         """Group balance plus each group's expert balance over its own pixels, weighted by its share."""
@@ -152,19 +232,33 @@ class SingleRouter(nn.Module):
         top_k: Experts selected per pixel.
     """
 
-    def __init__(self, dim: int, group_sizes: Sequence[int], top_k: int) -> None:
+    def __init__(self, dim: int, group_sizes: Sequence[int], top_k: int, balance: str = 'none',
+                 balance_rate: float = 1e-3) -> None:
         super().__init__()
         self.top_k = top_k
         self.centered = False
         """Centered straight-through weights (``routing_grad: centered``; set by the expert bank)."""
+        self.balance, self.balance_rate = balance, balance_rate
         self.w_gate = nn.Linear(dim, sum(group_sizes))
         group_of_expert = torch.repeat_interleave(torch.arange(len(group_sizes)), torch.tensor(group_sizes))
         self.register_buffer('group_of_expert', group_of_expert, persistent=False)
+        if balance == 'bias':
+            self.register_buffer('expert_bias', torch.zeros(sum(group_sizes)))
+            self._register_load_state_dict_pre_hook(
+                zeros_where_missing(['expert_bias'], {'expert_bias': (sum(group_sizes),)}))
 
     def forward(self, x: torch.Tensor) -> Routing:
         """Route ``(N, dim)`` routing features."""
         probs = self.w_gate(x).softmax(dim=-1)
-        top_probs, expert = probs.topk(self.top_k, dim=-1)
+        if self.balance == 'bias':
+            expert = (probs + self.expert_bias).topk(self.top_k, dim=-1).indices
+            top_probs = probs.gather(1, expert)
+            if self.training:
+                with torch.no_grad():
+                    counts = torch.bincount(expert.reshape(-1), minlength=probs.shape[-1]).to(probs.dtype)
+                    update_bias(self.expert_bias, summed_over_ranks(counts), self.balance_rate)
+        else:
+            top_probs, expert = probs.topk(self.top_k, dim=-1)
         group = self.group_of_expert[expert[:, 0]]
         num_groups = int(self.group_of_expert[-1]) + 1
         group_probs = torch.zeros(x.shape[0], num_groups, dtype=probs.dtype, device=x.device)
@@ -176,3 +270,7 @@ class SingleRouter(nn.Module):
     def aux_loss(self, routing: Routing) -> torch.Tensor:
         """Balance over all experts."""
         return balance_loss(routing.expert_probs, routing.choice)
+
+    def balance_state_names(self) -> List[str]:
+        """Buffers :attr:`balance` keeps (empty without it)."""
+        return ['expert_bias'] if self.balance == 'bias' else []

@@ -33,15 +33,20 @@ Differences from ``SRModel`` (everything else is SRModel's):
 - validation (during training and in ``basicsr test``) shows SRModel's progress bar (images, with an ETA, on
   stderr; rank 0 only) unless ``val.pbar: false``;
 - validation with ``val.save_expert_maps: true``: per image an expert map (SR image, map, legend) in
-  ``<results or experiment>/expert_maps/<dataset>/`` and ``expert_usage.csv`` per scene class there.
+  ``<results or experiment>/expert_maps/<dataset>/`` and ``expert_usage.csv`` per scene class there;
+- every validation of an MoE network logs the routing over all its images after BasicSR's lines
+  (:class:`~hmoe_arch.expert_maps.RoutingStats`: experts serving >= 1 % of the LR pixels, usage entropy, group
+  shares, the share of pixels rerouted since the previous validation of the set, and every expert's share), and
+  sends them to TensorBoard under ``val_routing/<set>/``; with ``tile`` the routing of every tile is merged.
 """
 import os
 import shutil
 import tempfile
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from basicsr.models.sr_model import SRModel
@@ -52,7 +57,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..archs import MFGHMoEArch
 from ..checkpoints import CONFIG_ENTRY
 from ..errors import NonFiniteLossError, OptionError
-from ..expert_maps import ExpertMapWriter, group_sizes_of
+from ..expert_maps import ExpertMapWriter, RoutingStats, RoutingSummary, group_sizes_of, lr_routing_map
 from ..option_file import check_model_options, plain_options
 from ..tiling import padded_forward, tiled_forward, window_size_of
 from ..training_log import RunEstimate
@@ -105,6 +110,10 @@ class MFGHMoEModel(SRModel):
         """Where :meth:`test` draws the routing of each image: set by :meth:`nondist_validation` for one pass with
         ``val.save_expert_maps`` (BasicSR's validation loop calls ``test()`` per image), ``None`` otherwise."""
         self._lq_path: Optional[str] = None
+        self.routing_stats: Dict[str, RoutingStats] = {}
+        """Validation set name -> the routing statistics of its passes (MoE networks; :meth:`nondist_validation`)."""
+        self._routing_pass: Optional[RoutingStats] = None
+        """The statistics :meth:`test` adds each image's routing to during a validation pass, ``None`` otherwise."""
 
     # ------------------------------------------------------------------------------------------------------
     # devices and weights
@@ -149,6 +158,22 @@ class MFGHMoEModel(SRModel):
                   {'params': [p for n, p in named if n in routing], 'lr': optim['lr'] * scale}]
         self.optimizer_g = self.get_optimizer(optim_type, groups, **optim)
         self.optimizers.append(self.optimizer_g)
+
+    def model_ema(self, decay: float = 0.999) -> None:
+        """BasicSR's EMA of the parameters, plus the routing-balance buffers (``balance: bias``, ``routing_norm:
+        center``), which decide the EMA network's routing too: floating ones averaged like the parameters, counters
+        copied."""
+        super().model_ema(decay)
+        net = self.get_bare_model(self.net_g)
+        names = net.balance_state_names() if isinstance(net, MFGHMoEArch) else []
+        if not names:
+            return
+        ours, theirs = dict(net.named_buffers()), dict(self.net_g_ema.named_buffers())
+        for name in names:
+            if theirs[name].is_floating_point():
+                theirs[name].mul_(decay).add_(ours[name], alpha=1 - decay)
+            else:
+                theirs[name].copy_(ours[name])
 
     def save(self, epoch: int, current_iter: int) -> None:
         if self.opt['dist']:
@@ -331,18 +356,46 @@ class MFGHMoEModel(SRModel):
     def nondist_validation(self, dataloader, current_iter, tb_logger, save_img) -> None:
         """SRModel's validation loop (``validation`` during training, ``basicsr test``) with its progress bar
         (images, with an ETA, on stderr) on by default: ``val.pbar: false`` turns it off, and only rank 0 shows
-        it; with ``val.save_expert_maps`` also the expert maps."""
+        it; with ``val.save_expert_maps`` also the expert maps. On an MoE network the routing of the pass (all its
+        images, :class:`RoutingStats`) is logged after BasicSR's lines and sent to ``tb_logger`` when given."""
         val = self.opt['val']
         shown = val.get('pbar', True)
         if not isinstance(shown, bool):
             raise OptionError(f'MFGHMoEModel: `val.pbar` must be true or false, got {shown!r}')
         given = {'pbar': val['pbar']} if 'pbar' in val else {}
         val['pbar'] = shown and self.opt.get('rank', 0) == 0  # what SRModel's loop reads (its default: no bar)
+        self._routing_pass = self._routing_stats_of(dataloader.dataset.opt['name'])
         try:
             self._validation_with_expert_maps(dataloader, current_iter, tb_logger, save_img)
         finally:
             val.pop('pbar')
             val.update(given)
+            stats, self._routing_pass = self._routing_pass, None
+        if stats is not None:
+            self._log_routing(stats.finish(current_iter), current_iter, tb_logger)
+
+    def _routing_stats_of(self, name: str) -> Optional[RoutingStats]:
+        """The routing statistics of validation set ``name``, a pass begun (``None`` without MoE)."""
+        bare = self.get_bare_model(self.net_g_ema if hasattr(self, 'net_g_ema') else self.net_g)
+        if not (isinstance(bare, MFGHMoEArch) and bare.moe):
+            return None
+        stats = self.routing_stats.get(name)
+        if stats is None:
+            stats = self.routing_stats[name] = RoutingStats(name, group_sizes_of(bare))
+        stats.begin()
+        return stats
+
+    @staticmethod
+    def _log_routing(summary: Optional[RoutingSummary], current_iter, tb_logger) -> None:
+        """The routing lines of one validation pass in the log, and its values in TensorBoard when given."""
+        if summary is None:
+            return
+        logger = get_root_logger()
+        for line in summary.lines():
+            logger.info(line)
+        if tb_logger:
+            for tag, value in summary.scalars().items():
+                tb_logger.add_scalar(tag, value, current_iter)
 
     def _validation_with_expert_maps(self, dataloader, current_iter, tb_logger, save_img) -> None:
         """SRModel's validation loop; with ``val.save_expert_maps`` on an MoE network, the expert map of every image
@@ -367,6 +420,9 @@ class MFGHMoEModel(SRModel):
         was_training = net.training
         net.eval()
         try:
+            tiles: List[torch.Tensor] = []
+            if self.tile is not None and self._routing_pass is not None:
+                runner = self._recording_routing(runner, self.get_bare_model(net), tiles)
             with torch.no_grad(), self._autocast():
                 if self.tile is None:
                     self.output = padded_forward(runner, self.lq, self.scale, self.window_size)
@@ -376,9 +432,45 @@ class MFGHMoEModel(SRModel):
             self.output = self.output.float()
         finally:
             net.train(was_training)
+        if self._routing_pass is not None:
+            height, width = self.lq.shape[2:]
+            experts = (lr_routing_map(self.get_bare_model(net), height, width) if self.tile is None
+                       else self._tiled_routing(tiles, height, width))
+            self._routing_pass.add(Path(self._lq_path).stem, experts)
         if self.expert_maps is not None:
             self.expert_maps.add(Path(self._lq_path).stem, self.get_bare_model(net), self.lq.shape[2],
                                  self.lq.shape[3], tensor2img(self.output.detach().cpu()))
+
+    @staticmethod
+    def _recording_routing(runner: Callable[[torch.Tensor], torch.Tensor], bare: torch.nn.Module,
+                           tiles: List[torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``runner`` that also appends each forward's experts ``(H, W, K)`` (first image, on the CPU) to ``tiles``."""
+        def recording(x: torch.Tensor) -> torch.Tensor:
+            out = runner(x)
+            tiles.append(bare.routing_maps()['expert'][0].cpu())
+            return out
+
+        return recording
+
+    def _tiled_routing(self, tiles: List[torch.Tensor], height: int, width: int) -> np.ndarray:
+        """``(height, width, K)`` experts of an image inferred tile by tile, from the routing of each tile (``tiles``,
+        in the order :func:`tiled_forward` ran them): every LR pixel from the tile whose output kept it. The maps
+        are replayed through :func:`tiled_forward` itself (scale 1, no padding), so they are placed as its outputs
+        were."""
+        replay = iter(tiles)
+
+        def recorded(context: torch.Tensor) -> torch.Tensor:
+            """``(1, 1, h, w)`` context of the next tile -> its experts ``(1, K, h, w)`` (padding cropped)."""
+            experts = next(replay, None)
+            if experts is None:
+                raise RuntimeError('MFGHMoEModel: tiled inference ran fewer forwards than it has tiles')
+            return experts[:context.shape[2], :context.shape[3]].permute(2, 0, 1)[None].float()
+
+        assembled = tiled_forward(recorded, torch.zeros(1, 1, height, width), 1, 1, self.tile['tile_size'],
+                                  self.tile['tile_pad'])
+        if next(replay, None) is not None:
+            raise RuntimeError('MFGHMoEModel: tiled inference ran more forwards than it has tiles')
+        return assembled[0].permute(1, 2, 0).long().numpy()
 
 
 MODEL_REGISTRY._do_register('MFGHMOEModel', MFGHMoEModel)
