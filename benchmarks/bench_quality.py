@@ -5,11 +5,19 @@ Each (configuration, seed) is one ``basicsr train`` process (BasicSR's own pipel
 ``--jobs`` at a time; finished runs are kept in ``OUT/runs/<config>_seed<seed>/`` and skipped when the study
 is started again with the same settings, so an interrupted study resumes where it stopped. Writes
 
-- ``OUT/quality.csv``: one row per configuration, seed and validation (PSNR on Y, border = scale);
+- ``OUT/quality.csv``: one row per configuration, seed and validation (PSNR on Y, border = scale; the run's
+  wall time; for MoE networks the routing of that validation: experts serving >= 1 % of the test images' LR
+  pixels, usage entropy in nats, share of the LR pixels rerouted since the previous validation);
 - ``OUT/quality.md``: mean +- std over seeds per configuration at each ``--budgets`` iteration count, the
-  paired difference to ``--reference`` (same seed), bicubic, and the settings;
+  paired difference to ``--reference`` (same seed), the mean run time, bicubic, and the settings; then the routing
+  at each budget (means over seeds);
 - ``OUT/quality.png``: PSNR against iteration, the mean of each configuration with a band from the lowest to the
-  highest seed, bicubic as a dashed line.
+  highest seed, bicubic as a dashed line;
+- ``OUT/quality_usage.png``: each MoE configuration's share of the LR pixels per expert at the last validation,
+  the mean over seeds.
+
+The routing values are those the model logs after each validation (``routing on <set>: ...``, see
+``docs/training.md``), read from the run's log.
 
 Configurations are named option changes on top of the preset (``--configs``, built-ins in :data:`CONFIGS`) or
 defined on the command line (``--define NAME key:sub=value ...``, ``--force_yml`` syntax). The learning rate is
@@ -37,7 +45,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -48,6 +56,8 @@ sys.path.insert(0, str(REPO))
 
 import hmoe_arch  # noqa: E402,F401  (registers the plugin before basicsr is imported)
 from hmoe_arch.archs.mfghmoe_arch import HAT_RGB_MEAN  # noqa: E402
+from hmoe_arch.commands.bench.report import FONT, THICKNESS, PlotText, fit_text  # noqa: E402
+from hmoe_arch.expert_maps import expert_palette  # noqa: E402
 from hmoe_arch.options import apply_force_yml, read_option_file  # noqa: E402
 
 PRESETS: Dict[str, Dict[str, object]] = {
@@ -68,14 +78,26 @@ CONFIGS: Dict[str, Dict[str, object]] = {
     'centered': {'network_g:routing_grad': 'centered'},
     'isolated_aux': {'network_g:routing_grad': 'isolated', 'train:aux_loss_weight': 0.01},
     'isolated_slow': {'network_g:routing_grad': 'isolated', 'train:routing_lr_scale': 0.1},
+    'bias': {'network_g:balance': 'bias'},
+    'center': {'network_g:routing_norm': 'center'},
+    'bias_center': {'network_g:balance': 'bias', 'network_g:routing_norm': 'center'},
     'default': {},
 }
 """Built-in configurations: the HAT configuration; MFG-HMoE with the authors' routing (no gradient to routers and
 MFA); with the straight-through routing gradient reaching the backbone; stopped at the backbone; with a
 batch-mean baseline; stopped at the backbone plus the load-balancing loss (0.01); stopped at the backbone with the
-routing parameters at a tenth of the learning rate; and MFGHMoEArch's current defaults."""
+routing parameters at a tenth of the learning rate; the authors' routing with loss-free balancing biases
+(``balance: bias``), with centred routing features (``routing_norm: center``) and with both; and MFGHMoEArch's
+current defaults."""
 
 VALIDATION = re.compile(r'# psnr: ([-+0-9.eE]+|nan|inf)')
+ROUTING = re.compile(r'routing on .+?: (\d+) of (\d+) experts serve >= 1% of LR pixels, entropy ([0-9.]+) nats, '
+                     r'groups ((?:g\d+ \d+% ?)+)(?:, ([0-9.]+)% of pixels rerouted since iteration \S+)?\s*$')
+"""The model's routing summary after a validation (:meth:`hmoe_arch.expert_maps.RoutingSummary.lines`)."""
+EXPERT_SHARES = re.compile(r'routing on .+?, % of LR pixels per expert: (.*)$')
+"""Its second line: every expert's share in percent, ``g0 [..] g1 [..]``."""
+ROUTING_KEYS = ('experts_1pct', 'entropy', 'rerouted')
+"""Routing values of a validation in the CSV (``rerouted`` is absent at a run's first validation)."""
 
 
 def option_for(base: Path, preset: str, changes: Dict[str, object], *, data: Path, seed: int, iters: int,
@@ -106,23 +128,55 @@ class Run:
         self.val_every = int(opt['val']['val_freq'])
         self.total = int(opt['train']['total_iter'])
         self.curve: List[Tuple[int, float]] = []
+        self.routing: Dict[int, Dict[str, object]] = {}
+        """Iteration -> routing of that validation (MoE networks): ``experts_1pct``, ``experts``, ``entropy``,
+        ``rerouted`` (share, ``None`` at the first validation) and ``share`` (per group, the share of each
+        expert)."""
         self.seconds = math.nan
+        self.unmeasured = False
+        """Whether :meth:`finished` found this run done by a study from before the routing was measured."""
 
     @property
     def label(self) -> str:
         return f'{self.config} seed {self.seed}'
 
     def finished(self) -> bool:
-        """Whether a previous study already ran exactly this option set to the end."""
+        """Whether a previous study already ran exactly this option set to the end. A ``result.json`` written
+        before the routing was measured (no ``routing`` entry) does not count: that run is trained again."""
         result = self.folder / 'result.json'
         if not result.is_file():
             return False
         saved = json.loads(result.read_text())
-        if saved.get('opt') != self.opt:
+        self.unmeasured = saved.get('opt') == self.opt and 'routing' not in saved
+        if saved.get('opt') != self.opt or self.unmeasured:
             return False
         self.curve = [tuple(point) for point in saved['curve']]
+        self.routing = {int(iteration): values for iteration, values in saved['routing'].items()}
         self.seconds = saved['seconds']
         return True
+
+    def parse(self, line: str) -> Optional[str]:
+        """Take one line of the run's log: a validation's PSNR (the k-th is at ``k * val_every``; BasicSR validates
+        again after the last iteration: that repeat is not recorded) or the routing the model logs after it.
+        Returns the progress message of a recorded PSNR, else ``None``."""
+        match = VALIDATION.search(line)
+        if match and len(self.curve) < self.total // self.val_every:
+            iteration = (len(self.curve) + 1) * self.val_every
+            self.curve.append((iteration, float(match.group(1))))
+            return f'[{self.label}] iteration {iteration}/{self.total}: PSNR {self.curve[-1][1]:.3f} dB'
+        summary, shares = ROUTING.search(line), EXPERT_SHARES.search(line)
+        if not self.curve or not (summary or shares):
+            return None
+        values = self.routing.get(self.curve[-1][0], {})  # the routing is logged after the validation's PSNR
+        if summary and 'entropy' not in values:
+            values.update(experts_1pct=int(summary.group(1)), experts=int(summary.group(2)),
+                          entropy=float(summary.group(3)),
+                          rerouted=None if summary.group(5) is None else float(summary.group(5)) / 100)
+        if shares and 'share' not in values:
+            values['share'] = [[float(v) / 100 for v in group.split()]
+                               for group in re.findall(r'g\d+ \[([^\]]*)\]', shares.group(1))]
+        self.routing[self.curve[-1][0]] = values
+        return None
 
     def start(self) -> subprocess.Popen:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -140,12 +194,9 @@ class Run:
         the last iteration: that repeat is not recorded)."""
         for line in process.stdout:
             self.log.write(line)
-            match = VALIDATION.search(line)
-            if match and len(self.curve) < self.total // self.val_every:
-                iteration = (len(self.curve) + 1) * self.val_every
-                self.curve.append((iteration, float(match.group(1))))
-                report(f'[{self.label}] iteration {iteration}/{self.total}: PSNR {self.curve[-1][1]:.3f} dB '
-                       f'({time.monotonic() - self.started:.0f} s)')
+            message = self.parse(line)
+            if message is not None:
+                report(f'{message} ({time.monotonic() - self.started:.0f} s)')
         code = process.wait()
         self.log.close()
         self.seconds = time.monotonic() - self.started
@@ -153,7 +204,7 @@ class Run:
             raise RuntimeError(f'{self.label}: basicsr train exited with status {code} after {len(self.curve)} '
                                f'validations; see {self.folder / "train.log"}')
         (self.folder / 'result.json').write_text(json.dumps({'opt': self.opt, 'curve': self.curve,
-                                                             'seconds': self.seconds}))
+                                                             'routing': self.routing, 'seconds': self.seconds}))
 
 
 def run_all(runs: Sequence[Run], jobs: int) -> None:
@@ -166,6 +217,10 @@ def run_all(runs: Sequence[Run], jobs: int) -> None:
 
     pending = [run for run in runs if not run.finished()]
     report(f'{len(runs) - len(pending)} of {len(runs)} runs already done; {len(pending)} to go, {jobs} at a time')
+    unmeasured = [run.label for run in pending if run.unmeasured]
+    if unmeasured:
+        report(f'{len(unmeasured)} of them finished before the routing was measured and are trained again: '
+               + ', '.join(unmeasured))
     errors: List[BaseException] = []
 
     def worker() -> None:
@@ -208,15 +263,71 @@ def bicubic_psnr(opt: Dict[str, object]) -> float:
     return float(np.mean(values))
 
 
+def csv_cell(value: object) -> str:
+    """A routing value in the CSV: empty when missing, integers as they are, shares and entropies to 4 decimals."""
+    if value is None:
+        return ''
+    return str(value) if isinstance(value, int) else f'{value:.4f}'
+
+
+def write_csv(runs: Sequence[Run], bicubic: float, path: Path) -> None:
+    """``quality.csv``: per run and validation the PSNR, the run's wall time and the routing values
+    (:data:`ROUTING_KEYS`, empty where the network has no MoE or the value does not exist), then bicubic."""
+    with open(path, 'w', newline='') as f:
+        writer = csv.writer(f)
+        writer.writerow(['config', 'seed', 'iteration', 'psnr_y', 'run_seconds', *ROUTING_KEYS])
+        for run in runs:
+            for iteration, psnr in run.curve:
+                routing = run.routing.get(iteration, {})
+                writer.writerow([run.config, run.seed, iteration, f'{psnr:.4f}', f'{run.seconds:.0f}',
+                                 *(csv_cell(routing.get(key)) for key in ROUTING_KEYS)])
+        writer.writerow(['bicubic', '', '', f'{bicubic:.4f}', ''] + [''] * len(ROUTING_KEYS))
+
+
+def routing_mean(runs: Sequence[Run], iteration: int, key: str) -> Tuple[float, int]:
+    """Mean over ``runs`` of routing value ``key`` at ``iteration``, and how many runs have it (nan, 0 if none)."""
+    values = [run.routing[iteration][key] for run in runs
+              if run.routing.get(iteration, {}).get(key) is not None]
+    return (float(np.mean(values)) if values else math.nan), len(values)
+
+
+def routing_table(runs: Sequence[Run], budgets: Sequence[int]) -> List[str]:
+    """Markdown lines: per MoE configuration and budget, the means over seeds of the experts serving >= 1 % of
+    the LR pixels, the usage entropy and the share rerouted since the previous validation (none without MoE)."""
+    configs = [c for c in dict.fromkeys(run.config for run in runs)
+               if any(run.routing for run in runs if run.config == c)]
+    if not configs:
+        return []
+    lines = ['', 'Routing of the LR pixels of the test images, mean over seeds: experts serving >= 1 % of the pixels '
+             '(of all experts), usage entropy in nats (log of the number of experts when balanced, 0 for one expert), '
+             f'share of the pixels whose expert changed since the previous validation ({runs[0].val_every} '
+             'iterations earlier; (n=k) where only k seeds have a value).', '',
+             '| configuration | ' + ' | '.join(f'{b} it: experts >= 1 % | {b} it: entropy | {b} it: rerouted'
+                                             for b in budgets) + ' |', '| --- ' * (1 + 3 * len(budgets)) + '|']
+    for config in configs:
+        group = [run for run in runs if run.config == config]
+        cells = []
+        for budget in budgets:
+            experts = max((run.routing.get(budget, {}).get('experts', 0) for run in group), default=0)
+            for key in ROUTING_KEYS:
+                mean, count = routing_mean(group, budget, key)
+                text = {'experts_1pct': f'{mean:.1f} of {experts}', 'entropy': f'{mean:.2f}',
+                        'rerouted': f'{100 * mean:.1f} %'}[key]
+                cells.append('-' if count == 0 else text + ('' if count == len(group) else f' (n={count})'))
+        lines.append(f'| {config} | ' + ' | '.join(cells) + ' |')
+    return lines
+
+
 def summarise(runs: Sequence[Run], budgets: Sequence[int], reference: str, bicubic: float, settings: str) -> str:
-    """The Markdown report: mean +- std over seeds at each budget, and the paired difference to ``reference``."""
+    """The Markdown report: mean +- std over seeds at each budget, the paired difference to ``reference`` and the
+    mean run time; then the routing at each budget (:func:`routing_table`)."""
     configs = list(dict.fromkeys(run.config for run in runs))
     value = {(run.config, run.seed, it): psnr for run in runs for it, psnr in run.curve}
     seeds = sorted({run.seed for run in runs})
     lines = [settings, '', f'Bicubic: {bicubic:.3f} dB.', '',
              '| configuration | ' + ' | '.join(f'{b} it: mean +- std' for b in budgets) + ' | '
              + ' | '.join(f'{b} it: vs {reference} (paired)' for b in budgets) + ' | per seed at ' + str(budgets[-1])
-             + ' it |', '| --- ' * (1 + 2 * len(budgets) + 1) + '|']
+             + ' it | run time (min, mean) |', '| --- ' * (1 + 2 * len(budgets) + 2) + '|']
     for config in configs:
         cells = []
         for budget in budgets:
@@ -228,9 +339,9 @@ def summarise(runs: Sequence[Run], budgets: Sequence[int], reference: str, bicub
             cells.append('-' if config == reference else f'{sign}{np.mean(diffs):.3f} (min {min(diffs):+.3f}, max '
                          f'{max(diffs):+.3f})')
         per_seed = ', '.join(f'{value[(config, s, budgets[-1])]:.3f}' for s in seeds)
-        lines.append(f'| {config} | ' + ' | '.join(cells) + f' | {per_seed} |')
-    seconds = {config: np.mean([run.seconds for run in runs if run.config == config]) for config in configs}
-    lines += ['', 'Mean wall time per run: ' + ', '.join(f'{c} {s / 60:.1f} min' for c, s in seconds.items()) + '.']
+        minutes = np.mean([run.seconds for run in runs if run.config == config]) / 60
+        lines.append(f'| {config} | ' + ' | '.join(cells) + f' | {per_seed} | {minutes:.1f} |')
+    lines += routing_table(runs, budgets)
     return '\n'.join(lines) + '\n'
 
 
@@ -292,6 +403,83 @@ def plot_curves(runs: Sequence[Run], bicubic: float, path: Path, title: str) -> 
         raise OSError(f'could not write {path}')
 
 
+def last_usage(runs: Sequence[Run]) -> Dict[str, Dict[str, object]]:
+    """Per MoE configuration, its routing at the last validation: ``iteration``, ``share`` (per group, each
+    expert's share, the mean over the seeds that logged it), ``seeds`` (how many), and the means over them of
+    ``experts_1pct`` and ``entropy``."""
+    usage: Dict[str, Dict[str, object]] = {}
+    for config in dict.fromkeys(run.config for run in runs):
+        group = [run for run in runs if run.config == config and run.curve]
+        if not group:
+            continue
+        iteration = max(run.curve[-1][0] for run in group)
+        logged = [run for run in group if 'share' in run.routing.get(iteration, {})]
+        if not logged:
+            continue
+        shares = [run.routing[iteration]['share'] for run in logged]
+        usage[config] = {
+            'iteration': iteration, 'seeds': len(logged),
+            'share': [np.mean([s[g] for s in shares], axis=0).tolist() for g in range(len(shares[0]))],
+            'experts_1pct': routing_mean(logged, iteration, 'experts_1pct')[0],
+            'entropy': routing_mean(logged, iteration, 'entropy')[0]}
+    return usage
+
+
+def centred_text(text: str, x: int, y: int, scale: float, canvas: Tuple[int, int]) -> PlotText:
+    """:func:`fit_text` centred on ``x``."""
+    (width, _), _ = cv2.getTextSize(text, FONT, scale, THICKNESS)
+    return fit_text(text, x - width // 2, y, scale, canvas)
+
+
+def plot_usage(runs: Sequence[Run], path: Path, title: str) -> List[PlotText]:
+    """One panel per MoE configuration: the share of the LR pixels each expert took at the last validation (mean
+    over seeds; a bar per expert in its expert-map colour, groups apart, the value in percent above it: ``0`` for
+    an expert no pixel chose, ``<0.1`` under 0.05 %). Writes
+    ``path`` (PNG) unless no configuration logged its routing, and returns every text drawn (each lies inside the
+    image)."""
+    usage = last_usage(runs)
+    if not usage:
+        return []
+    width, left, right, top, panel = 960, 60, 20, 40, 190
+    height = top + panel * len(usage) + 10
+    canvas = np.full((height, width, 3), 255, np.uint8)
+    size = (height, width)
+    texts = [fit_text(title, left, 24, 0.45, size)]
+    for index, (config, values) in enumerate(usage.items()):
+        y0 = top + panel * index
+        bar_bottom = y0 + 144  # a bar of 100 % reaches y0 + 44
+        texts.append(fit_text(f'{config} at iteration {values["iteration"]} (mean of {values["seeds"]} seed'
+                              f'{"s" * (values["seeds"] != 1)}): {values["experts_1pct"]:.1f} experts serve >= 1 %, '
+                              f'entropy {values["entropy"]:.2f} nats', left, y0 + 18, 0.45, size))
+        for percent in (0, 50, 100):
+            y = bar_bottom - percent
+            cv2.line(canvas, (left, y), (width - right, y), (225, 225, 225) if percent else (0, 0, 0), 1)
+            texts.append(fit_text(f'{percent} %', 8, y + 4, 0.35, size))
+        sizes = [len(group) for group in values['share']]
+        palette = expert_palette(sizes)
+        slots = sum(sizes) + len(sizes) - 1  # a free slot between groups
+        slot = (width - left - right) / slots
+        expert = 0
+        for g, shares in enumerate(values['share']):
+            first = expert + g
+            for e, share in enumerate(shares):
+                x = left + (expert + g + 0.5) * slot
+                colour = tuple(int(c) for c in palette[expert])
+                cv2.rectangle(canvas, (int(x - 0.3 * slot), int(bar_bottom - 100 * share)),
+                              (int(x + 0.3 * slot), bar_bottom), colour, -1)
+                label = '0' if share == 0 else '<0.1' if share < 0.0005 else f'{100 * share:.1f}'  # 0: never chosen
+                texts.append(centred_text(label, int(x), int(bar_bottom - 100 * share) - 4, 0.33, size))
+                texts.append(centred_text(f'e{e}', int(x), bar_bottom + 14, 0.33, size))
+                expert += 1
+            middle = left + (first + expert + g) / 2 * slot
+            texts.append(centred_text(f'group {g}', int(middle), bar_bottom + 32, 0.4, size))
+    for text in texts:
+        cv2.putText(canvas, text.text, text.org, FONT, text.scale, (0, 0, 0), THICKNESS, cv2.LINE_AA)
+    if not cv2.imwrite(str(path), canvas):
+        raise OSError(f'could not write {path}')
+    return texts
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -350,13 +538,7 @@ def main(argv=None) -> int:
     run_all(runs, args.jobs)
     bicubic = bicubic_psnr(runs[0].opt)
     args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / 'quality.csv', 'w', newline='') as f:
-        writer = csv.writer(f)
-        writer.writerow(['config', 'seed', 'iteration', 'psnr_y', 'run_seconds'])
-        for run in runs:
-            for iteration, psnr in run.curve:
-                writer.writerow([run.config, run.seed, iteration, f'{psnr:.4f}', f'{run.seconds:.0f}'])
-        writer.writerow(['bicubic', '', '', f'{bicubic:.4f}', ''])
+    write_csv(runs, bicubic, args.out / 'quality.csv')
     network = runs[0].opt['network_g']
     settings = (f'Preset `{args.preset}` (embed_dim {network.get("embed_dim", 180)}, depths {network.get("depths")}, '
                 f'window {network.get("window_size")}), x{args.scale}, {args.iters} iterations, seeds {args.seeds}, '
@@ -367,8 +549,12 @@ def main(argv=None) -> int:
     (args.out / 'quality.md').write_text(report)
     plot_curves(runs, bicubic, args.out / 'quality.png', f'{args.preset} network, x{args.scale}, {len(args.seeds)} '
                 f'seeds (line: mean; band: lowest to highest seed; values below the axis on its edge)')
+    usage = plot_usage(runs, args.out / 'quality_usage.png', f'{args.preset} network, x{args.scale}: share of the '
+                       'test images\' LR pixels per expert at the last validation (mean over seeds)')
     print(report)
-    print(f'written {args.out / "quality.md"}, quality.csv, quality.png ({(time.monotonic() - started) / 60:.1f} min)')
+    print(f'written {args.out / "quality.md"}, quality.csv, quality.png'
+          + (', quality_usage.png' if usage else ' (no configuration routes: no quality_usage.png)')
+          + f' ({(time.monotonic() - started) / 60:.1f} min)')
     return 0
 
 

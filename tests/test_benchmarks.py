@@ -1,12 +1,19 @@
-"""The benchmark scripts run on CPU at small sizes and print their tables (they assert nothing themselves)."""
+"""The benchmark scripts run on CPU at small sizes and print their tables (they assert nothing themselves); the
+helpers of bench_quality.py on hand-made logs."""
+import csv
+import importlib.util
+import json
+import math
 import re
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
+from typing import List, Optional
 
+import cv2
+import numpy as np
 import pytest
-
-pytestmark = pytest.mark.slow  # runs the benchmark scripts
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / 'benchmarks'
 
@@ -18,6 +25,7 @@ def run(script: str, *args: str) -> str:
     return result.stdout
 
 
+@pytest.mark.slow  # runs the benchmark script
 def test_bench_train_prints_every_row_with_ratios_against_hat() -> None:
     out = run('bench_train.py', '--batch', '1', '--size', '16', '--steps', '1', '--warmup', '1', '--modes',
               'fp32-plain', 'bf16')
@@ -40,6 +48,7 @@ def test_bench_train_prints_every_row_with_ratios_against_hat() -> None:
                                                                 rel=5e-3, abs=6e-3)
 
 
+@pytest.mark.slow  # runs the benchmark script
 def test_bench_tiling_reports_sizes_and_seam_error() -> None:
     out = run('bench_tiling.py', '--sizes', '32', '64', '--tile', '16', '--tile-pad', '8', '--seam-size', '32',
               '--scale', '2', '--infer-sizes', '64')
@@ -49,6 +58,7 @@ def test_bench_tiling_reports_sizes_and_seam_error() -> None:
     assert infer_row and float(infer_row.group(2)) == pytest.approx(128 * 128 * 3 / 2**20, abs=0.05)
 
 
+@pytest.mark.slow  # runs the benchmark script
 def test_bench_arch_prints_the_ratio_table() -> None:
     out = run('bench_arch.py', '--size', '16', '--runs', '1', '--warmup', '0')
     for measure in ('full forward (s)', 'MoE head vs upsampler (ms)', 'peak memory of a forward (MiB)'):
@@ -57,6 +67,7 @@ def test_bench_arch_prints_the_ratio_table() -> None:
     assert float(re.search(r'dense vs sparse max \|diff\| (\S+)', out).group(1)) < 1e-4
 
 
+@pytest.mark.slow  # runs the benchmark script
 def test_bench_onnx_prints_both_runtimes_and_the_ratio() -> None:
     pytest.importorskip('onnxruntime', reason='onnxruntime is not installed (pip install -e .[export])')
     out = run('bench_onnx.py', '--tiny', '--size', '16', '--runs', '1')
@@ -64,6 +75,7 @@ def test_bench_onnx_prints_both_runtimes_and_the_ratio() -> None:
     assert re.search(r'ONNX / PyTorch: \d+\.\d\dx', out)
 
 
+@pytest.mark.slow  # runs the benchmark script
 def test_bench_quality_trains_every_configuration_and_resumes(workdir: Path, tmp_path: Path) -> None:
     args = ['--data', str(workdir / 'datasets' / 'UCMerced'), '--out', str(tmp_path / 'q'), '--iters', '4',
             '--val-every', '2', '--budgets', '2', '4', '--seeds', '0', '1', '--configs', 'hat', 'authors', 'slow',
@@ -78,9 +90,20 @@ def test_bench_quality_trains_every_configuration_and_resumes(workdir: Path, tmp
     csv_rows = (tmp_path / 'q' / 'quality.csv').read_text().splitlines()
     assert len(csv_rows) == 1 + 3 * 2 * 2 + 1 and csv_rows[-1].startswith('bicubic,')
     assert (tmp_path / 'q' / 'quality.png').stat().st_size > 1000
+    # the routing each MoE run logged at every validation (none for HAT; nothing rerouted-since at the first)
+    with open(tmp_path / 'q' / 'quality.csv') as f:
+        rows_by_run = {(r['config'], r['seed'], r['iteration']): r for r in csv.DictReader(f)}
+    assert rows_by_run['hat', '0', '2']['experts_1pct'] == ''
+    assert 1 <= int(rows_by_run['authors', '1', '4']['experts_1pct']) <= 16
+    assert rows_by_run['slow', '0', '2']['rerouted'] == ''
+    assert 0 <= float(rows_by_run['slow', '0', '4']['rerouted']) <= 1
+    assert re.search(r'\| authors \| \d+\.\d of 16 \| \d\.\d\d \| - \| \d+\.\d of 16 \| \d\.\d\d \| \d+\.\d % \|',
+                     table)
+    assert (tmp_path / 'q' / 'quality_usage.png').stat().st_size > 1000
     assert '6 of 6 runs already done' in run('bench_quality.py', *args)
 
 
+@pytest.mark.slow  # runs the benchmark script
 def test_diagnose_routing_reports_each_mode(workdir: Path, tmp_path: Path) -> None:
     run('diagnose_routing.py', '--data', str(workdir / 'datasets' / 'UCMerced'), '--out', str(tmp_path / 'd'),
               '--iters', '4', '--every', '2', '--modes', 'none', 'straight_through')
@@ -90,6 +113,7 @@ def test_diagnose_routing_reports_each_mode(workdir: Path, tmp_path: Path) -> No
     assert all(line.split(' | ')[5] == '0' for line in rows if line.startswith('| none'))  # backbone shift
 
 
+@pytest.mark.slow  # runs the benchmark script
 def test_bench_threads_prints_both_thread_counts_and_their_ratio() -> None:
     out = run('bench_threads.py', '--workloads', 'tiny_step', '--repeats', '1', '--warmup', '0', '--busy', '1',
               '--busy-limit', '60')
@@ -101,6 +125,7 @@ def test_bench_threads_prints_both_thread_counts_and_their_ratio() -> None:
     assert '1 kept busy by this script' in out
 
 
+@pytest.mark.slow  # runs the benchmark script
 def test_bench_startup_prints_each_command_against_the_baseline() -> None:
     out = run('bench_startup.py', '--baseline', str(BENCHMARKS.parent), '--repeats', '1')
     rows = {line.strip('| ').split(' | ')[0]: line.strip('| ').split(' | ') for line in out.splitlines()
@@ -109,3 +134,137 @@ def test_bench_startup_prints_each_command_against_the_baseline() -> None:
     for row in rows.values():
         this, baseline = (float(cell.split()[0]) for cell in row[1:3])
         assert float(row[3].rstrip('x')) == pytest.approx(this / baseline, rel=0.02, abs=0.006)
+
+
+def load_bench_quality() -> ModuleType:
+    """benchmarks/bench_quality.py as a module (a script, not a package)."""
+    spec = importlib.util.spec_from_file_location('bench_quality', BENCHMARKS / 'bench_quality.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def validation_log(psnr: float, routing: Optional[str] = None, shares: Optional[str] = None) -> List[str]:
+    """The lines ``basicsr train`` logs for one validation of the set ``UCM``."""
+    lines = ['2026-01-01 10:00:00,000 INFO: Validation UCM\n', f'\t # psnr: {psnr:.4f}\tBest: {psnr:.4f} @ 2 iter\n',
+             '\n']
+    if routing is not None:
+        lines += [f'2026-01-01 10:00:00,001 INFO: routing on UCM: {routing}\n',
+                  f'2026-01-01 10:00:00,001 INFO: routing on UCM, % of LR pixels per expert: {shares}\n']
+    return lines
+
+
+def parsed_run(bench, config: str, seed: int, folder: Path, experts_1pct: List[int], entropy: List[float],
+               rerouted: List[Optional[float]], shares: List[str], seconds: float = 600.0):
+    """A Run of 2 validations (every 250 of 500 iterations) fed a hand-made log; ``experts_1pct`` empty: no MoE."""
+    run = bench.Run(config, seed, folder, {'val': {'val_freq': 250}, 'train': {'total_iter': 500}}, 1)
+    for k in range(2):
+        routing = None
+        if experts_1pct:
+            routing = (f'{experts_1pct[k]} of 4 experts serve >= 1% of LR pixels, entropy {entropy[k]:.3f} nats, '
+                       'groups g0 60% g1 40%')
+            if rerouted[k] is not None:
+                routing += f', {100 * rerouted[k]:.2f}% of pixels rerouted since iteration {250 * k}'
+        for line in validation_log(27.0 + k + seed / 10, routing, shares[k] if experts_1pct else None):
+            run.parse(line)
+    run.seconds = seconds
+    return run
+
+
+def test_bench_quality_reads_each_validations_psnr_and_routing_from_the_log(tmp_path: Path) -> None:
+    bench = load_bench_quality()
+    run = parsed_run(bench, 'bias', 0, tmp_path, [3, 4], [1.234, 1.386], [None, 0.0321],
+                     ['g0 [60.00 0.00] g1 [39.00 1.00]', 'g0 [25.00 25.00] g1 [25.00 25.00]'])
+    assert run.curve == [(250, 27.0), (500, 28.0)]
+    assert run.routing == {
+        250: {'experts_1pct': 3, 'experts': 4, 'entropy': 1.234, 'rerouted': None,
+              'share': [[0.6, 0.0], [0.39, 0.01]]},
+        500: {'experts_1pct': 4, 'experts': 4, 'entropy': 1.386, 'rerouted': pytest.approx(0.0321),
+              'share': [[0.25, 0.25], [0.25, 0.25]]}}
+    for line in validation_log(29.0, '1 of 4 experts serve >= 1% of LR pixels, entropy 0.000 nats, groups g0 100% '
+                                     'g1 0%', 'g0 [100.00 0.00] g1 [0.00 0.00]'):  # BasicSR's repeat at the end
+        assert run.parse(line) is None
+    assert run.curve[-1] == (500, 28.0) and run.routing[500]['experts_1pct'] == 4
+    hat = parsed_run(bench, 'hat', 0, tmp_path, [], [], [], [])
+    assert hat.routing == {} and len(hat.curve) == 2
+
+
+def test_bench_quality_resumes_runs_measured_with_routing_and_retrains_older_ones(tmp_path: Path) -> None:
+    bench = load_bench_quality()
+    opt = {'val': {'val_freq': 250}, 'train': {'total_iter': 500}}
+    routing = {'500': {'experts_1pct': 2, 'experts': 4, 'entropy': 0.5, 'rerouted': 0.1, 'share': [[0.5, 0.5], [0, 0]]}}
+    (tmp_path / 'new').mkdir()
+    (tmp_path / 'new' / 'result.json').write_text(json.dumps({'opt': opt, 'curve': [[500, 27.0]], 'routing': routing,
+                                                              'seconds': 60.0}))
+    resumed = bench.Run('bias', 0, tmp_path / 'new', opt, 1)
+    assert resumed.finished() and resumed.routing == {500: routing['500']} and resumed.curve == [(500, 27.0)]
+    (tmp_path / 'old').mkdir()
+    (tmp_path / 'old' / 'result.json').write_text(json.dumps({'opt': opt, 'curve': [[500, 27.0]], 'seconds': 60.0}))
+    old = bench.Run('bias', 0, tmp_path / 'old', opt, 1)
+    assert not old.finished() and old.unmeasured
+    other = bench.Run('bias', 0, tmp_path / 'new', {**opt, 'train': {'total_iter': 1000}}, 1)
+    assert not other.finished() and not other.unmeasured
+
+
+def study(bench, folder: Path) -> list:
+    """hat (no MoE) and two MoE configurations, 2 seeds, validated at 250 and 500 iterations."""
+    uniform = 'g0 [25.00 25.00] g1 [25.00 25.00]'
+    return [parsed_run(bench, 'hat', 0, folder, [], [], [], [], 300),
+            parsed_run(bench, 'hat', 1, folder, [], [], [], [], 420),
+            parsed_run(bench, 'authors', 0, folder, [2, 2], [0.5, 0.6], [None, 0.02],
+                       ['g0 [90.00 0.00] g1 [10.00 0.00]', 'g0 [90.00 0.00] g1 [10.00 0.00]'], 600),
+            parsed_run(bench, 'authors', 1, folder, [2, 3], [0.7, 0.8], [None, 0.04],
+                       ['g0 [80.00 0.00] g1 [10.00 10.00]', 'g0 [70.00 0.00] g1 [20.00 10.00]'], 660),
+            parsed_run(bench, 'bias', 0, folder, [4, 4], [1.386, 1.386], [None, 0.5], [uniform, uniform], 900),
+            parsed_run(bench, 'bias', 1, folder, [4, 4], [1.386, 1.386], [None, 0.3], [uniform, uniform], 900)]
+
+
+def test_bench_quality_table_and_csv_carry_the_routing_and_the_run_time(tmp_path: Path) -> None:
+    bench = load_bench_quality()
+    runs = study(bench, tmp_path)
+    report = bench.summarise(runs, [250, 500], 'authors', 26.5, 'settings')
+    rows = [line.strip('| ').split(' | ') for line in report.splitlines() if line.startswith('| ')
+            and not line.startswith('| ---')]
+    assert rows[0][-1] == 'run time (min, mean)' and rows[1][-1] == '6.0' and rows[2][-1] == '10.5'  # hat, authors
+    routing = rows[rows.index(['configuration'] + [f'{b} it: {what}' for b in (250, 500)
+                                                   for what in ('experts >= 1 %', 'entropy', 'rerouted')]):]
+    assert routing[1:] == [['authors', '2.0 of 4', '0.60', '-', '2.5 of 4', '0.70', '3.0 %'],
+                           ['bias', '4.0 of 4', '1.39', '-', '4.0 of 4', '1.39', '40.0 %']]  # hat has no routing
+    bench.write_csv(runs, 26.5, tmp_path / 'quality.csv')
+    with open(tmp_path / 'quality.csv') as f:
+        table = list(csv.reader(f))
+    assert table[0] == ['config', 'seed', 'iteration', 'psnr_y', 'run_seconds', 'experts_1pct', 'entropy', 'rerouted']
+    assert table[1] == ['hat', '0', '250', '27.0000', '300', '', '', '']
+    assert table[7] == ['authors', '1', '250', '27.1000', '660', '2', '0.7000', '']
+    assert table[8] == ['authors', '1', '500', '28.1000', '660', '3', '0.8000', '0.0400']
+    assert table[-1] == ['bicubic', '', '', '26.5000', '', '', '', '']
+
+
+def test_bench_quality_usage_plot_draws_each_experts_mean_share(tmp_path: Path) -> None:
+    bench = load_bench_quality()
+    from hmoe_arch.expert_maps import expert_palette
+    runs = study(bench, tmp_path)
+    usage = bench.last_usage(runs)
+    assert list(usage) == ['authors', 'bias']  # hat routes nothing
+    assert usage['authors']['iteration'] == 500 and usage['authors']['seeds'] == 2
+    np.testing.assert_allclose(usage['authors']['share'], [[0.8, 0.0], [0.15, 0.05]])
+    assert usage['authors']['experts_1pct'] == 2.5 and usage['authors']['entropy'] == pytest.approx(0.7)
+    path = tmp_path / 'usage.png'
+    texts = bench.plot_usage(runs, path, 'a title ' * 30)
+    image = cv2.imread(str(path))
+    height, width = image.shape[:2]
+    drawn = [t.text for t in texts]
+    assert 'authors at iteration 500 (mean of 2 seeds): 2.5 experts serve >= 1 %, entropy 0.70 nats' in drawn
+    assert drawn.count('80.0') == 1 and drawn.count('25.0') == 4 and drawn.count('group 1') == 2
+    assert drawn.count('0') == 1  # the authors' expert 1, which no pixel chose
+    for text in texts:  # OpenCV's extent of every text lies inside the image, and no ink reaches its edge
+        left, top, right, bottom = text.box()
+        assert 0 <= left and right < width and 0 <= top and bottom < height, (text, width, height)
+    edges = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+    assert (edges == 255).all()
+    # the first expert's bars in its expert-map colour: 80 % (authors) and 25 % (bias) of 100 pixels
+    inside = np.all(image == expert_palette([2, 2])[0], axis=-1)
+    runs_down = [len(part) for column in inside.T for part in ''.join('1' if v else ' ' for v in column).split()]
+    assert math.isclose(max(runs_down), 80, abs_tol=1) and any(math.isclose(n, 25, abs_tol=1) for n in runs_down)
+    assert bench.plot_usage(runs[:2], tmp_path / 'none.png', 'hat only') == []
+    assert not (tmp_path / 'none.png').exists()

@@ -397,3 +397,102 @@ def test_validation_shows_a_progress_bar_by_default(tmp_path: Path, capsys, val:
     with pytest.raises(OptionError, match=r'`val.pbar` must be true or false, got .yes.'):
         build_model(options(tmp_path, is_train=False, val={**val, 'pbar': 'yes'})).validation(loader, 'unit', None,
                                                                                              save_img=False)
+
+
+class Scalars:
+    """A TensorBoard logger that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.values: Dict[str, Dict[Any, float]] = {}
+
+    def add_scalar(self, tag: str, value: float, step: Any) -> None:
+        self.values.setdefault(tag, {})[step] = value
+
+
+class OddPairs(TinyPairs):
+    """Three random 10x9 LR pairs (sizes that need padding and leave partial tiles)."""
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        generator = torch.Generator().manual_seed(index)
+        return {'lq': torch.rand(3, 10, 9, generator=generator), 'gt': torch.rand(3, 20, 18, generator=generator),
+                'lq_path': f'img{index}.png'}
+
+
+def top1_maps(model: MFGHMoEModel, dataset: torch.utils.data.Dataset) -> Dict[str, torch.Tensor]:
+    """``(H, W)`` top-1 expert of every LR pixel of each image, from the network run on the whole image."""
+    net = model.get_bare_model(model.net_g).eval()
+    maps = {}
+    for index in range(len(dataset)):
+        lq = dataset[index]['lq'][None]
+        with torch.no_grad():
+            padded_forward(net, lq, 2, 4)
+        maps[f'img{index}'] = net.routing_maps()['expert'][0, :lq.shape[2], :lq.shape[3], 0]
+    return maps
+
+
+def test_validation_logs_the_routing_of_all_images_and_what_changed(tmp_path: Path, basicsr_log) -> None:
+    val = {'save_img': False, 'pbar': False, 'metrics': {'psnr': {'type': 'calculate_psnr', 'crop_border': 2}}}
+    network = {'type': 'MFGHMoEArch', **tiny(upscale=2, expert_groups=SMALL_GROUPS),
+               'routing_grad': 'straight_through'}  # routers that learn, so that pixels change expert
+    model = build_model(options(tmp_path, network_g=network, val=val, train={'optim_g': {'type': 'Adam', 'lr': 1e-2}}))
+    loader = torch.utils.data.DataLoader(OddPairs(), batch_size=1)
+    tb = Scalars()
+    before = top1_maps(model, OddPairs())
+    model.validation(loader, 10, tb, save_img=False)
+    share = torch.bincount(torch.cat([m.flatten() for m in before.values()]), minlength=4) / (3 * 90)
+    used = share[share > 0]
+    entropy = float(-(used * used.log()).sum())
+    lines = [m for m in basicsr_log if m.startswith('routing on tiny')]
+    assert lines == [
+        f'routing on tiny: {int((share >= 0.01).sum())} of 4 experts serve >= 1% of LR pixels, entropy {entropy:.3f} '
+        f'nats, groups g0 {100 * float(share[:2].sum()):.0f}% g1 {100 * float(share[2:].sum()):.0f}%',
+        'routing on tiny, % of LR pixels per expert: ' + ' '.join(
+            f'g{g} [{100 * float(share[2 * g]):.2f} {100 * float(share[2 * g + 1]):.2f}]' for g in range(2))]
+    assert basicsr_log.index(lines[0]) > next(i for i, m in enumerate(basicsr_log) if m.startswith('Validation tiny'))
+    first = {tag: steps[10] for tag, steps in tb.values.items() if tag.startswith('val_routing/')}
+    assert set(first) == {'val_routing/tiny/experts_1pct', 'val_routing/tiny/entropy', 'val_routing/tiny/group_0',
+                          'val_routing/tiny/group_1', *(f'val_routing/tiny/expert_{e:02d}' for e in range(4))}
+    assert first['val_routing/tiny/entropy'] == pytest.approx(entropy, abs=1e-6)
+    assert [first[f'val_routing/tiny/expert_{e:02d}'] for e in range(4)] == pytest.approx(share.tolist())
+    for step in range(1, 6):
+        feed(model)
+        model.optimize_parameters(step)
+    after = top1_maps(model, OddPairs())
+    rerouted = sum(int((after[k] != before[k]).sum()) for k in after) / (3 * 90)
+    assert rerouted > 0
+    basicsr_log.clear()
+    model.validation(loader, 20, tb, save_img=False)
+    line = next(m for m in basicsr_log if m.startswith('routing on tiny:'))
+    assert line.endswith(f', {100 * rerouted:.2f}% of pixels rerouted since iteration 10')
+    assert tb.values['val_routing/tiny/rerouted'] == {20: pytest.approx(rerouted)}
+
+
+def test_tiled_validation_merges_the_routing_of_every_tile(tmp_path: Path) -> None:
+    val = {'save_img': False, 'pbar': False}
+    untiled = build_model(options(tmp_path, val=val))
+    tiled = build_model(options(tmp_path, val=val, tile={'tile_size': 4, 'tile_pad': 2}))
+    whole = build_model(options(tmp_path, val=val, tile={'tile_size': 16, 'tile_pad': 0}))  # one tile per image
+    for model in (tiled, whole):
+        model.net_g.load_state_dict(untiled.net_g.state_dict())
+    loader = torch.utils.data.DataLoader(OddPairs(), batch_size=1)
+    for model in (untiled, tiled, whole):
+        model.validation(loader, 10, None, save_img=False)
+    net = untiled.get_bare_model(untiled.net_g).eval()
+    for index in range(3):
+        lq = OddPairs()[index]['lq'][None]
+        expected = torch.full((10, 9), -1)
+        for top in range(0, 10, 4):  # each tile's own area, routed with 2 pixels of context around it
+            for left in range(0, 9, 4):
+                bottom, right = min(top + 4, 10), min(left + 4, 9)
+                context_top, context_left = max(top - 2, 0), max(left - 2, 0)
+                with torch.no_grad():
+                    padded_forward(net, lq[..., context_top:bottom + 2, context_left:right + 2], 2, 4)
+                experts = net.routing_maps()['expert'][0, ..., 0]
+                expected[top:bottom, left:right] = experts[top - context_top:bottom - context_top,
+                                                           left - context_left:right - context_left]
+        assert (expected >= 0).all()
+        assert tiled.routing_stats['tiny'].previous[f'img{index}'].tolist() == expected.tolist()
+        assert (whole.routing_stats['tiny'].previous[f'img{index}'].tolist()
+                == untiled.routing_stats['tiny'].previous[f'img{index}'].tolist())
+    pixels = torch.cat([torch.as_tensor(m).flatten() for m in tiled.routing_stats['tiny'].previous.values()])
+    assert pixels.numel() == 3 * 90
