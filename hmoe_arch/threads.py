@@ -43,11 +43,12 @@ def apply_num_threads(requested: Optional[int], on_cpu: bool = True) -> Tuple[in
     log)."""
     import torch
 
-    chosen = choose_num_threads(requested, on_cpu)
+    cores, load = usable_cores(), load_average()  # read once: the decision and the log line agree
+    chosen = choose_num_threads(requested, on_cpu, cores=lambda: cores, load=lambda: load)
     if chosen is not None:
         torch.set_num_threads(chosen)
     reason = ('asked for' if requested is not None else
               'torch default (GPU run)' if not on_cpu else
               f'OMP_NUM_THREADS={os.environ.get("OMP_NUM_THREADS")}' if chosen is None else
-              f'auto: {usable_cores()} cores, load average {load_average():.1f}')
+              f'auto: {cores} cores, load average {load:.1f}')
     return torch.get_num_threads(), reason

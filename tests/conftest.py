@@ -6,7 +6,7 @@ machine (docs/performance.md)."""
 import logging
 import os
 from pathlib import Path
-from typing import List
+from typing import Iterator, List, Tuple
 
 os.environ.setdefault('OMP_NUM_THREADS', '1')
 
@@ -26,26 +26,40 @@ def _seed() -> None:
 
 
 class Capture(logging.Handler):
-    """Keeps the messages of a logger."""
+    """Keeps what a logger emits at INFO and above: the messages, and (level, message) pairs."""
 
     def __init__(self) -> None:
         super().__init__(logging.INFO)
         self.messages: List[str] = []
+        self.records: List[Tuple[int, str]] = []
 
     def emit(self, record: logging.LogRecord) -> None:
         self.messages.append(record.getMessage())
+        self.records.append((record.levelno, record.getMessage()))
 
 
 @pytest.fixture
-def basicsr_log():
-    """The INFO messages BasicSR's logger emits during the test."""
+def basicsr_capture() -> Iterator[Capture]:
+    """BasicSR's logger at INFO with a :class:`Capture` attached during the test."""
     logger = logging.getLogger('basicsr')
     handler, level = Capture(), logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
-    yield handler.messages
+    yield handler
     logger.removeHandler(handler)
     logger.setLevel(level)
+
+
+@pytest.fixture
+def basicsr_log(basicsr_capture: Capture) -> List[str]:
+    """The messages BasicSR's logger emits at INFO and above during the test."""
+    return basicsr_capture.messages
+
+
+@pytest.fixture
+def basicsr_records(basicsr_capture: Capture) -> List[Tuple[int, str]]:
+    """(level, message) of what BasicSR's logger emits at INFO and above during the test."""
+    return basicsr_capture.records
 
 
 @pytest.fixture(scope='session')

@@ -1,7 +1,7 @@
 """The training log: the short log line with the expert summary, a non-negative eta, the early run estimate."""
 import logging
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import pytest
 from basicsr.utils.logger import MessageLogger
@@ -9,28 +9,6 @@ from basicsr.utils.logger import MessageLogger
 from hmoe_arch.training_log import CPU_ADVICE, RunEstimate, TrainingMessageLogger, routing_summary
 
 DOCS = Path(__file__).resolve().parents[1] / 'docs'
-
-
-class Records(logging.Handler):
-    """Keeps (level, message) of BasicSR's logger."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: List[Tuple[int, str]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append((record.levelno, record.getMessage()))
-
-
-@pytest.fixture
-def records() -> Iterator[List[Tuple[int, str]]]:
-    logger = logging.getLogger('basicsr')
-    handler, level = Records(), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield handler.records
-    logger.removeHandler(handler)
-    logger.setLevel(level)
 
 
 class FakeTensorBoard:
@@ -70,13 +48,13 @@ def log_vars(current_iter: int, **values: float) -> dict:
     return {'epoch': 3, 'iter': current_iter, 'lrs': [2e-4], 'time': 0.512, 'data_time': 0.004, **values}
 
 
-def test_line_summarises_sixteen_experts_and_tensorboard_gets_every_value(records) -> None:
+def test_line_summarises_sixteen_experts_and_tensorboard_gets_every_value(basicsr_records) -> None:
     tb = FakeTensorBoard()
     logger = TrainingMessageLogger(logger_options(), 0, tb, clock=FakeClock([0.0, 10.0, 1010.0]))
     logger.reset_start_time()
     routing = sixteen_experts({3: 0.71, 9: 0.22, 0: 0.07})
     logger(log_vars(101, l_pix=0.0123, **routing))
-    (level, line), = records
+    (level, line), = basicsr_records
     assert level == logging.INFO
     assert line == ('[train..][epoch:  3, iter:     101, lr:(2.000e-04,)] [eta: 11 days, 13:29:50, time (data): '
                     '0.512 (0.004)] l_pix: 1.2300e-02 experts: e3 71%, e9 22%, e0 7.0% (13 unused) '
@@ -84,7 +62,7 @@ def test_line_summarises_sixteen_experts_and_tensorboard_gets_every_value(record
     assert len(line) < 220
     # the text line BasicSR's own logger writes for the same values: every fraction, 678 characters
     MessageLogger(logger_options(tensorboard=False), 0)(log_vars(101, l_pix=0.0123, **routing))
-    assert 'routing/expert_15: 0.0000e+00' in records[-1][1] and len(records[-1][1]) > 3 * len(line)
+    assert 'routing/expert_15: 0.0000e+00' in basicsr_records[-1][1] and len(basicsr_records[-1][1]) > 3 * len(line)
     assert tb.scalars == {'losses/l_pix': (0.0123, 101), **{key: (value, 101) for key, value in routing.items()}}
 
 
@@ -98,10 +76,10 @@ def test_summary_counts_the_used_experts_it_does_not_show() -> None:
     assert routing_summary({'l_pix': 0.1}) == ''
 
 
-def test_constructed_as_basicsr_train_does_without_tensorboard(records) -> None:
+def test_constructed_as_basicsr_train_does_without_tensorboard(basicsr_records) -> None:
     logger = TrainingMessageLogger(logger_options(tensorboard=False), 5, None)
     logger({'epoch': 0, 'iter': 6, 'lrs': [1e-4, 2e-5], 'l_pix': 0.5})
-    assert records[-1] == (logging.INFO, '[train..][epoch:  0, iter:       6, lr:(1.000e-04,2.000e-05,)] '
+    assert basicsr_records[-1] == (logging.INFO, '[train..][epoch:  0, iter:       6, lr:(1.000e-04,2.000e-05,)] '
                                          'l_pix: 5.0000e-01')
 
 
@@ -113,13 +91,13 @@ def test_constructed_as_basicsr_train_does_without_tensorboard(records) -> None:
     # resumed at iteration 4 (no restart): iterations 5 and 6 took 30 s, 4 are left
     (4, False, [0.0, 30.0], 6, '0:01:00'),
 ])
-def test_eta_is_the_time_left_and_never_negative(records, start_iter: int, reset: bool, times: List[float],
+def test_eta_is_the_time_left_and_never_negative(basicsr_records, start_iter: int, reset: bool, times: List[float],
                                                  current_iter: int, eta: str) -> None:
     logger = TrainingMessageLogger(logger_options(total_iter=10, tensorboard=False), start_iter, clock=FakeClock(times))
     if reset:
         logger.reset_start_time()
     logger(log_vars(current_iter, l_pix=0.1))
-    assert f'[eta: {eta}, time (data)' in records[-1][1]
+    assert f'[eta: {eta}, time (data)' in basicsr_records[-1][1]
 
 
 def estimate(times: List[float], total_iter: int, on_cpu: bool = True,
@@ -130,11 +108,11 @@ def estimate(times: List[float], total_iter: int, on_cpu: bool = True,
     return [run.step(i + 1, {'l_pix': loss}) for i, loss in enumerate(losses)]
 
 
-def test_estimate_warns_when_a_cpu_run_takes_more_than_a_day(records) -> None:
+def test_estimate_warns_when_a_cpu_run_takes_more_than_a_day(basicsr_records) -> None:
     # iteration 1 (warm-up) ends at 100 s, then 12 s per iteration
     lines = estimate([100.0, 112.0, 124.0, 136.0, 148.0], 100000, losses=[0.8, 0.6, 0.4, 0.2, 0.1])
     assert lines[:3] == [None, None, None] and lines[4] is None  # one line, at iteration 4
-    assert records == [(logging.WARNING, lines[3])]
+    assert basicsr_records == [(logging.WARNING, lines[3])]
     assert lines[3] == ('run estimate: 12.000 s per iteration on the CPU (2 threads) (iterations 2-4; iteration 1, '
                         'with the warm-up, not timed); loss so far (mean of 4 iterations): l_pix 5.0000e-01; the '
                         'remaining 99,996 of 100,000 iterations take about 13 days, 21:19:12 (validation and '
@@ -142,14 +120,15 @@ def test_estimate_warns_when_a_cpu_run_takes_more_than_a_day(records) -> None:
     assert '## Training on a CPU' in (DOCS / 'training.md').read_text()  # the advice the warning points to
 
 
-def test_estimate_is_information_on_a_gpu_or_under_a_day(records) -> None:
+def test_estimate_is_information_on_a_gpu_or_under_a_day(basicsr_records) -> None:
     gpu = estimate([100.0, 112.0, 124.0, 136.0], 100000, on_cpu=False)[3]
-    assert records[-1] == (logging.INFO, gpu) and 'about 13 days, 21:19:12' in gpu and 'CPU' not in gpu
+    assert basicsr_records[-1] == (logging.INFO, gpu) and 'about 13 days, 21:19:12' in gpu and 'CPU' not in gpu
     short = estimate([100.0, 112.0, 124.0, 136.0], 7000)[3]  # 6996 x 12 s = 23.3 hours
-    assert records[-1] == (logging.INFO, short) and 'about 23:19:12 (validation' in short and CPU_ADVICE not in short
+    assert basicsr_records[-1] == (logging.INFO, short)
+    assert 'about 23:19:12 (validation' in short and CPU_ADVICE not in short
 
 
-def test_fast_iterations_are_timed_until_five_seconds_or_ten(records) -> None:
+def test_fast_iterations_are_timed_until_five_seconds_or_ten(basicsr_records) -> None:
     # 0.1 s per iteration: 10 timed iterations (1 s) end the measurement at iteration 11
     lines = estimate([10.0 + 0.1 * i for i in range(15)], 1000)
     assert [i + 1 for i, line in enumerate(lines) if line] == [11]
@@ -159,7 +138,7 @@ def test_fast_iterations_are_timed_until_five_seconds_or_ten(records) -> None:
     assert [i + 1 for i, line in enumerate(estimate([10.0 + 2 * i for i in range(6)], 1000)) if line] == [4]
 
 
-def test_a_run_shorter_than_the_measurement_logs_at_its_last_iteration(records) -> None:
+def test_a_run_shorter_than_the_measurement_logs_at_its_last_iteration(basicsr_records) -> None:
     lines = estimate([5.0, 6.0, 7.0], 3)
     assert lines[:2] == [None, None]
     assert 'on the CPU (2 threads) (iterations 2-3;' in lines[2] and 'the remaining 0 of 3 iterations take about ' \

@@ -17,6 +17,7 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from ...archs.config import NOT_IN_TENSORS, config_from_state_dict
 from ...checkpoints import CONFIG_ENTRY
 from ...errors import ConfigError, OptionError
+from ...option_file import plain_options
 from ..infer import local_weights, read_weights
 from .rows import BenchModel
 
@@ -28,18 +29,9 @@ MOE_KEYS = ('expert_groups', 'routing')
 """Keys that shape tensors only in a network with the MoE upsampler."""
 
 
-def plain(value: Any) -> Any:
-    """``value`` with tuples as lists and mappings as dicts, as YAML writes them."""
-    if isinstance(value, Mapping):
-        return {k: plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    return value
-
-
 def flow(value: Any) -> str:
     """``value`` as one line of YAML (how an option file or ``--force_yml`` writes it)."""
-    text = yaml.safe_dump(plain(value), default_flow_style=True, width=10 ** 6).strip()
+    text = yaml.safe_dump(plain_options(value), default_flow_style=True, width=10 ** 6).strip()
     return text[:-len('...')].strip() if text.endswith('...') else text
 
 
@@ -87,7 +79,7 @@ def option_differences(options: Mapping[str, Any], net: torch.nn.Module, held: M
             basis = held[WIDTH_RATIOS[key]]
             if _width(key, given, basis) != _width(key, value, basis):
                 differences.append((key, given, value, given_explicitly))
-        elif key not in WIDTH_RATIOS and plain(built[key]) != plain(value):
+        elif key not in WIDTH_RATIOS and plain_options(built[key]) != plain_options(value):
             given = options[key] if given_explicitly and key != 'expert_groups' else built[key]
             differences.append((key, given, value, given_explicitly))
     return differences
@@ -164,7 +156,7 @@ def mismatch_message(model: BenchModel) -> Optional[str]:
         else:
             defaults = _defaults(net)
             saved = [f'network_g.{key}: {flow(value)}' for key, value in stored.items()
-                     if key != 'type' and plain(options.get(key, defaults.get(key))) != plain(value)]
+                     if key != 'type' and plain_options(options.get(key, defaults.get(key))) != plain_options(value)]
             if saved:
                 clause += f'; the checkpoint was saved with {", ".join(saved)}'
     return (f'{head}{clause}; to fix, give network_g the options the checkpoint was trained with{elsewhere}')
