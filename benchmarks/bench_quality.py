@@ -101,9 +101,9 @@ ROUTING_KEYS = ('experts_1pct', 'entropy', 'rerouted')
 
 
 def option_for(base: Path, preset: str, changes: Dict[str, object], *, data: Path, seed: int, iters: int,
-               val_every: int, scale: int) -> Dict[str, object]:
-    """The option dict of one run: the base file, the preset's and the configuration's changes, the study's
-    data, seed, budget and validation schedule."""
+               val_every: int, scale: int, study_changes: Optional[Dict[str, object]] = None) -> Dict[str, object]:
+    """The option dict of one run: the base file, the preset's changes, the study's data, seed, budget and
+    validation schedule, the changes every run of the study shares (``--set``), then the configuration's."""
     opt = read_option_file(base)
     study = {
         'name': 'run', 'manual_seed': seed, 'scale': scale, 'network_g:upscale': scale,
@@ -115,7 +115,7 @@ def option_for(base: Path, preset: str, changes: Dict[str, object], *, data: Pat
                                                             'test_y_channel': True}},
         'logger:print_freq': val_every, 'logger:save_checkpoint_freq': 10 * iters, 'logger:use_tb_logger': False,
     }
-    for key, value in {**PRESETS[preset], **study, **changes}.items():
+    for key, value in {**PRESETS[preset], **study, **(study_changes or {}), **changes}.items():
         apply_force_yml(opt, f'{key}={json.dumps(value)}')
     return json.loads(json.dumps(opt))  # plain dicts, in order
 
@@ -480,6 +480,17 @@ def plot_usage(runs: Sequence[Run], path: Path, title: str) -> List[PlotText]:
     return texts
 
 
+def parse_changes(changes: Sequence[str], where: str) -> Dict[str, object]:
+    """``KEY=VALUE`` arguments (``--force_yml`` syntax, the value read as YAML) as a dict."""
+    parsed: Dict[str, object] = {}
+    for change in changes:
+        key, equals, text = change.partition('=')
+        if not equals or not key:
+            raise SystemExit(f'bench_quality: {where}: {change!r} is not KEY=VALUE (e.g. train:ema_decay=0.999)')
+        parsed[key] = yaml.safe_load(text)
+    return parsed
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -496,6 +507,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--define', nargs='+', action='append', default=[], metavar=('NAME', 'KEY=VALUE'),
                         help='a configuration: NAME then option changes in --force_yml syntax, '
                              'e.g. --define st_aux network_g:routing_grad=straight_through train:aux_loss_weight=0.01')
+    parser.add_argument('--set', nargs='+', default=[], metavar='KEY=VALUE', dest='study_changes',
+                        help='option changes every run of the study shares, after the preset and before each '
+                             'configuration\'s, e.g. --set train:ema_decay=0.999')
     parser.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])
     parser.add_argument('--iters', type=int, default=2000)
     parser.add_argument('--val-every', type=int, default=250)
@@ -511,10 +525,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     defined = dict(CONFIGS)
     for name, *changes in args.define:
-        defined[name] = {}
-        for change in changes:
-            key, _, text = change.partition('=')
-            defined[name][key] = yaml.safe_load(text)
+        defined[name] = parse_changes(changes, f'--define {name}')
+    study_changes = parse_changes(args.study_changes, '--set')
     unknown = [c for c in args.configs if c not in defined]
     if unknown:
         raise SystemExit(f'bench_quality: unknown configuration(s) {unknown}; built-in: {sorted(CONFIGS)}')
@@ -532,10 +544,10 @@ def main(argv=None) -> int:
     data = args.data.resolve()
     runs = [Run(config, seed, args.out / 'runs' / f'{config}_seed{seed}',
                 option_for(args.base, args.preset, defined[config], data=data, seed=seed, iters=args.iters,
-                           val_every=args.val_every, scale=args.scale), args.threads)
+                           val_every=args.val_every, scale=args.scale, study_changes=study_changes), args.threads)
             for config in args.configs for seed in args.seeds]
     started = time.monotonic()
-    run_all(runs, args.jobs)
+    run_all(sorted(runs, key=lambda run: args.seeds.index(run.seed)), args.jobs)
     bicubic = bicubic_psnr(runs[0].opt)
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv(runs, bicubic, args.out / 'quality.csv')
@@ -543,7 +555,8 @@ def main(argv=None) -> int:
     settings = (f'Preset `{args.preset}` (embed_dim {network.get("embed_dim", 180)}, depths {network.get("depths")}, '
                 f'window {network.get("window_size")}), x{args.scale}, {args.iters} iterations, seeds {args.seeds}, '
                 f'validation every {args.val_every} on {data / "Test_HR"} (PSNR Y, border {args.scale}). '
-                'Configurations: ' + '; '.join(f'`{c}`: {defined[c] or "MFGHMoEArch defaults"}' for c in args.configs)
+                + (f'Every run: {study_changes}. ' if study_changes else '')
+                + 'Configurations: ' + '; '.join(f'`{c}`: {defined[c] or "MFGHMoEArch defaults"}' for c in args.configs)
                 + '.')
     report = summarise(runs, budgets, args.reference, bicubic, settings)
     (args.out / 'quality.md').write_text(report)

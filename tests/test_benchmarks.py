@@ -268,3 +268,18 @@ def test_bench_quality_usage_plot_draws_each_experts_mean_share(tmp_path: Path) 
     assert math.isclose(max(runs_down), 80, abs_tol=1) and any(math.isclose(n, 25, abs_tol=1) for n in runs_down)
     assert bench.plot_usage(runs[:2], tmp_path / 'none.png', 'hat only') == []
     assert not (tmp_path / 'none.png').exists()
+
+
+def test_bench_quality_study_changes_apply_to_every_run_and_configurations_still_win(tmp_path: Path) -> None:
+    bench = load_bench_quality()
+    study = bench.parse_changes(['train:ema_decay=0.999', 'network_g:balance_rate=0.01'], '--set')
+    assert study == {'train:ema_decay': 0.999, 'network_g:balance_rate': 0.01}
+    base = BENCHMARKS.parent / 'options' / 'train_ucm_x4.yml'
+    common = dict(data=tmp_path, seed=3, iters=80, val_every=20, scale=4)
+    plain = bench.option_for(base, 'tiny', bench.CONFIGS['authors'], **common)
+    assert plain['train']['ema_decay'] == 0  # the tiny preset's
+    ema = bench.option_for(base, 'tiny', {'network_g:balance_rate': 0.1}, study_changes=study, **common)
+    assert ema['train']['ema_decay'] == 0.999 and ema['network_g']['balance_rate'] == 0.1
+    assert ema['manual_seed'] == 3 and ema['train']['total_iter'] == 80
+    with pytest.raises(SystemExit, match=r"--set: 'train:ema_decay' is not KEY=VALUE"):
+        bench.parse_changes(['train:ema_decay'], '--set')

@@ -243,7 +243,8 @@ def test_authors_weights_load_strictly_into_the_balancing_options_and_give_their
     net = MFGHMoEArch(**ref['config'], balance='bias', routing_norm='center').eval()
     net.load_state_dict(ref['state_dict'], strict=True)  # the missing balance state starts at zero
     assert set(net.balance_state_names()) == {'upsample.0.gate.group_bias', 'upsample.0.gate.expert_bias',
-                                              'upsample.0.feature_mean', 'upsample.0.feature_batches'}
+                                              'upsample.0.gate.balance_updates', 'upsample.0.feature_mean',
+                                              'upsample.0.feature_batches'}
     with torch.no_grad():
         out = net(ref['input'])
     assert (out - ref['output']).abs().max() <= 1e-4
@@ -518,6 +519,10 @@ def test_isolated_routing_gradient_trains_the_routers_but_stops_at_the_backbone(
     (dict(use_checkpoint='yes'), r'`use_checkpoint` must be true or false'),
     (dict(balance='loss'), r"`balance` must be one of \('none', 'bias'\), got 'loss'"),
     (dict(balance='bias', balance_rate=0), r'`balance_rate` must be a number in \(0, 1\], got 0'),
+    (dict(balance='bias', balance_until=0), r'`balance_until` must be null or a positive number of training '
+                                            r'iterations, got 0'),
+    (dict(balance='bias', balance_until=1.5), r'`balance_until` must be null or a positive'),
+    (dict(balance_until=100), r'`balance_until` must be null unless balance is bias .*, got 100'),
     (dict(routing_norm='batch'), r"`routing_norm` must be one of \('none', 'center'\)"),
     (dict(moe=False, mfa=False, balance='bias'), r'`balance` must be none when moe is false'),
     (dict(moe=False, mfa=False, routing_norm='center'), r'`routing_norm` must be none when moe is false'),

@@ -143,9 +143,50 @@ def test_single_router_bias_balances_its_experts() -> None:
     torch.testing.assert_close(routing.weight, torch.ones(400, 1))
 
 
+@pytest.mark.parametrize('router_type', [DualRouter, SingleRouter])
+def test_bias_adapts_for_balance_until_forwards_then_stays_frozen(router_type) -> None:
+    torch.manual_seed(2)
+    router = router_type(4, [2, 2], top_k=1, balance='bias', balance_rate=0.02, balance_until=3).train()
+    x = torch.randn(300, 4)
+    history = []
+    for _ in range(6):
+        router(x)
+        history.append({name: router.state_dict()[name].clone() for name in router.balance_state_names()})
+    assert [int(state['balance_updates']) for state in history] == [1, 2, 3, 3, 3, 3]
+    for name in ('expert_bias',) + (('group_bias',) if router_type is DualRouter else ()):
+        assert not torch.equal(history[1][name], history[2][name])  # the third forward still updates
+        for later in history[3:]:
+            assert torch.equal(later[name], history[2][name]), name  # frozen from the fourth on
+    resumed = router_type(4, [2, 2], top_k=1, balance='bias', balance_rate=0.02, balance_until=3).train()
+    resumed.load_state_dict(router.state_dict(), strict=True)
+    resumed(x)
+    assert torch.equal(resumed.expert_bias, router.expert_bias)  # a resumed run stays frozen
+
+
+def test_bias_without_balance_until_keeps_counting_and_updating() -> None:
+    router = DualRouter(4, [2, 2], top_k=1, balance='bias', balance_rate=0.02).train()
+    with torch.no_grad():
+        router.w_group_gate.bias.copy_(torch.tensor([2.0, 0.0]))
+    x = torch.randn(300, 4)
+    biases = []
+    for _ in range(5):
+        router(x)
+        biases.append(router.group_bias.clone())
+    assert int(router.balance_updates) == 5
+    assert all(not torch.equal(a, b) for a, b in zip(biases, biases[1:]))
+
+
+def test_checkpoint_without_the_update_count_loads_and_counts_from_zero() -> None:
+    trained = DualRouter(4, [2, 2], top_k=1, balance='bias')
+    state = {k: v for k, v in trained.state_dict().items() if k != 'balance_updates'}
+    router = DualRouter(4, [2, 2], top_k=1, balance='bias', balance_until=10)
+    router.load_state_dict(state, strict=True)
+    assert router.balance_updates.dtype == torch.long and int(router.balance_updates) == 0
+
+
 def test_balance_state_is_persistent_only_when_on() -> None:
     assert set(DualRouter(4, [2, 2], 1).state_dict()) == {
         'w_group_gate.weight', 'w_group_gate.bias', 'w_expert_gates.0.weight', 'w_expert_gates.0.bias',
         'w_expert_gates.1.weight', 'w_expert_gates.1.bias', 'group_embedding.weight'}
-    assert {'group_bias', 'expert_bias'} <= set(DualRouter(4, [2, 2], 1, balance='bias').state_dict())
+    assert {'group_bias', 'expert_bias', 'balance_updates'} <= set(DualRouter(4, [2, 2], 1, balance='bias').state_dict())
     assert 'expert_bias' in SingleRouter(4, [2, 2], 1, balance='bias').state_dict()

@@ -6,8 +6,8 @@ relative-position tables and indices; ``overlap_ratio`` from the overlapping-att
 ``squeeze_factor`` and ``mlp_ratio`` from the channel-attention and MLP widths; ``qkv_bias``, ``patch_norm``,
 ``ape`` (and then ``img_size``) and ``resi_connection`` from which tensors exist; ``upscale`` from the
 upsampler; ``moe``, ``mfa``, ``routing`` and ``expert_groups`` (sizes from the routers, kernel sizes from the
-experts); ``balance: bias`` and ``routing_norm: center`` from their buffers (``balance_rate``, a training setting,
-is not recorded).
+experts); ``balance: bias`` and ``routing_norm: center`` from their buffers (``balance_rate`` and
+``balance_until``, training settings, are not recorded).
 
 What no tensor records -- ``top_k``, ``rgb_mean``, ``img_range`` -- is taken from the ``network_g`` entry that
 this project writes into its checkpoints (:data:`CONFIG_ENTRY`), and otherwise defaults to the authors' values

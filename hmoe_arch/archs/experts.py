@@ -128,6 +128,7 @@ class HeterogeneousMoE(nn.Module):
             (see :data:`~hmoe_arch.archs.routing.ROUTING_GRADS`) lets the straight-through weights carry it.
         balance: ``'bias'``: loss-free balancing biases in the routers (see :mod:`~hmoe_arch.archs.routing`).
         balance_rate: Their update rate.
+        balance_until: Training forwards during which they adapt (frozen after); ``None``: all of training.
         routing_norm: ``'center'``: the routers read the routing features minus their running mean (buffer
             ``feature_mean``, updated from each training batch with :data:`CENTER_MOMENTUM`, the first batch
             taken as it is; frozen in eval mode like BatchNorm's statistics; zero, which changes nothing, when
@@ -137,7 +138,7 @@ class HeterogeneousMoE(nn.Module):
 
     def __init__(self, channels: int, scale: int, routing_dim: int, expert_groups: Sequence[ExpertGroup],
                  top_k: int, routing: str, routing_grad: str = 'none', balance: str = 'none',
-                 balance_rate: float = 1e-3, routing_norm: str = 'none') -> None:
+                 balance_rate: float = 1e-3, routing_norm: str = 'none', balance_until: Optional[int] = None) -> None:
         super().__init__()
         if routing_grad not in ROUTING_GRADS:
             raise ValueError(f'HeterogeneousMoE: routing_grad must be one of {ROUTING_GRADS}, got {routing_grad!r}')
@@ -160,7 +161,8 @@ class HeterogeneousMoE(nn.Module):
             nn.Conv2d(channels, self.out_channels, k, 1, k // 2) for k, count in expert_groups for _ in range(count)
         ])
         router = DualRouter if routing == 'dual' else SingleRouter
-        self.gate = router(routing_dim, [count for _, count in expert_groups], top_k, balance, balance_rate)
+        self.gate = router(routing_dim, [count for _, count in expert_groups], top_k, balance=balance,
+                           balance_rate=balance_rate, balance_until=balance_until)
         self.gate.centered = routing_grad == 'centered'
         self.dense = False
         """Evaluate every expert on every pixel and mask (:meth:`dense_dispatch`, the authors' computation): shapes
@@ -292,9 +294,9 @@ class MoEUpsampler(nn.Sequential):
 
     def __init__(self, scale: int, num_feat: int, routing_dim: int, expert_groups: Sequence[ExpertGroup],
                  top_k: int, routing: str, routing_grad: str = 'none', balance: str = 'none',
-                 balance_rate: float = 1e-3, routing_norm: str = 'none') -> None:
+                 balance_rate: float = 1e-3, routing_norm: str = 'none', balance_until: Optional[int] = None) -> None:
         super().__init__(HeterogeneousMoE(num_feat, scale, routing_dim, expert_groups, top_k, routing, routing_grad,
-                                          balance, balance_rate, routing_norm),
+                                          balance, balance_rate, routing_norm, balance_until),
                          nn.PixelShuffle(scale))
 
     @property

@@ -154,6 +154,12 @@ def check_arguments(a: SimpleNamespace, unknown: Mapping[str, Any]) -> Tuple[Tup
     if isinstance(a.balance_rate, bool) or not isinstance(a.balance_rate, (int, float)) or \
             not 0 < a.balance_rate <= 1:
         _fail('balance_rate', 'a number in (0, 1]', a.balance_rate)
+    if a.balance_until is not None and (isinstance(a.balance_until, bool) or not isinstance(a.balance_until, int)
+                                        or a.balance_until < 1):
+        _fail('balance_until', 'null or a positive number of training iterations', a.balance_until)
+    if a.balance_until is not None and a.balance != 'bias':
+        _fail('balance_until', f'null unless balance is bias (there are no biases to freeze with balance: '
+              f'{a.balance})', a.balance_until)
     if a.routing_norm not in ROUTING_NORMS:
         _fail('routing_norm', f'one of {ROUTING_NORMS}', a.routing_norm)
     if a.attention not in ATTENTIONS:
@@ -217,7 +223,8 @@ class MFGHMoEArch(nn.Module):
                  rgb_mean: Optional[Sequence[float]] = None, mfa: bool = True, moe: bool = True,
                  expert_groups: Sequence[Mapping] = PAPER_EXPERT_GROUPS, top_k: int = 1, routing: str = 'dual',
                  routing_grad: str = 'none', balance: str = 'none', balance_rate: float = 1e-3,
-                 routing_norm: str = 'none', attention: str = 'sdpa', **unknown: Any) -> None:
+                 balance_until: Optional[int] = None, routing_norm: str = 'none', attention: str = 'sdpa',
+                 **unknown: Any) -> None:
         super().__init__()
         arguments = {k: v for k, v in locals().items() if k not in ('self', 'unknown', '__class__')}
         groups = check_arguments(SimpleNamespace(**arguments), unknown)
@@ -269,7 +276,7 @@ class MFGHMoEArch(nn.Module):
         self.conv_before_upsample = nn.Sequential(nn.Conv2d(embed_dim, NUM_FEAT, 3, 1, 1), nn.LeakyReLU(inplace=True))
         if moe:
             self.upsample = MoEUpsampler(upscale, NUM_FEAT, NUM_FEAT, groups, top_k, routing, routing_grad,
-                                         balance, balance_rate, routing_norm)
+                                         balance, balance_rate, routing_norm, balance_until)
         else:
             self.upsample = Upsample(upscale, NUM_FEAT)
         self.conv_last = nn.Conv2d(NUM_FEAT, in_chans, 3, 1, 1)

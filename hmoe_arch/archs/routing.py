@@ -31,10 +31,13 @@ come from the unbiased probabilities. After every training forward, ``b_i += rat
 ``load_i`` the fraction of the routed slots that chose ``i`` (the proportional update the paper needed for a
 softmax gate), summed over ranks in distributed training. The biases are persistent buffers (they decide the
 routing at inference) updated only in training mode, like BatchNorm's statistics; loading a checkpoint without
-them (the authors', or one trained without) starts them at zero, which changes no decision.
+them (the authors', or one trained without) starts them at zero, which changes no decision. With
+``balance_until: n`` the biases adapt during the first ``n`` training forwards and are frozen after (StableMoE's
+two stages: balance while the assignment forms, then keep it fixed); the buffer ``balance_updates`` counts the
+updates made, so a resumed run freezes at the same point.
 """
 from dataclasses import dataclass
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -114,12 +117,21 @@ def summed_over_ranks(counts: torch.Tensor) -> torch.Tensor:
     return counts
 
 
-def update_bias(bias: torch.Tensor, counts: torch.Tensor, rate: float) -> None:
+def update_bias(bias: torch.Tensor, counts: torch.Tensor, rate: Union[float, torch.Tensor]) -> None:
     """``bias += rate * (1/n - load)`` in place for the ``(n,)`` slot counts of one router (no update without
     slots)."""
     total = counts.sum()
     if total > 0:
         bias += rate * (1.0 / counts.numel() - counts / total)
+
+
+def step_rate(updates: torch.Tensor, rate: float, until: Optional[int]) -> torch.Tensor:
+    """The bias update rate of one training forward: ``rate`` while fewer than ``until`` updates were made
+    (always when ``until`` is None), else 0; counts the update in ``updates`` (a scalar long buffer) in place.
+    Stays on the device: no host synchronisation per step."""
+    active = torch.ones_like(updates, dtype=torch.bool) if until is None else updates < until
+    updates += active.long()
+    return active.float() * rate
 
 
 def zeros_where_missing(names: Sequence[str], shapes: Dict[str, Any]):
@@ -146,13 +158,13 @@ class DualRouter(nn.Module):
     """
 
     def __init__(self, dim: int, group_sizes: Sequence[int], top_k: int, balance: str = 'none',
-                 balance_rate: float = 1e-3) -> None:
+                 balance_rate: float = 1e-3, balance_until: Optional[int] = None) -> None:
         super().__init__()
         self.group_sizes = tuple(group_sizes)
         self.top_k = top_k
         self.centered = False
         """Centered straight-through weights (``routing_grad: centered``; set by the expert bank)."""
-        self.balance, self.balance_rate = balance, balance_rate
+        self.balance, self.balance_rate, self.balance_until = balance, balance_rate, balance_until
         self.w_group_gate = nn.Linear(dim, len(group_sizes))
         self.w_expert_gates = nn.ModuleList([nn.Linear(dim, size) for size in group_sizes])
         self.group_embedding = nn.Embedding(len(group_sizes), dim)
@@ -166,7 +178,9 @@ class DualRouter(nn.Module):
             shapes = {'group_bias': (len(group_sizes),), 'expert_bias': (len(group_sizes), largest)}
             for name, shape in shapes.items():
                 self.register_buffer(name, torch.zeros(shape))
-            self._register_load_state_dict_pre_hook(zeros_where_missing(list(shapes), shapes))
+            self.register_buffer('balance_updates', torch.zeros((), dtype=torch.long))
+            self._register_load_state_dict_pre_hook(zeros_where_missing(
+                [*shapes, 'balance_updates'], {**shapes, 'balance_updates': ()}))
 
     def forward(self, x: torch.Tensor) -> Routing:
         """Route ``(N, dim)`` routing features."""
@@ -203,14 +217,15 @@ class DualRouter(nn.Module):
         slots = (group.unsqueeze(1) * largest + local).reshape(-1)
         counts[num_groups:] = torch.bincount(slots, minlength=num_groups * largest)
         counts = summed_over_ranks(counts)
-        update_bias(self.group_bias, counts[:num_groups], self.balance_rate)
+        rate = step_rate(self.balance_updates, self.balance_rate, self.balance_until)
+        update_bias(self.group_bias, counts[:num_groups], rate)
         expert_counts = counts[num_groups:].view(num_groups, largest)
         for g, size in enumerate(self.group_sizes):
-            update_bias(self.expert_bias[g, :size], expert_counts[g, :size], self.balance_rate)
+            update_bias(self.expert_bias[g, :size], expert_counts[g, :size], rate)
 
     def balance_state_names(self) -> List[str]:
         """Buffers :attr:`balance` keeps (empty without it)."""
-        return ['group_bias', 'expert_bias'] if self.balance == 'bias' else []
+        return ['group_bias', 'expert_bias', 'balance_updates'] if self.balance == 'bias' else []
 
     def aux_loss(self, routing: Routing) -> torch.Tensor:
         """Group balance plus each group's expert balance over its own pixels, weighted by its share."""
@@ -233,19 +248,20 @@ class SingleRouter(nn.Module):
     """
 
     def __init__(self, dim: int, group_sizes: Sequence[int], top_k: int, balance: str = 'none',
-                 balance_rate: float = 1e-3) -> None:
+                 balance_rate: float = 1e-3, balance_until: Optional[int] = None) -> None:
         super().__init__()
         self.top_k = top_k
         self.centered = False
         """Centered straight-through weights (``routing_grad: centered``; set by the expert bank)."""
-        self.balance, self.balance_rate = balance, balance_rate
+        self.balance, self.balance_rate, self.balance_until = balance, balance_rate, balance_until
         self.w_gate = nn.Linear(dim, sum(group_sizes))
         group_of_expert = torch.repeat_interleave(torch.arange(len(group_sizes)), torch.tensor(group_sizes))
         self.register_buffer('group_of_expert', group_of_expert, persistent=False)
         if balance == 'bias':
             self.register_buffer('expert_bias', torch.zeros(sum(group_sizes)))
-            self._register_load_state_dict_pre_hook(
-                zeros_where_missing(['expert_bias'], {'expert_bias': (sum(group_sizes),)}))
+            self.register_buffer('balance_updates', torch.zeros((), dtype=torch.long))
+            self._register_load_state_dict_pre_hook(zeros_where_missing(
+                ['expert_bias', 'balance_updates'], {'expert_bias': (sum(group_sizes),), 'balance_updates': ()}))
 
     def forward(self, x: torch.Tensor) -> Routing:
         """Route ``(N, dim)`` routing features."""
@@ -256,7 +272,8 @@ class SingleRouter(nn.Module):
             if self.training:
                 with torch.no_grad():
                     counts = torch.bincount(expert.reshape(-1), minlength=probs.shape[-1]).to(probs.dtype)
-                    update_bias(self.expert_bias, summed_over_ranks(counts), self.balance_rate)
+                    rate = step_rate(self.balance_updates, self.balance_rate, self.balance_until)
+                    update_bias(self.expert_bias, summed_over_ranks(counts), rate)
         else:
             top_probs, expert = probs.topk(self.top_k, dim=-1)
         group = self.group_of_expert[expert[:, 0]]
@@ -273,4 +290,4 @@ class SingleRouter(nn.Module):
 
     def balance_state_names(self) -> List[str]:
         """Buffers :attr:`balance` keeps (empty without it)."""
-        return ['expert_bias'] if self.balance == 'bias' else []
+        return ['expert_bias', 'balance_updates'] if self.balance == 'bias' else []
