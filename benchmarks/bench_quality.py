@@ -55,7 +55,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import hmoe_arch  # noqa: E402,F401  (registers the plugin before basicsr is imported)
-from hmoe_arch.archs.mfghmoe_arch import HAT_RGB_MEAN  # noqa: E402
+from hmoe_arch.archs.config import HAT_RGB_MEAN  # noqa: E402
 from hmoe_arch.commands.bench.report import FONT, THICKNESS, PlotText, fit_text  # noqa: E402
 from hmoe_arch.expert_maps import expert_palette  # noqa: E402
 from hmoe_arch.options import apply_force_yml, read_option_file  # noqa: E402

@@ -3,7 +3,7 @@ import torch
 
 import hmoe_arch  # noqa: F401  (registers the plugin before anything imports basicsr)
 from hmoe_arch import MFGHMoEArch
-from hmoe_arch.archs.mfghmoe_arch import HAT_RGB_MEAN
+from hmoe_arch.archs.config import HAT_RGB_MEAN
 
 TINY = dict(embed_dim=60, depths=[2, 2], num_heads=[6, 6], window_size=8, squeeze_factor=10)
 """A small network for CPU runs (CI); the paper size is MFGHMoEArch's default."""

@@ -40,11 +40,6 @@ from hmoe_arch.data.rs_paired_dataset import RSPairedDataset  # noqa: E402
 TINY = dict(embed_dim=24, depths=[2, 2], num_heads=[4, 4], window_size=8, squeeze_factor=8, upscale=4)
 
 
-def set_routing_grad(net: MFGHMoEArch, mode: str) -> None:
-    net.routing_grad = mode
-    net.upsample.moe.routing_grad = mode
-
-
 def backbone_grads(net: MFGHMoEArch) -> torch.Tensor:
     """Gradients of the backbone: neither the routing parameters nor the expert bank."""
     routing = set(net.routing_parameter_names())
@@ -57,6 +52,7 @@ def train(mode: str, args: argparse.Namespace) -> List[Dict[str, float]]:
     random.seed(args.seed)
     np.random.seed(args.seed)
     net = MFGHMoEArch(**TINY, routing_grad=mode).train()
+    aux_weight = args.aux_weight if net.routing_grad.learns else 0.0  # else the loss would reach no parameter
     optimiser = torch.optim.Adam(net.parameters(), lr=2e-4, betas=(0.9, 0.99))
     dataset = RSPairedDataset({'phase': 'train', 'scale': 4, 'dataroot_gt': str(args.data / 'Train'),
                                'split_file': str(args.data / 'train.txt'), 'degradation': 'bicubic',
@@ -95,8 +91,8 @@ def train(mode: str, args: argparse.Namespace) -> List[Dict[str, float]]:
             optimiser.zero_grad()
             rng = torch.get_rng_state()  # the reference pass below draws the same drop-path masks
             loss = (net(batch['lq']) - batch['gt']).abs().mean()
-            if args.aux_weight and mode != 'none':
-                (loss + args.aux_weight * net.aux_loss()).backward()
+            if aux_weight:
+                (loss + aux_weight * net.aux_loss()).backward()
             else:
                 loss.backward()
             chosen = moe.last_routing.expert.flatten()
@@ -104,7 +100,7 @@ def train(mode: str, args: argparse.Namespace) -> List[Dict[str, float]]:
             updates += counts > 0
             interval += counts
             if measure:
-                row = {'mode': mode + (f' + aux {args.aux_weight:g}' if args.aux_weight and mode != 'none' else ''),
+                row = {'mode': mode + (f' + aux {aux_weight:g}' if aux_weight else ''),
                        'iteration': iteration, 'loss': float(loss)}
                 g_mfa = math.sqrt(sum(float(g) ** 2 for g in branch_grads))
                 row['g_mfa / g_rec'] = g_mfa / float(rec_grads[0])
@@ -114,12 +110,12 @@ def train(mode: str, args: argparse.Namespace) -> List[Dict[str, float]]:
                 row['router grad'] = float(torch.cat(routing_grad).norm()) if routing_grad else 0.0
                 own = backbone_grads(net).clone()
                 saved = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
-                set_routing_grad(net, 'none')
+                net.set_routing_grad('none')
                 optimiser.zero_grad()
                 torch.set_rng_state(rng)
                 (net(batch['lq']) - batch['gt']).abs().mean().backward()
                 reference = backbone_grads(net)
-                set_routing_grad(net, mode)
+                net.set_routing_grad(mode)
                 for n, p in net.named_parameters():
                     p.grad = saved.get(n)
                 row['backbone shift'] = float((own - reference).norm() / reference.norm())

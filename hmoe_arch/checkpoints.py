@@ -1,6 +1,7 @@
 """Reading and writing checkpoint files: BasicSR ``.pth`` (``torch.load(weights_only=True)``), ``.safetensors``
 (the network options in its metadata) and weights given as an ``https://`` URL (downloaded once into torch's hub
-cache, checked against ``#sha256=<hex>`` when the URL ends with it).
+cache, checked against ``#sha256=<hex>`` when the URL ends with it); the state_dict inside a checkpoint
+(:func:`state_dict_of`) and which of its tensors fit a network (:func:`match_state_dict`).
 
 ``safetensors`` is the optional extra ``pip install -e .[export]``; it is imported only for such files.
 """
@@ -9,17 +10,26 @@ import json
 import os
 import re
 import urllib.parse
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 
+from .atomic import atomic_path, plain_file_mode  # noqa: F401 (plain_file_mode: re-exported)
 from .errors import CheckpointError
 
 CONFIG_ENTRY = 'network_g'
 """Checkpoint entry (``.pth``) or safetensors metadata key (JSON) holding the network options."""
 SAFETENSORS_PARAM_KEY = 'params_ema'
 """The entry a ``.safetensors`` file stands for when read as a BasicSR checkpoint."""
+FALLBACK_PARAM_KEYS = ('params', 'params_ema')
+"""Entries tried, in this order, when a checkpoint has no state_dict under the requested ``param_key``."""
+UNNAMED = '<state_dict>'
+"""How messages name a checkpoint that was given as a loaded mapping rather than a file or URL."""
+
+CheckpointSource = Union[str, os.PathLike, Mapping]
+"""A checkpoint file's path, an ``https://`` URL of one, or a checkpoint already loaded."""
 
 
 def _safetensors():
@@ -72,30 +82,8 @@ def write_safetensors(state: Mapping[str, torch.Tensor], path: Union[str, os.Pat
     safetensors.torch.save_file(tensors, str(path), metadata=metadata)
 
 
-def plain_file_mode() -> int:
-    """The permission bits ``open(path, 'w')`` gives a new file: ``0o666 & ~umask`` (the umask read from
-    ``/proc/self/status`` on Linux, else by setting it and setting it back at once)."""
-    try:
-        with open('/proc/self/status') as status:
-            for line in status:
-                if line.startswith('Umask:'):
-                    return 0o666 & ~int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o077)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def move_into_place(partial: Union[str, os.PathLike], target: Union[str, os.PathLike]) -> None:
-    """Rename the complete file ``partial`` to ``target`` (atomic on one file system), with the permissions a plain
-    ``open(target, 'w')`` would give it (:func:`plain_file_mode`): writers that go through a private temporary
-    file of their own (safetensors' ``save_file``, torch.hub's download) leave it 0600."""
-    os.chmod(partial, plain_file_mode())
-    os.replace(partial, target)
-
-
 def is_url(text: Union[str, os.PathLike]) -> bool:
+    """Whether ``text`` is an ``https://`` (or ``http://``) address rather than a path."""
     return str(text).startswith(('https://', 'http://'))
 
 
@@ -119,20 +107,17 @@ def fetch_weights(url: str, cache_dir: Optional[Union[str, os.PathLike]] = None)
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / (f'{expected[:12]}-{name}' if expected else name)
     if not target.is_file():
-        partial = target.with_name(f'.{target.name}.partial-{os.getpid()}')
         try:
-            torch.hub.download_url_to_file(address, str(partial), progress=False)
-            found = file_digest(partial, 'sha256') if expected is not None else None
-            if found != expected:
-                raise CheckpointError(f'{url}: the downloaded file has SHA-256 {found}, not {expected}; '
-                                      'it was not kept')
-            move_into_place(partial, target)
+            with atomic_path(target) as partial:
+                torch.hub.download_url_to_file(address, str(partial), progress=False)
+                found = file_digest(partial, 'sha256') if expected is not None else None
+                if found != expected:
+                    raise CheckpointError(f'{url}: the downloaded file has SHA-256 {found}, not {expected}; '
+                                          'it was not kept')
         except CheckpointError:
             raise
         except Exception as error:
             raise CheckpointError(f'{url}: cannot download it ({error})') from None
-        finally:
-            partial.unlink(missing_ok=True)
     elif expected is not None and (found := file_digest(target, 'sha256')) != expected:
         raise CheckpointError(f'{url}: the cached copy {target} has SHA-256 {found}, not {expected}; '
                               'remove it to download again')
@@ -146,3 +131,119 @@ def file_digest(path: Path, algorithm: str) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b''):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def source_name(source: CheckpointSource) -> str:
+    """How messages name ``source``: its path or URL, :data:`UNNAMED` for a checkpoint already loaded."""
+    return os.fspath(source) if isinstance(source, (str, os.PathLike)) else UNNAMED
+
+
+def local_checkpoint(source: Union[str, os.PathLike]) -> Path:
+    """The file ``source`` names: the path itself, or for an ``https://`` URL its cached download
+    (:func:`fetch_weights`); whether the file exists is not checked.
+
+    Raises:
+        CheckpointError: for a URL that cannot be downloaded or whose file fails its hash check.
+    """
+    return fetch_weights(str(source)) if is_url(source) else Path(source)
+
+
+def read_checkpoint(source: CheckpointSource) -> Mapping[str, Any]:
+    """The checkpoint ``source`` stands for: a loaded one as it is, else its file (:func:`local_checkpoint`) as
+    :func:`read_checkpoint_file` reads it.
+
+    Raises:
+        FileNotFoundError: naming the path when there is no such file.
+        CheckpointError: naming the file or URL when it cannot be fetched or is not a checkpoint of tensors.
+    """
+    if isinstance(source, Mapping):
+        return source
+    path = local_checkpoint(source)
+    if not path.is_file():
+        raise FileNotFoundError(f'checkpoint not found: {path}')
+    return read_checkpoint_file(path)
+
+
+def state_dict_of(checkpoint: Any, param_key: str = 'params', source: str = UNNAMED) -> Dict[str, torch.Tensor]:
+    """The name -> tensor mapping inside ``checkpoint`` (BasicSR's, HAT's, the authors' or a bare state_dict): its
+    ``param_key`` entry, else the first of :data:`FALLBACK_PARAM_KEYS` that holds a mapping, else the checkpoint
+    itself; DataParallel/DDP ``module.`` prefixes are removed.
+
+    Raises:
+        CheckpointError: naming ``source`` when that is not a non-empty mapping of names to tensors.
+    """
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointError(f'{source}: expected a state_dict or a dict with a `{param_key}` (or `params`, '
+                              f'`params_ema`) state_dict, found a {type(checkpoint).__name__}')
+    for key in dict.fromkeys((param_key, *FALLBACK_PARAM_KEYS)):
+        if isinstance(checkpoint.get(key), Mapping):
+            checkpoint = checkpoint[key]
+            break
+    names = [str(k) for k in checkpoint][:10]
+    if not checkpoint or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in checkpoint.items()):
+        raise CheckpointError(f'{source}: expected a state_dict (parameter names -> tensors) or a dict with a '
+                              f'`{param_key}` (or `params`, `params_ema`) state_dict, found the entries {names}')
+    return {(k[len('module.'):] if k.startswith('module.') else k): v for k, v in checkpoint.items()}
+
+
+@dataclass
+class LoadReport:
+    """Which tensors of a checkpoint a network took (:func:`match_state_dict`; what
+    :meth:`hmoe_arch.MFGHMoEArch.load_pretrained` returns).
+
+    Attributes:
+        loaded: Network keys filled from the checkpoint.
+        kept_init: Modules (shortest prefixes) none of whose tensors were in the checkpoint, and remaining
+            network keys that were not, in state_dict order.
+        unused: Checkpoint keys not loaded, each with the reason.
+    """
+
+    loaded: List[str] = field(default_factory=list)
+    kept_init: List[str] = field(default_factory=list)
+    unused: List[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """``Kept their initialisation: ...`` and ``Checkpoint tensors not used: ...`` (one line per tensor)."""
+        kept = ', '.join(self.kept_init) if self.kept_init else 'none'
+        unused = ''.join(f'\n  {line}' for line in self.unused) if self.unused else ' none'
+        return f'Kept their initialisation: {kept}\nCheckpoint tensors not used:{unused}'
+
+
+def match_state_dict(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]
+                     ) -> Tuple[Dict[str, torch.Tensor], LoadReport]:
+    """The tensors of ``state`` that a network whose state_dict is ``own`` can take (same name, same shape), and
+    the :class:`LoadReport` of what was taken and what was not."""
+    report, accepted = LoadReport(), {}
+    for key, tensor in state.items():
+        if key not in own:
+            report.unused.append(f'{key} {list(tensor.shape)} (no such tensor in this network)')
+        elif own[key].shape != tensor.shape:
+            report.unused.append(f'{key} {list(tensor.shape)} (network has {list(own[key].shape)})')
+        else:
+            accepted[key] = tensor
+            report.loaded.append(key)
+    report.kept_init = _collapse_to_modules([k for k in own if k not in accepted], list(own))
+    return accepted, report
+
+
+def _collapse_to_modules(missing: List[str], all_keys: List[str]) -> List[str]:
+    """``missing`` keys with each replaced by its shortest module prefix all of whose keys (in ``all_keys``) are
+    missing; order kept, duplicates dropped."""
+    def prefixes(key: str) -> List[str]:
+        parts = key.split('.')
+        return ['.'.join(parts[:i]) for i in range(1, len(parts))]
+
+    total: Dict[str, int] = {}
+    for key in all_keys:
+        for prefix in prefixes(key):
+            total[prefix] = total.get(prefix, 0) + 1
+    absent: Dict[str, int] = {}
+    for key in missing:
+        for prefix in prefixes(key):
+            absent[prefix] = absent.get(prefix, 0) + 1
+    collapsed: List[str] = []
+    for key in missing:
+        name = next((p for p in prefixes(key) if absent[p] == total[p]), key)
+        if name not in collapsed:
+            collapsed.append(name)
+    return collapsed

@@ -1,221 +1,218 @@
-"""Option files: BasicSR's option semantics with a safe ``--force_yml`` and CPU-capable distributed setup.
+"""Option files as plain data: a safe YAML reader, ``--force_yml``, and the checks that need no network.
 
-Reading and the checks that need no network are in :mod:`hmoe_arch.option_file` (no torch, no basicsr; its
-readers are re-exported here). Used by ``basicsr train``/``test`` (in place of
-``basicsr.utils.options.parse_options``) and ``basicsr bench``.
+Nothing here imports torch or basicsr, so ``basicsr train``/``test`` refuse a bad option file before the seconds
+those imports take (:func:`precheck_option_file`). BasicSR's pipeline semantics on top (paths, seeds,
+distributed set-up, plugins, the checks that build the network) are :mod:`hmoe_arch.commands.pipeline`.
 """
-import argparse
 import os
-import os.path as osp
-import random
-from typing import Any, Dict, List, Optional, Sequence
+import re
+from typing import Any, Dict, Optional, Sequence, Union
 
-import torch
-import torch.distributed as dist
-from basicsr.utils import set_random_seed
-from basicsr.utils.dist_util import get_dist_info
+import yaml
 
-from .data.rs_paired_dataset import IMAGE_SUFFIXES
 from .errors import OptionError
-from .option_file import apply_force_yml, load_yaml, plain_options, precheck_option_file, read_option_file  # noqa: F401
 
-KNOWN_PLUGINS: Dict[str, Dict[str, Any]] = {
-    'hat': {
-        'title': 'HAT (the `hat` package)',
-        'install': 'pip install --no-deps -e <your HAT checkout>',
-        'types': {'HATModel': 'model_type: MFGHMoEModel, which adds what HATModel does (window padding, tiling)',
-                  'RealHATGANModel': None, 'RealHATMSEModel': None,
-                  'ImageNetPairedDataset': 'type: RSPairedDataset (or BasicSR\'s PairedImageDataset)',
-                  'RealESRGANDataset': None, 'HAT': 'type: MFGHMoEArch with moe: false, mfa: false, rgb_mean: '
-                                                   '[0.4488, 0.4371, 0.4040] (exactly HAT)'},
-    },
-}
-"""Packages that register BasicSR types users pair with this plugin (names read from their code): imported
-automatically when an option file names one of their types. ``types`` maps each type to this plugin's
-replacement, where there is one."""
+MAX_OPTION_BYTES = 4 * 2**20
+"""Largest option file read."""
+MAX_OPTION_VALUES = 100_000
+"""Most values an option file may hold once its YAML aliases are expanded (real files hold a few hundred)."""
+MOE_MODEL_TYPES = ('MFGHMoEModel', 'MFGHMOEModel')
+"""``model_type`` values that build :class:`hmoe_arch.models.MFGHMoEModel` (ours and the authors' name)."""
 
 
-def import_plugins(opt: Dict[str, Any], requested: Sequence[str] = ()) -> List[str]:
-    """Import the packages listed under the top-level ``plugins`` key and in ``requested`` (``--plugin``), then
-    every known package (:data:`KNOWN_PLUGINS`) that registers a type the options name but BasicSR lacks;
-    returns the imported names.
+def plain_options(value: Any) -> Any:
+    """Options as plain dicts, lists and scalars (for YAML/JSON output and checkpoint metadata)."""
+    if isinstance(value, dict):
+        return {str(k): plain_options(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_options(v) for v in value]
+    return value
+
+
+def expanded_size(value: Any, limit: int = MAX_OPTION_VALUES) -> int:
+    """How many values ``value`` holds with every shared (aliased) node counted each time it is used; stops
+    counting past ``limit``. Linear in the number of distinct nodes."""
+    sizes: Dict[int, int] = {}
+
+    def size(node: Any) -> int:
+        if not isinstance(node, (dict, list)):
+            return 1
+        if id(node) not in sizes:
+            children = node.values() if isinstance(node, dict) else node
+            total = 1
+            for child in children:
+                total += size(child)
+                if total > limit:
+                    break
+            sizes[id(node)] = total
+        return sizes[id(node)]
+
+    return size(value)
+
+
+def _where(source: str, error: yaml.YAMLError) -> str:
+    """``source:line:column`` of a YAML error that has a position, else ``source``."""
+    mark = getattr(error, 'problem_mark', None) or getattr(error, 'context_mark', None)
+    return f'{source}:{mark.line + 1}:{mark.column + 1}' if mark is not None else source
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """Plain YAML only (``yaml.SafeLoader``: no Python tags, nothing executed; mappings keep their order) whose
+    aliases expand to at most :data:`MAX_OPTION_VALUES` values.
 
     Raises:
-        OptionError: naming the key, for a plugin that cannot be imported and for a type nobody registers (for a
-            known package's type: that it comes from there, how to install it, and this plugin's replacement).
+        OptionError: one line naming ``source`` and, for a refused tag or a syntax error, the line and column.
     """
-    import importlib
-
-    from basicsr.archs import build_network  # noqa: F401  (registers BasicSR's own types)
-    from basicsr.data import build_dataset  # noqa: F401
-    from basicsr.models import build_model  # noqa: F401
-    from basicsr.utils.registry import ARCH_REGISTRY, DATASET_REGISTRY, MODEL_REGISTRY
-
-    listed = opt.get('plugins') or []
-    if isinstance(listed, str) or not isinstance(listed, list) or not all(isinstance(n, str) for n in listed):
-        raise OptionError(f'plugins: expected a list of package names, got {listed!r}')
-    imported = []
-    for name in [*listed, *requested]:
-        try:
-            importlib.import_module(name)
-        except ImportError as error:
-            raise OptionError(f'plugins: cannot import {name} ({error})') from None
-        imported.append(name)
-    wanted = [('model_type', opt.get('model_type'), MODEL_REGISTRY, 'model')]
-    wanted += [(f'datasets.{phase}.type', d.get('type'), DATASET_REGISTRY, 'dataset')
-               for phase, d in (opt.get('datasets') or {}).items() if isinstance(d, dict)]
-    wanted += [(f'{key}.type', opt[key].get('type'), ARCH_REGISTRY, 'network') for key in ('network_g', 'network_d')
-               if isinstance(opt.get(key), dict)]
-    for key, type_name, registry, kind in wanted:
-        if type_name is None or type_name in registry:
-            continue
-        package = next((p for p, info in KNOWN_PLUGINS.items() if type_name in info['types']), None)
-        if package is None:
-            raise OptionError(f'{key}: no {kind} named {type_name} is registered in BasicSR or this plugin; if '
-                              'another package provides it, name it under `plugins:` (or --plugin)')
-        info = KNOWN_PLUGINS[package]
-        try:
-            importlib.import_module(package)
-        except ImportError as error:
-            instead = info['types'][type_name]
-            raise OptionError(f'{key}: {type_name} comes from {info["title"]}, which cannot be imported ({error}); '
-                              f'install it ({info["install"]})' + (f' or use {instead}' if instead else '')) \
-                from None
-        imported.append(package)
-    return imported
+    try:
+        value = yaml.load(text, Loader=yaml.SafeLoader)
+    except yaml.constructor.ConstructorError as error:
+        tag = re.search(r"tag '([^']*)'", str(error.problem))
+        if tag and 'python' in tag.group(1):
+            raise OptionError(f'{_where(source, error)}: the tag {tag.group(1)} is refused: option files are plain '
+                              'YAML and nothing in them is executed') from None
+        raise OptionError(f'{_where(source, error)}: not plain YAML ({error.problem})') from None
+    except yaml.MarkedYAMLError as error:
+        problem = ' '.join(str(error.problem or error.context or 'syntax error').split())
+        raise OptionError(f'{_where(source, error)}: not valid YAML ({problem})') from None
+    except yaml.YAMLError as error:
+        raise OptionError(f'{source}: not valid YAML ({" ".join(str(error).split())})') from None
+    if expanded_size(value) > MAX_OPTION_VALUES:
+        raise OptionError(f'{source}: its YAML aliases expand to more than {MAX_OPTION_VALUES} values (an alias '
+                          'bomb?); write the options out without nested aliases')
+    return value
 
 
-def moe_model_warning(opt: Dict[str, Any]) -> Optional[str]:
-    """A warning for an MoE network trained by a model other than :class:`MFGHMoEModel` (e.g. HAT's ``HATModel``),
-    which neither adds the load-balancing loss nor logs the routing; None otherwise."""
-    from basicsr.utils.registry import MODEL_REGISTRY
+def apply_force_yml(opt: Dict[str, Any], entry: str) -> None:
+    """Set ``opt[k1][k2]... = yaml(value)`` for ``entry = 'k1:k2=value'``; every key but the last must exist."""
+    if '=' not in entry:
+        raise OptionError(f'--force_yml {entry!r}: expected key:sub=value')
+    path, text = (part.strip() for part in entry.split('=', 1))
+    keys = path.split(':')
+    value = load_yaml(text, f'--force_yml {entry!r}')
+    node = opt
+    for depth, key in enumerate(keys[:-1]):
+        if not isinstance(node, dict) or key not in node:
+            raise OptionError(f'--force_yml {entry!r}: no option {":".join(keys[:depth + 1])}')
+        node = node[key]
+    if not isinstance(node, dict):
+        raise OptionError(f'--force_yml {entry!r}: {":".join(keys[:-1])} is not a mapping')
+    node[keys[-1]] = value
 
-    from .models import MFGHMoEModel
 
-    network = opt.get('network_g') or {}
-    if network.get('type') not in ('MFGHMoEArch', 'MFGHMOE') or network.get('moe', True) is False:
-        return None
-    model = MODEL_REGISTRY.get(opt['model_type']) if opt.get('model_type') in MODEL_REGISTRY else None
-    if model is None or issubclass(model, MFGHMoEModel):
-        return None
-    return (f'model_type {opt["model_type"]} trains the MoE network without what MFGHMoEModel adds: '
-            'train.aux_loss_weight (the load-balancing loss) is not applied and the routing is not logged; use '
-            'model_type: MFGHMoEModel for those')
+def read_option_file(path: Union[str, os.PathLike], force_yml: Sequence[str] = (),
+                     required: Sequence[str] = ()) -> Dict[str, Any]:
+    """An option file (plain YAML, :func:`load_yaml`) with ``--force_yml`` entries applied.
 
-
-def init_distributed() -> None:
-    """Join the process group torchrun describes (nccl on GPUs, gloo on CPU)."""
-    if dist.is_initialized():
-        return
-    missing = [k for k in ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT') if k not in os.environ]
+    Raises:
+        OptionError: naming ``path`` when it cannot be read, is not plain YAML (a Python tag names its line), is
+            an alias bomb, is not a YAML mapping or lacks a ``required`` top-level key.
+    """
+    try:
+        with open(path, encoding='utf-8') as f:
+            text = f.read(MAX_OPTION_BYTES + 1)
+    except (OSError, UnicodeDecodeError) as error:
+        raise OptionError(f'{path}: cannot read the option file ({getattr(error, "strerror", None) or error})') \
+            from error
+    if len(text) > MAX_OPTION_BYTES:
+        raise OptionError(f'{path}: larger than {MAX_OPTION_BYTES // 2**20} MiB; not an option file')
+    opt = load_yaml(text, os.fspath(path))
+    if not isinstance(opt, dict):
+        raise OptionError(f'{path}: expected a mapping of options')
+    for entry in force_yml:
+        apply_force_yml(opt, entry)
+    missing = [key for key in required if key not in opt]
     if missing:
-        raise OptionError(f'--launcher pytorch needs the environment torchrun sets; missing {missing} '
-                          '(run: torchrun --nproc_per_node=N -m hmoe_arch train -opt X --launcher pytorch)')
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
-        dist.init_process_group(backend='nccl')
-    else:
-        dist.init_process_group(backend='gloo')
-
-
-def parse_options(args: argparse.Namespace, root_path: str, is_train: bool) -> Dict[str, Any]:
-    """BasicSR's option semantics (paths, phases, seeds, debug mode) with safe ``--force_yml``."""
-    opt = precheck_option_file(args.opt, args.force_yml or (), is_train=is_train)
-    import_plugins(opt, getattr(args, 'plugin', None) or ())
-
-    if args.launcher == 'pytorch':
-        init_distributed()
-    opt['dist'] = args.launcher == 'pytorch'
-    opt['rank'], opt['world_size'] = get_dist_info()
-    if opt.get('manual_seed') is None:
-        opt['manual_seed'] = random.randint(1, 10000)
-    set_random_seed(opt['manual_seed'] + opt['rank'])
-    opt['auto_resume'] = bool(getattr(args, 'auto_resume', False))
-    opt['is_train'] = is_train
-    if getattr(args, 'debug', False) and not opt['name'].startswith('debug'):
-        opt['name'] = 'debug_' + opt['name']
-    if opt.get('num_gpu', 'auto') == 'auto':
-        opt['num_gpu'] = torch.cuda.device_count()
-
-    for phase, dataset in opt['datasets'].items():
-        dataset['phase'] = phase.split('_')[0]
-        if 'scale' in opt:
-            dataset['scale'] = opt['scale']
-        for key in ('dataroot_gt', 'dataroot_lq'):
-            if dataset.get(key) is not None:
-                dataset[key] = osp.expanduser(dataset[key])
-    for key, value in opt['path'].items():
-        if value is not None and ('resume_state' in key or 'pretrain_network' in key):
-            opt['path'][key] = osp.expanduser(value)
-
-    if is_train:
-        root = osp.join(root_path, 'experiments', opt['name'])
-        opt['path'].update(experiments_root=root, models=osp.join(root, 'models'),
-                           training_states=osp.join(root, 'training_states'), log=root,
-                           visualization=osp.join(root, 'visualization'))
-        if 'debug' in opt['name']:
-            if 'val' in opt:
-                opt['val']['val_freq'] = 8
-            opt['logger']['print_freq'] = 1
-            opt['logger']['save_checkpoint_freq'] = 8
-    else:
-        root = osp.join(root_path, 'results', opt['name'])
-        opt['path'].update(results_root=root, log=root, visualization=osp.join(root, 'visualization'))
-    validate_options(opt)
+        raise OptionError(f'{path}: missing the top-level key(s) {", ".join(missing)}')
     return opt
 
 
-def _count_images(dataset: Dict[str, Any]) -> Optional[int]:
-    """Images a training dataset block selects (split list, LMDB meta_info or folder), if it can be told."""
-    for key in ('split_file', 'meta_info_file'):
-        if dataset.get(key):
-            with open(dataset[key]) as f:
-                return sum(1 for line in f if line.strip())
-    root = dataset.get('dataroot_gt')
-    if not root or not osp.isdir(root):
+def is_strict_number(value: Any) -> bool:
+    """Whether ``value`` is an ``int`` or ``float`` and not a ``bool`` (YAML's ``true`` is no number)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_strict_int(value: Any, minimum: Optional[int] = None) -> bool:
+    """Whether ``value`` is an ``int`` and not a ``bool`` (YAML's ``true`` is no count), and at least ``minimum``
+    when one is given."""
+    return isinstance(value, int) and not isinstance(value, bool) and (minimum is None or value >= minimum)
+
+
+def check_num_threads(value: Any, key: str = 'num_threads') -> Optional[int]:
+    """``num_threads``: ``auto`` (or absent) -> None, else an integer >= 1.
+
+    Raises:
+        OptionError: naming ``key``.
+    """
+    if value is None or value == 'auto':
         return None
-    meta = osp.join(root, 'meta_info.txt')
-    if root.endswith('.lmdb') and osp.isfile(meta):
-        with open(meta) as f:
-            return sum(1 for line in f if line.strip())
-    return sum(1 for name in os.listdir(root) if name.lower().endswith(IMAGE_SUFFIXES))
+    if not is_strict_int(value, 1):
+        raise OptionError(f'{key}: expected an integer >= 1 or auto, got {value!r}')
+    return value
 
 
-def validate_options(opt: Dict[str, Any]) -> None:
-    """Checks that would otherwise fail deep inside BasicSR, or silently train the wrong thing; each raises
-    :class:`OptionError` naming the key or path."""
-    from basicsr.archs import build_network
+def check_model_options(opt: Dict[str, Any], is_train: Optional[bool] = None) -> None:
+    """The value checks of :class:`~hmoe_arch.models.MFGHMoEModel`'s own keys (``tile``, ``use_amp``, ``compile``,
+    ``val.pbar``, ``val.save_expert_maps``, ``train.aux_loss_weight``, ``train.routing_lr_scale``,
+    ``train.skip_nonfinite``) that need no network.
 
-    if 'network_g' in opt:
-        try:
-            try:
-                with torch.device('meta'):  # no memory for the weights
-                    build_network(dict(opt['network_g']))
-            except (RuntimeError, NotImplementedError):  # a constructor that reads tensor values (SwinIR's .item())
-                build_network(dict(opt['network_g']))
-        except (ValueError, TypeError, KeyError) as error:
-            raise OptionError(f'network_g: {error}') from error
-        network = opt['network_g']
-        upscale = network.get('upscale', network.get('scale'))
-        if 'scale' in opt and upscale is not None and upscale != opt['scale']:
-            raise OptionError(f'network_g.upscale is {upscale} but scale is {opt["scale"]}')
-    for name, metric in (opt.get('val') or {}).get('metrics', {}).items():
-        if 'crop_border' in metric and 'scale' in opt and metric['crop_border'] != opt['scale']:
-            raise OptionError(f'val.metrics.{name}.crop_border is {metric["crop_border"]} but scale is {opt["scale"]} '
-                              '(the paper protocol crops `scale` pixels)')
-    for phase, dataset in opt['datasets'].items():
-        for key in ('dataroot_gt', 'dataroot_lq', 'split_file', 'meta_info_file'):
-            if dataset.get(key) is not None and not osp.exists(dataset[key]):
-                raise OptionError(f'datasets.{phase}.{key}: {dataset[key]} does not exist')
-        if dataset.get('phase') != 'train':
-            continue
-        window = int((opt.get('network_g') or {}).get('window_size', 1))
-        gt_size, scale = dataset.get('gt_size'), opt.get('scale', 1)
-        if gt_size is not None and gt_size % (scale * window):
-            raise OptionError(f'datasets.{phase}.gt_size ({gt_size}) must be a multiple of scale x window_size '
-                              f'({scale} x {window} = {scale * window})')
-        count = _count_images(dataset)
-        batch = dataset.get('batch_size_per_gpu', 1) * opt.get('world_size', 1)
-        if count is not None and batch > count:
-            raise OptionError(f'datasets.{phase}.batch_size_per_gpu: a batch of {batch} (x world size) is larger '
-                              f'than the training set ({count} images)')
+    ``is_train`` defaults to ``opt['is_train']``; the ``train`` keys are checked only in training.
+
+    Raises:
+        OptionError: naming the key and what was expected.
+    """
+    tile = opt.get('tile')
+    if tile is not None:
+        if not isinstance(tile, dict) or set(tile) != {'tile_size', 'tile_pad'}:
+            raise OptionError(f'MFGHMoEModel: `tile` must be {{tile_size, tile_pad}}, got {tile!r}')
+        for key in ('tile_size', 'tile_pad'):
+            if not is_strict_int(tile[key], 1 if key == 'tile_size' else 0):
+                raise OptionError(f'MFGHMoEModel: `tile.{key}` must be a non-negative integer (tile_size >= 1), '
+                                  f'got {tile[key]!r}')
+    amp = opt.get('use_amp', False)
+    if amp not in (False, None, 'bf16'):
+        raise OptionError(f"MFGHMoEModel: `use_amp` must be false or 'bf16', got {amp!r}")
+    if not isinstance(opt.get('compile', False), bool):
+        raise OptionError(f'MFGHMoEModel: `compile` must be true or false, got {opt["compile"]!r}')
+    for key, default in (('pbar', True), ('save_expert_maps', False)):
+        value = (opt.get('val') or {}).get(key, default)
+        if not isinstance(value, bool):
+            raise OptionError(f'MFGHMoEModel: `val.{key}` must be true or false, got {value!r}')
+    if not (opt.get('is_train', False) if is_train is None else is_train):
+        return
+    train = opt.get('train') or {}
+    if not isinstance(train, dict):
+        raise OptionError(f'train: expected a mapping of training options, got {train!r}')
+    weight = train.get('aux_loss_weight', 0.0)
+    if not is_strict_number(weight) or not weight >= 0:
+        raise OptionError(f'MFGHMoEModel: `train.aux_loss_weight` must be a number >= 0, got {weight!r}')
+    scale = train.get('routing_lr_scale', 1.0)
+    if not is_strict_number(scale) or not scale > 0:
+        raise OptionError(f'MFGHMoEModel: `train.routing_lr_scale` must be a number > 0, got {scale!r}')
+    skip = train.get('skip_nonfinite', 0)
+    if not is_strict_int(skip, 0):
+        raise OptionError(f'MFGHMoEModel: `train.skip_nonfinite` must be an integer >= 0, got {skip!r}')
+
+
+def precheck_option_file(path: Union[str, os.PathLike], force_yml: Sequence[str] = (), is_train: bool = True) \
+        -> Dict[str, Any]:
+    """What ``basicsr train``/``test`` can refuse before importing torch and basicsr: the file itself
+    (:func:`read_option_file`), the top-level keys BasicSR needs, training's ``logger`` block, ``num_threads`` and,
+    for :data:`MOE_MODEL_TYPES`, :func:`check_model_options`. Returns the options read.
+
+    Raises:
+        OptionError: naming the file or the key.
+    """
+    opt = read_option_file(path, force_yml, required=('name', 'datasets', 'path'))
+    for key in ('datasets', 'path'):
+        if not isinstance(opt[key], dict):
+            raise OptionError(f'{path}: `{key}` must be a mapping, got {opt[key]!r}')
+    if is_train:
+        logger = opt.get('logger')
+        missing = [k for k in ('print_freq', 'save_checkpoint_freq') if not isinstance(logger, dict) or k not in logger]
+        if missing:
+            raise OptionError(f'{path}: training needs a `logger:` block with {" and ".join(missing)} (how often '
+                              'to log and to save checkpoints, in iterations)')
+    check_num_threads(opt.get('num_threads'))
+    if opt.get('model_type') in MOE_MODEL_TYPES:
+        check_model_options(opt, is_train=is_train)
+    return opt

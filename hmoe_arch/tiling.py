@@ -1,12 +1,13 @@
 """Inference on inputs of any size: padding to the window size and tiled inference.
 
-Two tilings: :func:`tiled_forward` (each tile computed with surrounding context, only its own area kept;
-used by the model's validation/test and ``bench``) and :func:`blended_tiled_forward` (overlapping tiles
-averaged with feather weights; used by ``infer``). Errors inside a tile (out of memory included) propagate:
+Two tilings: tiles computed with surrounding context of which only their own area is kept
+(:func:`context_tiles`, the grid; :func:`tiled_forward`, used by the model's validation/test and ``bench``; and the
+blocks of ``infer`` and its GeoTIFF path) and :func:`blended_tiled_forward` (overlapping tiles averaged with
+feather weights; used by ``infer`` within each block). Errors inside a tile (out of memory included) propagate:
 no tile is ever left blank.
 """
-import math
-from typing import Any, Callable, Dict, List, Optional, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -61,6 +62,44 @@ def padded_forward(net: Network, x: torch.Tensor, scale: int, window_size: int) 
     return net(pad_to_multiple(x, window_size))[..., :height * scale, :width * scale]
 
 
+@dataclass(frozen=True)
+class ContextTile:
+    """One tile of a :func:`context_tiles` grid: its own area, rows ``top:bottom`` and columns ``left:right`` of the
+    image, and the larger area it is computed from, up to ``pad`` more pixels on each side where the image has
+    them (rows ``ctx_top:ctx_bottom``, columns ``ctx_left:ctx_right``)."""
+
+    top: int
+    left: int
+    bottom: int
+    right: int
+    ctx_top: int
+    ctx_left: int
+    ctx_bottom: int
+    ctx_right: int
+
+    def context(self) -> Tuple[slice, slice]:
+        """Rows and columns of the context area in the image."""
+        return slice(self.ctx_top, self.ctx_bottom), slice(self.ctx_left, self.ctx_right)
+
+    def area(self, scale: int = 1) -> Tuple[slice, slice]:
+        """Rows and columns of the tile's own area in the image, or in its x``scale`` output."""
+        return (slice(self.top * scale, self.bottom * scale), slice(self.left * scale, self.right * scale))
+
+    def core(self, scale: int = 1) -> Tuple[slice, slice]:
+        """Rows and columns of the tile's own area within the context area, or within the context area's
+        x``scale`` output: the part of a result computed from :meth:`context` that is kept."""
+        return (slice((self.top - self.ctx_top) * scale, (self.bottom - self.ctx_top) * scale),
+                slice((self.left - self.ctx_left) * scale, (self.right - self.ctx_left) * scale))
+
+
+def context_tiles(height: int, width: int, tile: int, pad: int) -> List[ContextTile]:
+    """The tiles of ``tile`` x ``tile`` pixels (smaller at the bottom and right edges) that cover an image of
+    ``height`` x ``width`` pixels without overlapping, row by row, each with ``pad`` pixels of context."""
+    return [ContextTile(top, left, min(top + tile, height), min(left + tile, width), max(top - pad, 0),
+                        max(left - pad, 0), min(top + tile + pad, height), min(left + tile + pad, width))
+            for top in range(0, height, tile) for left in range(0, width, tile)]
+
+
 def tiled_forward(net: Network, x: torch.Tensor, scale: int, window_size: int, tile_size: int,
                   tile_pad: int, output_device: Optional[torch.device] = None) -> torch.Tensor:
     """Super-resolve ``x`` tile by tile.
@@ -75,21 +114,14 @@ def tiled_forward(net: Network, x: torch.Tensor, scale: int, window_size: int, t
     """
     if tile_size < 1 or tile_pad < 0:
         raise ValueError(f'tile_size must be >= 1 and tile_pad >= 0, got {tile_size} and {tile_pad}')
-    batch, channels, height, width = x.shape
+    batch, _, height, width = x.shape
     out = None
-    for row in range(math.ceil(height / tile_size)):
-        for col in range(math.ceil(width / tile_size)):
-            top, left = row * tile_size, col * tile_size
-            bottom, right = min(top + tile_size, height), min(left + tile_size, width)
-            ctx_top, ctx_left = max(top - tile_pad, 0), max(left - tile_pad, 0)
-            ctx_bottom, ctx_right = min(bottom + tile_pad, height), min(right + tile_pad, width)
-            sr = padded_forward(net, x[..., ctx_top:ctx_bottom, ctx_left:ctx_right], scale, window_size)
-            if out is None:
-                out = torch.empty(batch, sr.shape[1], height * scale, width * scale, dtype=sr.dtype,
-                                  device=output_device or sr.device)
-            out[..., top * scale:bottom * scale, left * scale:right * scale] = sr[
-                ..., (top - ctx_top) * scale:(bottom - ctx_top) * scale,
-                (left - ctx_left) * scale:(right - ctx_left) * scale]
+    for tile in context_tiles(height, width, tile_size, tile_pad):
+        sr = padded_forward(net, x[(..., *tile.context())], scale, window_size)
+        if out is None:
+            out = torch.empty(batch, sr.shape[1], height * scale, width * scale, dtype=sr.dtype,
+                              device=output_device or sr.device)
+        out[(..., *tile.area(scale))] = sr[(..., *tile.core(scale))]
     return out
 
 

@@ -4,7 +4,7 @@ Every baseline is the paper file of its dataset and scale (``options/train_{ucm,
 degradation, schedule, metrics) with only ``name`` and ``network_g`` replaced (and ``train.aux_loss_weight``,
 which only MoE networks have, removed); every Table III ablation is ``options/train_ucm_x4.yml`` with only
 ``name`` and the MoE keys of ``network_g`` (``mfa``, ``routing``, ``expert_groups``) replaced.
-``tests/test_options.py`` checks that the committed files equal this script's output.
+``tests/test_option_files.py`` checks that the committed files equal this script's output.
 
 Usage: ``python options/generate.py`` (from anywhere; ``--check`` only reports files that differ).
 """

@@ -1,6 +1,7 @@
 """Checkpoint files: .safetensors with the network options, export (safetensors, ONNX of any input size with its
 metadata, the docs' onnxruntime snippet), weights from a URL with a SHA-256 check, the permissions of written
-files, and networks rebuilt from checkpoints alone (ours, the authors', HAT's)."""
+files, networks rebuilt from checkpoints alone (ours, the authors', HAT's), and a checkpoint given as a loaded
+dict, a path or a URL, the state_dict inside it and the part of it that fits a network."""
 import functools
 import hashlib
 import http.server
@@ -18,10 +19,23 @@ import torch
 
 import hmoe_arch
 from hmoe_arch import MFGHMoEArch
-from hmoe_arch.checkpoints import fetch_weights, plain_file_mode, read_checkpoint_file, write_safetensors
+from hmoe_arch.checkpoints import (
+    UNNAMED,
+    LoadReport,
+    fetch_weights,
+    local_checkpoint,
+    match_state_dict,
+    plain_file_mode,
+    read_checkpoint,
+    read_checkpoint_file,
+    source_name,
+    state_dict_of,
+    write_safetensors,
+)
 from hmoe_arch.commands.cli import main
-from hmoe_arch.commands.infer import infer, load_network, read_rgb
-from hmoe_arch.errors import CheckpointError, OptionError
+from hmoe_arch.commands.infer import infer, read_rgb
+from hmoe_arch.errors import CheckpointError
+from hmoe_arch.loading import load_network
 from hmoe_arch.tiling import padded_forward
 
 from util import HAT_RGB_MEAN, SMALL_GROUPS, docs_block, load_reference, tiny, ucmerced_mini, write_image
@@ -76,18 +90,6 @@ def test_infer_rebuilds_each_origin_from_the_checkpoint_alone(ours: Path, tmp_pa
         torch.testing.assert_close(net(x), expected(x), msg=label)
     written = infer(path, tmp_path / 'in.png', tmp_path / f'{label}_sr.png', progress=False)
     assert cv2.imread(str(written[0])).shape[0] == 16 * options['upscale']
-
-
-def test_arch_args_still_override_the_checkpoint(ours: Path) -> None:
-    net = load_network(ours, None, torch.device('cpu'), overrides=['top_k=1', 'attention=plain'])
-    assert net.upsample.moe.gate.top_k == 1 and net.network_options['attention'] == 'plain'
-
-
-def test_a_checkpoint_no_network_can_be_read_from_asks_for_the_options(tmp_path: Path) -> None:
-    torch.save({'params': {'body.0.weight': torch.zeros(4, 3, 3, 3)}}, tmp_path / 'other.pth')
-    with pytest.raises(OptionError, match=r'other.pth: cannot tell the network from the file \(not an MFGHMoEArch/HAT '
-                                          r'state_dict: no tensor conv_first.weight\); give its option file with -opt'):
-        load_network(tmp_path / 'other.pth', None, torch.device('cpu'))
 
 
 def test_export_safetensors_round_trip(ours: Path, tmp_path: Path, basicsr_log) -> None:
@@ -252,3 +254,53 @@ def test_written_files_get_the_mode_a_plain_open_gives(ours: Path, tmp_path: Pat
                  str(tmp_path / 'out.png'), '--expert-map', '--no-progress']) == 0
     written = [tmp_path / 'model.safetensors', downloaded, tmp_path / 'out.png', tmp_path / 'out_experts.png']
     assert {path.name: oct(mode_of(path)) for path in written} == {path.name: oct(umask_027) for path in written}
+
+
+def test_state_dict_of_picks_the_entry_and_strips_data_parallel_prefixes() -> None:
+    ema, plain = {'conv.weight': torch.ones(2)}, {'module.conv.weight': torch.zeros(2)}
+    assert state_dict_of({'params': plain, 'params_ema': ema}, 'params_ema') == ema
+    picked = state_dict_of({'params': plain, 'params_ema': ema}, 'params_g')  # missing entry: params first
+    assert list(picked) == ['conv.weight'] and torch.equal(picked['conv.weight'], torch.zeros(2))
+    assert state_dict_of({'params_ema': ema}) == ema
+    assert list(state_dict_of(plain)) == ['conv.weight']  # a bare state_dict
+    with pytest.raises(CheckpointError, match=r"^w.pth: expected a state_dict \(parameter names -> tensors\) or a dict "
+                                              r"with a `params` \(or `params`, `params_ema`\) state_dict, found the "
+                                              r"entries \['epoch', 'params'\]$"):
+        state_dict_of({'epoch': 3, 'params': [1, 2]}, source='w.pth')
+    with pytest.raises(CheckpointError, match=r'^<state_dict>: expected a state_dict .* found a list$'):
+        state_dict_of([torch.zeros(1)])
+    with pytest.raises(CheckpointError, match=r'found the entries \[\]'):
+        state_dict_of({})
+
+
+def test_read_checkpoint_takes_a_loaded_checkpoint_a_path_or_a_url(ours: Path, tmp_path: Path, server,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    loaded = {'params': {'conv.weight': torch.zeros(1)}}
+    assert read_checkpoint(loaded) is loaded and source_name(loaded) == UNNAMED
+    assert source_name(ours) == str(ours) and local_checkpoint(ours) == ours
+    from_file = read_checkpoint(ours)
+    assert from_file['network_g']['top_k'] == 2 and set(from_file) == {'params', 'params_ema', 'network_g'}
+    with pytest.raises(FileNotFoundError, match=r'^checkpoint not found: .*nope.pth$'):
+        read_checkpoint(tmp_path / 'nope.pth')
+    base, folder, _ = server
+    (folder / 'w.pth').write_bytes(ours.read_bytes())
+    monkeypatch.setattr(torch.hub, '_hub_dir', str(tmp_path / 'hub'))
+    assert local_checkpoint(f'{base}/w.pth') == tmp_path / 'hub' / 'checkpoints' / 'w.pth'
+    assert read_checkpoint(f'{base}/w.pth')['network_g'] == from_file['network_g']
+    report = MFGHMoEArch(**OURS).load_pretrained(f'{base}/w.pth', param_key='params_ema', strict=True)
+    assert report.unused == [] and report.kept_init == []
+    with pytest.raises(CheckpointError, match='cannot download it'):
+        read_checkpoint(f'{base}/missing.pth')
+
+
+def test_match_state_dict_takes_what_fits_and_reports_the_rest() -> None:
+    own = {'a.w': torch.zeros(2), 'a.b': torch.zeros(2), 'b.w': torch.zeros(3), 'c.x.w': torch.zeros(1),
+           'c.y.w': torch.zeros(1)}
+    state = {'a.w': torch.ones(2), 'b.w': torch.ones(4), 'd': torch.ones(1), 'c.x.w': torch.ones(1)}
+    accepted, report = match_state_dict(own, state)
+    assert list(accepted) == ['a.w', 'c.x.w'] and all(torch.equal(accepted[k], state[k]) for k in accepted)
+    assert report == LoadReport(loaded=['a.w', 'c.x.w'], kept_init=['a.b', 'b', 'c.y'],
+                                unused=['b.w [4] (network has [3])', 'd [1] (no such tensor in this network)'])
+    assert report.summary() == ('Kept their initialisation: a.b, b, c.y\nCheckpoint tensors not used:\n'
+                                '  b.w [4] (network has [3])\n  d [1] (no such tensor in this network)')
+    assert LoadReport(loaded=['a.w']).summary() == 'Kept their initialisation: none\nCheckpoint tensors not used: none'

@@ -210,3 +210,17 @@ def test_two_process_distributed_training_on_cpu(cwd: Path) -> None:
     assert 'World size (gpu number): 2' in run.stderr
     assert run.stderr.count('net_g replicas in sync across 2 ranks') == 2  # iteration 2 and the final save
     assert (cwd / 'experiments' / 'ddp' / 'models' / 'net_g_latest.pth').is_file()
+
+
+def test_choices_are_the_tables_of_the_modules_that_implement_them() -> None:
+    from hmoe_arch.commands import cli
+    from hmoe_arch.commands.export import FORMATS
+    from hmoe_arch.commands.prepare import DATASETS
+    from hmoe_arch.data.degradations import DEGRADATIONS
+    from hmoe_arch.protocols import DEFAULT_PROTOCOL, PROTOCOLS
+
+    assert cli.DATASETS == tuple(sorted(DATASETS))
+    assert cli.DEGRADATIONS == tuple(DEGRADATIONS)
+    assert cli.PROTOCOLS == tuple(PROTOCOLS)
+    assert cli.DEFAULT_PROTOCOL == DEFAULT_PROTOCOL
+    assert cli.EXPORT_FORMATS == tuple(FORMATS)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from hmoe_arch import MFGHMoEArch
+from hmoe_arch.archs.config import HAT_RGB_MEAN as HAT_RGB_MEAN_IN_LIBRARY
 from hmoe_arch.archs.config import config_from_state_dict, network_config
 from hmoe_arch.errors import ConfigError
 
@@ -72,3 +73,11 @@ def test_other_state_dicts_are_named() -> None:
     state['upsample.0.experts.0.weight'] = torch.zeros(5, 64, 1, 1)
     with pytest.raises(ConfigError, match=r'upsample.0.experts.0.weight has the shape \[5, 64, 1, 1\]'):
         config_from_state_dict(state)
+
+
+def test_hat_state_dicts_get_hats_rgb_mean() -> None:
+    assert list(HAT_RGB_MEAN_IN_LIBRARY) == HAT_RGB_MEAN  # the library's constant is HAT's published mean
+    config = config_from_state_dict(MFGHMoEArch(**tiny(moe=False, mfa=False, upscale=2)).state_dict())
+    assert config['rgb_mean'] == HAT_RGB_MEAN and config['img_range'] == 1.0
+    gray = config_from_state_dict(MFGHMoEArch(**tiny(moe=False, mfa=False, upscale=2, in_chans=1)).state_dict())
+    assert gray['rgb_mean'] is None  # HAT's mean is for RGB

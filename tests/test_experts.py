@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from hmoe_arch.archs.experts import HeterogeneousMoE, MoEUpsampler, gather_neighbourhoods
+from hmoe_arch.archs.routing import ROUTING_GRAD_MODES
 
 UNEVEN = [(1, 2), (3, 3), (5, 2)]
 
@@ -147,3 +148,28 @@ def test_centered_routing_features_follow_a_running_mean_in_training_only() -> N
     frozen = moe.feature_mean.clone()
     moe.centered_rows(other)
     assert torch.equal(moe.feature_mean, frozen)
+
+
+def test_the_bank_hands_its_routing_grad_record_to_the_routers_and_switches_both() -> None:
+    moe = HeterogeneousMoE(4, 2, 4, [(1, 2), (3, 2)], 1, 'dual', 'centered')
+    assert moe.routing_grad is ROUTING_GRAD_MODES['centered'] and moe.gate.routing_grad is moe.routing_grad
+    x, features = torch.randn(1, 4, 3, 3), torch.randn(1, 4, 3, 3, requires_grad=True)
+    moe(x, features)
+    assert moe.aux_loss().requires_grad  # routers with autograd
+    moe.set_routing_grad('none')
+    assert moe.routing_grad is ROUTING_GRAD_MODES['none'] and moe.gate.routing_grad is moe.routing_grad
+    out = moe(x, features)
+    assert not moe.aux_loss().requires_grad  # routers without autograd: no gradient reaches them or the features
+    out.sum().backward()
+    assert features.grad is None and all(p.grad is None for p in moe.gate.parameters())
+    assert any(expert.weight.grad is not None for expert in moe.experts)  # the experts still learn
+
+
+def test_an_unknown_routing_grad_is_rejected_by_name() -> None:
+    message = r"^HeterogeneousMoE: `routing_grad` must be one of \('none', .*\), got 'reinforce'$"
+    with pytest.raises(ValueError, match=message):
+        HeterogeneousMoE(4, 2, 4, [(1, 2)], 1, 'single', 'reinforce')
+    moe = HeterogeneousMoE(4, 2, 4, [(1, 2)], 1, 'single', 'isolated')
+    with pytest.raises(ValueError, match=message):
+        moe.set_routing_grad('reinforce')
+    assert moe.routing_grad is moe.gate.routing_grad is ROUTING_GRAD_MODES['isolated']  # unchanged

@@ -12,8 +12,9 @@ import torch
 from hmoe_arch import MFGHMoEArch
 from hmoe_arch.commands.cli import main
 from hmoe_arch.commands.geotiff import is_georeferenced, super_resolve_geotiff
-from hmoe_arch.commands.infer import infer, network_options
+from hmoe_arch.commands.infer import infer
 from hmoe_arch.errors import OptionError
+from hmoe_arch.loading import network_options
 
 from util import SMALL_GROUPS, docs_block, tiny, ucmerced_mini
 

@@ -1,4 +1,5 @@
-"""``basicsr infer``: weights of every origin, feathered tiling, files and folders, bad inputs."""
+"""``basicsr infer``: every baseline architecture, files and folders, bad inputs (loading the network:
+test_loading.py)."""
 from pathlib import Path
 
 import cv2
@@ -7,11 +8,11 @@ import torch
 
 from hmoe_arch import MFGHMoEArch
 from hmoe_arch.commands.cli import main
-from hmoe_arch.commands.infer import checkpoint_scale, infer, load_network, network_options
+from hmoe_arch.commands.infer import infer
 from hmoe_arch.errors import OptionError
-from hmoe_arch.tiling import blended_tiled_forward
+from hmoe_arch.loading import network_options
 
-from util import HAT_RGB_MEAN, SMALL_GROUPS, load_reference, tiny, write_image
+from util import SMALL_GROUPS, tiny, write_image
 
 TINY_ARGS = ['embed_dim=24', 'depths=[1, 1]', 'num_heads=[2, 2]', 'window_size=4', 'img_size=16',
              'squeeze_factor=6', 'expert_groups=[{kernel_size: 1, num_experts: 2}, {kernel_size: 3, num_experts: 2}]']
@@ -44,21 +45,6 @@ def test_single_file_through_the_command_line(tmp_path: Path, weights: Path) -> 
     assert code == 0 and cv2.imread(str(tmp_path / 'scene_x2.png')).shape == (32, 32, 3)
 
 
-@pytest.mark.parametrize('name', ['tiny_hat_x2', 'tiny_authors_x2', 'hat_x4', 'official_mfghmoe_x4'])
-def test_hat_and_authors_weights(tmp_path: Path, name: str) -> None:
-    ref = load_reference(name)
-    scale, window = ref['config']['upscale'], ref['config']['window_size']
-    path = tmp_path / f'{name}.pth'
-    torch.save({'params_ema': ref['state_dict']}, path)
-    extra = {'moe': False, 'mfa': False, 'rgb_mean': HAT_RGB_MEAN} if 'hat' in name else {}
-    args = [f'{k}={v}' for k, v in {**ref['config'], **extra}.items()]
-    net = load_network(path, network_options(None, args), torch.device('cpu'))
-    assert checkpoint_scale(ref['state_dict']) == scale
-    with torch.no_grad():
-        out = blended_tiled_forward(net, ref['input'][:1], scale, window, tile=64, overlap=8)
-    assert (out - ref['output'][:1]).abs().max() <= 1e-4
-
-
 def test_bad_inputs_are_named(tmp_path: Path, weights: Path) -> None:
     with pytest.raises(OptionError, match='--input .*missing.png: no such file or folder'):
         infer(weights, tmp_path / 'missing.png', tmp_path / 'o.png', arch_args=TINY_ARGS, progress=False)
@@ -69,15 +55,8 @@ def test_bad_inputs_are_named(tmp_path: Path, weights: Path) -> None:
     with pytest.raises(OptionError, match='gray.png: grayscale image; expected an 8-bit RGB image'):
         infer(weights, tmp_path / 'gray.png', tmp_path / 'o.png', arch_args=TINY_ARGS + ['upscale=2'],
               progress=False)
-    with pytest.raises(OptionError, match=r'trained for x2, but the network is x4 \(use --arch-args upscale=2\)'):
-        load_network(weights, network_options(None, TINY_ARGS + ['upscale=4']), torch.device('cpu'))
-    with pytest.raises(OptionError, match='no such file'):
-        load_network(tmp_path / 'nope.pth', network_options(None, TINY_ARGS), torch.device('cpu'))
     with pytest.raises(OptionError, match='--tile must be >= 1 and 0 <= --tile-pad < --tile, got 8 and 32'):
         infer(weights, tmp_path / 'gray.png', tmp_path / 'o.png', tile=8, tile_pad=32, progress=False)
-    with pytest.raises(OptionError, match='does not fit the network'):
-        load_network(weights, network_options(None, TINY_ARGS + ['upscale=2', 'embed_dim=12']),
-                     torch.device('cpu'))
 
 
 # ------------------------------------------------------------------------------------------------------

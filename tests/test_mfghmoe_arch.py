@@ -2,12 +2,14 @@
 import json
 import re
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import pytest
 import torch
 
 from hmoe_arch import MFGHMoEArch
+from hmoe_arch.archs.mfghmoe_arch import checkpoint_filter_fn
+from hmoe_arch.archs.routing import ROUTING_GRAD_MODES, ROUTING_GRADS
 
 from util import (
     AUTHORS_REFERENCES,
@@ -452,16 +454,28 @@ def test_shape_mismatch_is_reported_not_loaded(basicsr_log) -> None:
     assert report.kept_init == ['upsample']
 
 
+def test_checkpoint_filter_fn_gives_the_state_dict_in_this_networks_names() -> None:
+    state = MFGHMoEArch(**tiny_hat()).state_dict()
+    filtered = checkpoint_filter_fn({'params_ema': {f'module.{k}': v for k, v in state.items()}}, 'params_ema', 'w.pth')
+    assert list(filtered) == list(state)
+    MFGHMoEArch(**tiny_hat()).load_state_dict(filtered, strict=True)
+    with pytest.raises(ValueError, match=r"^w.pth: expected a state_dict .*\['epoch'\]$"):
+        checkpoint_filter_fn({'epoch': 3}, source='w.pth')
+
+
 # ------------------------------------------------------------------------------------------------------
 # routing_grad: where the routing gradient goes
 ROUTING_PARTS = ('upsample.0.gate.', 'mfg.1.', 'mfg.3.', 'aggr_conv.')
 """Parameters that only the routing gradient reaches (routers, group embedding, MFA branches, projection)."""
 
 
-def routed_step(routing_grad: str, mfa: bool = True) -> Dict[str, torch.Tensor]:
-    """Gradients of one loss through a network whose weights do not depend on ``routing_grad``."""
+def routed_step(routing_grad: str, mfa: bool = True, built_as: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    """Gradients of one loss through a network whose weights do not depend on ``routing_grad`` (with ``built_as``:
+    built with that mode and switched to ``routing_grad`` by :meth:`MFGHMoEArch.set_routing_grad`)."""
     torch.manual_seed(0)
-    net = MFGHMoEArch(**tiny(expert_groups=SMALL_GROUPS, mfa=mfa, routing_grad=routing_grad)).train()
+    net = MFGHMoEArch(**tiny(expert_groups=SMALL_GROUPS, mfa=mfa, routing_grad=built_as or routing_grad)).train()
+    if built_as is not None:
+        net.set_routing_grad(routing_grad)
     spread_router(net)
     torch.manual_seed(1)
     out = net(torch.rand(2, 3, 16, 16))
@@ -499,6 +513,33 @@ def test_isolated_routing_gradient_trains_the_routers_but_stops_at_the_backbone(
         assert 'norm.weight' in changed
 
 
+@pytest.mark.parametrize('name', ROUTING_GRADS)
+def test_each_routing_grad_record_decides_where_the_routing_gradient_goes(name: str) -> None:
+    mode, none, grads = ROUTING_GRAD_MODES[name], routed_step('none'), routed_step(name)
+    routing = [n for n in none if n.startswith(ROUTING_PARTS)]
+    shared = [n for n in none if n != 'output' and n not in routing]
+    assert all((grads[n] is not None and grads[n].abs().sum() > 0) == mode.learns for n in routing)
+    reaches_backbone = any(not torch.equal(grads[n], none[n]) for n in shared)
+    assert reaches_backbone == (mode.learns and not mode.stops_at_backbone)
+
+
+def test_set_routing_grad_switches_the_network_its_bank_and_its_routers() -> None:
+    for name, built_as in (('isolated', 'none'), ('none', 'straight_through'), ('centered', 'straight_through')):
+        switched, direct = routed_step(name, built_as=built_as), routed_step(name)
+        assert switched.keys() == direct.keys()
+        for key, value in direct.items():
+            assert (switched[key] is None) if value is None else torch.equal(switched[key], value), (name, key)
+    net = MFGHMoEArch(**tiny(expert_groups=SMALL_GROUPS))
+    net.set_routing_grad('centered')
+    moe = net.upsample.moe
+    assert net.routing_grad is moe.routing_grad is moe.gate.routing_grad is ROUTING_GRAD_MODES['centered']
+    with pytest.raises(ValueError, match=r"^MFGHMoEArch: `routing_grad` must be one of .*, got 'reinforce'$"):
+        net.set_routing_grad('reinforce')
+    hat = MFGHMoEArch(**tiny_hat())
+    hat.set_routing_grad('isolated')
+    assert hat.routing_grad is ROUTING_GRAD_MODES['isolated']
+
+
 # ------------------------------------------------------------------------------------------------------
 # validation
 @pytest.mark.parametrize('overrides, message', [
@@ -509,7 +550,8 @@ def test_isolated_routing_gradient_trains_the_routers_but_stops_at_the_backbone(
     (dict(routing='triple'), r'`routing` must be one of'),
     (dict(attention='flash'), r'`attention` must be one of'),
     (dict(routing_grad='reinforce'), r"`routing_grad` must be one of \('none', 'straight_through', 'isolated', "
-                                     r"'centered'\)"),
+                                     r"'centered'\), got 'reinforce'"),
+    (dict(routing_grad=['none']), r"`routing_grad` must be one of \(.*\), got \['none'\]"),
     (dict(window_size=0), r'`window_size` must be an integer >= 1'),
     (dict(depths=[1, 0]), r'`depths\[1\]` must be an integer >= 1'),
     (dict(img_size=2), r'`img_size` must be at least window_size'),
@@ -649,8 +691,8 @@ def test_checkpoints_that_need_arbitrary_unpickling_are_refused(tmp_path) -> Non
     with pytest.raises(ValueError, match=r'evil.pth: not a PyTorch checkpoint of tensors \(torch.load with '
                                          r'weights_only=True cannot read it'):
         net.load_pretrained(path)
-    from hmoe_arch.commands.infer import load_network
     from hmoe_arch.errors import OptionError
+    from hmoe_arch.loading import load_network
     with pytest.raises(OptionError, match=r'weights_only=True'):
         load_network(path, {'type': 'MFGHMoEArch', **tiny_hat()}, torch.device('cpu'))
     assert not marker.exists()

@@ -1,206 +1,103 @@
-"""Option handling (safe --force_yml) and every option file in options/: parses, builds its network and
-datasets, and is consistent."""
-import argparse
-import json
+"""Option files as data (hmoe_arch.options): one-line errors, and the checks that need neither torch nor basicsr."""
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
-from basicsr.archs import build_network
-from basicsr.data import build_dataset
 
-from hmoe_arch import MFGHMoEArch
-from hmoe_arch.archs.mfghmoe_arch import HAT_RGB_MEAN
-from hmoe_arch.commands.cli import main
 from hmoe_arch.errors import OptionError
-from hmoe_arch.options import apply_force_yml, parse_options
-
-from util import full_size_spec
+from hmoe_arch.options import (
+    check_model_options,
+    check_num_threads,
+    is_strict_int,
+    is_strict_number,
+    load_yaml,
+    precheck_option_file,
+)
 
 OPTIONS = Path(__file__).resolve().parents[1] / 'options'
-EXPERIMENT_FILES = sorted(p.name for p in OPTIONS.glob('*.yml'))
-ARCH_LAYOUTS = {'archs/mfghmoe_x4.yml': 'official_mfghmoe_x4', 'archs/hat_x4.yml': 'hat_x4'}
 
 
-def test_force_yml_parses_yaml_values_and_never_executes() -> None:
-    opt = {'train': {'total_iter': 100, 'optim_g': {'lr': 1e-4}}, 'name': 'x'}
-    apply_force_yml(opt, 'train:total_iter=10')
-    apply_force_yml(opt, 'train:optim_g:betas=[0.9, 0.99]')
-    apply_force_yml(opt, 'train:new_key={a: 1}')
-    apply_force_yml(opt, "name=__import__('os').system('false')")
-    assert opt['train']['total_iter'] == 10 and opt['train']['optim_g']['betas'] == [0.9, 0.99]
-    assert opt['train']['new_key'] == {'a': 1}
-    assert opt['name'] == "__import__('os').system('false')"
-    with pytest.raises(OptionError, match='no option train:missing'):
-        apply_force_yml(opt, 'train:missing:lr=1')
-    with pytest.raises(OptionError, match='expected key:sub=value'):
-        apply_force_yml(opt, 'train:total_iter')
-    with pytest.raises(OptionError, match='not a mapping'):
-        apply_force_yml(opt, 'name:sub=1')
-
-
-def test_the_promised_files_exist() -> None:
-    expected = {f'{kind}_{ds}_x{s}.yml' for kind in ('train', 'test') for ds in ('ucm', 'aid') for s in (2, 4)}
-    expected |= {'train_ucm_x4_lmdb.yml', 'train_ucm_x4_from_hat.yml'}
-    assert set(EXPERIMENT_FILES) == expected
-    assert {str(p.relative_to(OPTIONS)) for p in (OPTIONS / 'archs').glob('*.yml')} == set(ARCH_LAYOUTS)
-
-
-@pytest.mark.parametrize('name', EXPERIMENT_FILES)
-def test_option_file_builds_and_is_consistent(name: str, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(workdir)
-    is_train = name.startswith('train')
-    args = argparse.Namespace(opt=str(OPTIONS / name), force_yml=None, launcher='none', auto_resume=False,
-                              debug=False)
-    opt = parse_options(args, str(workdir), is_train)
-    scale = opt['scale']
-    assert opt['network_g']['upscale'] == scale
-    assert {m['crop_border'] for m in opt['val']['metrics'].values()} == {scale}
-    assert all(m['test_y_channel'] for m in opt['val']['metrics'].values())
-    assert opt['model_type'] == 'MFGHMoEModel'
-    net = build_network(dict(opt['network_g']))
-    assert net.upscale == scale
-    for phase, dataset_opt in opt['datasets'].items():
-        dataset = build_dataset(dataset_opt)
-        item = dataset[0]
-        if phase == 'train':
-            assert item['gt'].shape[-1] == dataset_opt['gt_size']
-            assert item['lq'].shape[-1] * scale == item['gt'].shape[-1]
-            assert (dataset_opt['gt_size'] // scale) % opt['network_g']['window_size'] == 0
-        else:
-            assert item['lq'].shape[-1] * scale == item['gt'].shape[-1]
-    if is_train:
-        train = opt['train']
-        assert train['total_iter'] == 100000 and train['optim_g']['type'] == 'Adam'
-        assert train['optim_g']['lr'] == 2e-4 and train['ema_decay'] == 0.999
-        assert train['pixel_opt']['type'] == 'L1Loss' and opt['datasets']['train']['batch_size_per_gpu'] == 4
-        assert opt['path']['strict_load_g'] is (name != 'train_ucm_x4_from_hat.yml')
-
-
-def test_from_hat_file_points_at_a_hat_checkpoint() -> None:
-    opt = yaml.safe_load((OPTIONS / 'train_ucm_x4_from_hat.yml').read_text())
-    assert opt['path']['pretrain_network_g'] == 'experiments/pretrained_models/HAT_SRx4.pth'
-    assert opt['path']['param_key_g'] == 'params_ema' and opt['path']['strict_load_g'] is False
-
-
-@pytest.mark.parametrize('relative', sorted(ARCH_LAYOUTS))
-def test_network_blocks_build_the_published_layouts(relative: str) -> None:
-    opt = yaml.safe_load((OPTIONS / relative).read_text())
-    net = build_network(dict(opt['network_g']))
-    spec = full_size_spec(ARCH_LAYOUTS[relative])
-    assert {k: list(v.shape) for k, v in net.state_dict().items()} == spec['keys']
-
-
-BASELINES = sorted(p.name for p in (OPTIONS / 'baselines').glob('*.yml'))
-ABLATIONS = sorted(p.name for p in (OPTIONS / 'ablations').glob('*.yml'))
-
-
-def test_baselines_and_ablations_are_complete() -> None:
-    models = ('edsr', 'rrdbnet', 'rcan', 'swinir', 'hat')
-    assert BASELINES == sorted(f'train_{ds}_x{s}_{m}.yml' for ds in ('ucm', 'aid') for s in (2, 4) for m in models)
-    assert len(ABLATIONS) == 11
-
-
-def _without(opt: dict, *keys: str) -> dict:
-    return {k: v for k, v in opt.items() if k not in keys}
-
-
-@pytest.mark.parametrize('name', BASELINES)
-def test_baseline_matches_its_reference_except_the_network(name: str) -> None:
-    opt = yaml.safe_load((OPTIONS / 'baselines' / name).read_text())
-    dataset, scale = name.split('_')[1:3]
-    reference = yaml.safe_load((OPTIONS / f'train_{dataset}_{scale}.yml').read_text())
-    reference['train'].pop('aux_loss_weight')
-    assert _without(opt, 'name', 'network_g') == _without(reference, 'name', 'network_g')
-    net = build_network(dict(opt['network_g']))
-    assert opt['network_g'].get('upscale', opt['network_g'].get('scale')) == opt['scale']
-    with torch.no_grad():
-        lr = torch.rand(1, 3, 16, 16)
-        assert net.eval()(lr).shape[-1] == 16 * opt['scale']
-
-
-@pytest.mark.parametrize('name', ABLATIONS)
-def test_ablation_matches_the_paper_file_except_the_moe_keys(name: str) -> None:
-    opt = yaml.safe_load((OPTIONS / 'ablations' / name).read_text())
-    reference = yaml.safe_load((OPTIONS / 'train_ucm_x4.yml').read_text())
-    assert _without(opt, 'name', 'network_g') == _without(reference, 'name', 'network_g')
-    moe_keys = ('expert_groups', 'routing', 'mfa')
-    assert _without(opt['network_g'], *moe_keys) == _without(reference['network_g'], *moe_keys)
-    net = build_network(dict(opt['network_g']))
-    assert isinstance(net, MFGHMoEArch) and net.moe
-
-
-@pytest.mark.parametrize('force, message', [
-    (['network_g:embed_dims=60'], r'network_g: MFGHMoEArch: unknown keyword\(s\) \[.embed_dims.\] \(did you mean: '
-                                  r'embed_dims -> embed_dim\?\)'),
-    (['network_g:upscale=2'], r'network_g.upscale is 2 but scale is 4'),
-    (['val:metrics:psnr:crop_border=2'], r'val.metrics.psnr.crop_border is 2 but scale is 4'),
-    (['datasets:train:dataroot_gt=datasets/nowhere'], r'datasets.train.dataroot_gt: datasets/nowhere does not exist'),
-    (['datasets:train:split_file=datasets/none.txt'], r'datasets.train.split_file: datasets/none.txt does not exist'),
-    (['datasets:train:gt_size=200'], r'datasets.train.gt_size \(200\) must be a multiple of scale x window_size '
-                                     r'\(4 x 16 = 64\)'),
-    (['datasets:train:batch_size_per_gpu=64'], r'datasets.train.batch_size_per_gpu: a batch of 64 .* larger than '
-                                               r'the training set \(9 images\)'),
+@pytest.mark.parametrize('text, where, problem', [
+    ('x: [\n', 'f.yml:2:1', "expected the node content, but found '<stream end>'"),
+    ('a: 1\n b: 2\n', 'f.yml:2:3', 'mapping values are not allowed here'),
+    ('a: "unclosed\n', 'f.yml:2:1', 'found unexpected end of stream'),
 ])
-def test_options_are_validated_before_training(force: list, message: str, workdir: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(workdir)
-    args = argparse.Namespace(opt=str(OPTIONS / 'train_ucm_x4.yml'), force_yml=force, launcher='none',
-                              auto_resume=False, debug=False)
-    with pytest.raises(OptionError, match=message):
-        parse_options(args, str(workdir), True)
+def test_a_yaml_error_is_one_line_with_line_and_column(text: str, where: str, problem: str) -> None:
+    with pytest.raises(OptionError) as caught:
+        load_yaml(text, 'f.yml')
+    assert str(caught.value) == f'{where}: not valid YAML ({problem})'
 
 
-# ------------------------------------------------------------------------------------------------------
-# every shipped training file starts training
-SMALL_NETWORKS = {  # keys that shrink each architecture; everything else comes from the file
-    'MFGHMoEArch': {'embed_dim': 12, 'depths': [1], 'num_heads': [2], 'window_size': 4, 'squeeze_factor': 4,
-                    'img_size': 16},
-    'EDSR': {'num_feat': 16, 'num_block': 1},
-    'RCAN': {'num_feat': 16, 'num_group': 1, 'num_block': 1, 'squeeze_factor': 4},
-    'RRDBNet': {'num_feat': 16, 'num_block': 1, 'num_grow_ch': 8},
-    'SwinIR': {'embed_dim': 12, 'depths': [1], 'num_heads': [2], 'window_size': 4, 'img_size': 16},
-}
-TRAINING_FILES = [name for name in EXPERIMENT_FILES if name.startswith('train')] + [
-    f'{folder}/{p.name}' for folder in ('baselines', 'ablations') for p in sorted((OPTIONS / folder).glob('*.yml'))]
+@pytest.mark.parametrize('change, message', [
+    ({'train': {'aux_loss_weight': 'abc'}}, "`train.aux_loss_weight` must be a number >= 0, got 'abc'"),
+    ({'train': {'aux_loss_weight': -0.1}}, '`train.aux_loss_weight` must be a number >= 0, got -0.1'),
+    ({'train': {'aux_loss_weight': float('nan')}}, '`train.aux_loss_weight` must be a number >= 0, got nan'),
+    ({'train': {'routing_lr_scale': -1}}, '`train.routing_lr_scale` must be a number > 0, got -1'),
+    ({'train': {'routing_lr_scale': True}}, '`train.routing_lr_scale` must be a number > 0, got True'),
+    ({'train': {'skip_nonfinite': 1.5}}, '`train.skip_nonfinite` must be an integer >= 0, got 1.5'),
+    ({'use_amp': 'fp16'}, "`use_amp` must be false or 'bf16', got 'fp16'"),
+    ({'compile': 'yes'}, "`compile` must be true or false, got 'yes'"),
+    ({'val': {'pbar': 'yes'}}, "`val.pbar` must be true or false, got 'yes'"),
+    ({'tile': {'tile_size': 0, 'tile_pad': 4}}, '`tile.tile_size` must be a non-negative integer (tile_size >= 1)'),
+])
+def test_model_option_values_are_refused_naming_the_key(change: dict, message: str) -> None:
+    opt = {'is_train': True, 'train': {}, **change}
+    with pytest.raises(OptionError, match='MFGHMoEModel: ' + message.replace('(', r'\(').replace(')', r'\)')
+                       .replace('[', r'\[')):
+        check_model_options(opt)
+    assert isinstance(OptionError('x'), ValueError)  # callers that caught the former ValueError still do
+
+
+def test_train_keys_are_not_checked_outside_training() -> None:
+    check_model_options({'is_train': False, 'train': {'aux_loss_weight': 'abc'}})
+    with pytest.raises(OptionError, match='aux_loss_weight'):
+        check_model_options({'train': {'aux_loss_weight': 'abc'}}, is_train=True)
+
+
+def test_num_threads_is_auto_or_a_positive_integer() -> None:
+    assert check_num_threads(None) is None and check_num_threads('auto') is None and check_num_threads(3) == 3
+    for bad in (0, -2, 1.5, 'four', True):
+        with pytest.raises(OptionError, match=r'^num_threads: expected an integer >= 1 or auto, got '):
+            check_num_threads(bad)
+
+
+def test_strict_int_and_number_refuse_booleans_and_strings() -> None:
+    assert [is_strict_int(v) for v in (0, -3, 2**70, True, False, 1.0, '1', None)] == [True] * 3 + [False] * 5
+    assert [is_strict_int(v, 1) for v in (1, 5, 0, -1, True, 1.5)] == [True, True, False, False, False, False]
+    assert is_strict_int(0, 0) and not is_strict_int(-1, 0) and is_strict_int(-1, -1)
+    assert [is_strict_number(v) for v in (0, 1.5, float('nan'), True, '2', None)] == [True] * 3 + [False] * 3
+
+
+def test_tile_and_skip_nonfinite_bounds() -> None:
+    check_model_options({'tile': {'tile_size': 1, 'tile_pad': 0}, 'train': {'skip_nonfinite': 0}}, is_train=True)
+    for tile in ({'tile_size': 8, 'tile_pad': -1}, {'tile_size': True, 'tile_pad': 0},
+                 {'tile_size': 8, 'tile_pad': 1.0}):
+        with pytest.raises(OptionError, match=r'`tile\.tile_(size|pad)` must be a non-negative integer'):
+            check_model_options({'tile': tile})
+    with pytest.raises(OptionError, match=r'`train\.skip_nonfinite` must be an integer >= 0, got -1'):
+        check_model_options({'train': {'skip_nonfinite': -1}}, is_train=True)
+
+
+def test_precheck_refuses_what_basicsr_would_fail_on_later(tmp_path: Path) -> None:
+    opt = yaml.safe_load((OPTIONS / 'train_ucm_x4.yml').read_text())
+    assert precheck_option_file(OPTIONS / 'train_ucm_x4.yml')['name'] == opt['name']
+    del opt['logger']['print_freq']
+    path = tmp_path / 'x.yml'
+    path.write_text(yaml.safe_dump(opt))
+    with pytest.raises(OptionError, match=r'x.yml: training needs a `logger:` block with print_freq'):
+        precheck_option_file(path)
+    precheck_option_file(path, is_train=False)
+    with pytest.raises(OptionError, match=r'num_threads: expected an integer >= 1 or auto, got 0'):
+        precheck_option_file(OPTIONS / 'train_ucm_x4.yml', ['num_threads=0'], is_train=False)
+    with pytest.raises(OptionError, match=r'routing_lr_scale` must be a number > 0, got -1'):
+        precheck_option_file(OPTIONS / 'train_ucm_x4.yml', ['train:routing_lr_scale=-1'])
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('name', TRAINING_FILES)
-def test_every_shipped_training_file_trains_one_iteration(name: str, workdir: Path, tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    (tmp_path / 'datasets').symlink_to(workdir / 'datasets')
-    monkeypatch.chdir(tmp_path)
-    opt = yaml.safe_load((OPTIONS / name).read_text())
-    network = opt['network_g']
-    small = SMALL_NETWORKS[network['type']]
-    force = [f'network_g:{k}={json.dumps(v)}' for k, v in small.items()]
-    window = small.get('window_size', 1)
-    force += [f'datasets:train:gt_size={opt["scale"] * max(window, 4) * 2}', 'datasets:train:batch_size_per_gpu=2',
-              'datasets:train:num_worker_per_gpu=0', 'train:total_iter=1', 'val:val_freq=1',
-              'logger:save_checkpoint_freq=1', 'logger:print_freq=1', 'logger:use_tb_logger=false', 'num_gpu=0']
-    if opt['path'].get('pretrain_network_g'):  # the HAT initialisation: a small HAT checkpoint of the same shape
-        hat = MFGHMoEArch(**small, upscale=opt['scale'], moe=False, mfa=False, rgb_mean=HAT_RGB_MEAN)
-        torch.save({'params_ema': hat.state_dict()}, tmp_path / 'hat.pth')
-        force.append(f'path:pretrain_network_g={tmp_path / "hat.pth"}')
-    assert main(['train', '-opt', str(OPTIONS / name), '--force_yml', *force]) == 0
-    models = tmp_path / 'experiments' / opt['name'] / 'models'
-    assert sorted(p.name for p in models.iterdir()) == ['net_g_1.pth', 'net_g_latest.pth']
-
-
-def test_baseline_and_ablation_files_are_the_generators_output() -> None:
-    import importlib.util
-    spec = importlib.util.spec_from_file_location('generate_options', OPTIONS / 'generate.py')
-    generate = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(generate)
-    files = generate.generated()
-    committed = set((OPTIONS / 'baselines').glob('*.yml')) | set((OPTIONS / 'ablations').glob('*.yml'))
-    assert set(files) == committed
-    stale = [path.name for path, text in files.items() if path.read_text() != text]
-    assert stale == [], f'regenerate with python options/generate.py: {stale}'
-
-
-def test_no_option_file_carries_keys_nothing_reads() -> None:
-    every = sorted(OPTIONS.rglob('*.yml'))
-    assert [p.name for p in every if 'dist_params' in yaml.safe_load(p.read_text())] == []
+def test_the_module_imports_neither_torch_nor_basicsr() -> None:
+    code = ('import sys, hmoe_arch.options; '
+            'print(sorted(m for m in ("torch", "basicsr", "cv2", "timm") if m in sys.modules))')
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120, cwd='/')
+    assert (result.returncode, result.stdout.strip()) == (0, '[]'), result.stderr

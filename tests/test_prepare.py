@@ -119,6 +119,11 @@ def test_rerun_with_same_arguments_is_a_no_op(tmp_path: Path) -> None:
         prepare('ucmerced', source, tmp_path / 'other', progress=False)
 
 
+def partials(folder: Path) -> list:
+    """Names of the temporary files and folders (``.<stem>.partial-<pid><suffix>``) in ``folder``."""
+    return sorted(p.name for p in folder.iterdir() if '.partial-' in p.name) if folder.is_dir() else []
+
+
 def files_under(root: Path, skip=('prepare.json',)) -> dict:
     """Relative path -> (bytes, mtime in ns) of every file under ``root``, but for ``skip`` and LMDB folders."""
     return {p.relative_to(root).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(root.rglob('*'))
@@ -147,7 +152,7 @@ def test_lmdb_on_a_finished_png_run_adds_the_lmdbs_a_fresh_run_writes(tmp_path: 
     summary = prepare(dataset, source, out, lmdb=True, progress=False)
     assert summary.lmdb_added == added and dataclasses.replace(summary, lmdb_added=[]) == first
     assert files_under(out) == pngs_and_lists  # neither rewritten nor touched (same bytes, same mtime)
-    assert not (tmp_path / 'out.incomplete').exists() and not (out / 'prepare.json.partial').exists()
+    assert not partials(tmp_path) and not partials(out)
     assert f'LMDBs added from the PNGs already there: {", ".join(added)}' in basicsr_log[-1]
     assert 'PNGs and split lists unchanged' in basicsr_log[-1]
 
@@ -173,18 +178,18 @@ def test_adding_lmdbs_keeps_nothing_when_interrupted_and_refuses_folders_it_cann
 
     def untouched() -> None:
         assert files_under(out, skip=()) == before and not list(out.glob('*.lmdb'))
-        assert not (tmp_path / 'out.incomplete').exists() and not (out / 'prepare.json.partial').exists()
+        assert not partials(tmp_path) and not partials(out)
 
-    moves, rename = [], Path.rename
+    moves, move = [], prepare_module.move_into_place
 
-    def interrupted_move(self: Path, target: Path):
-        if self.suffix == '.lmdb':
-            moves.append(self.name)
+    def interrupted_move(partial: Path, target: Path):
+        if partial.suffix == '.lmdb':
+            moves.append(partial.name)
             if len(moves) == 2:
                 raise KeyboardInterrupt
-        return rename(self, target)
+        return move(partial, target)
 
-    monkeypatch.setattr(Path, 'rename', interrupted_move)
+    monkeypatch.setattr(prepare_module, 'move_into_place', interrupted_move)
     with pytest.raises(KeyboardInterrupt):
         prepare('ucmerced', source, out, scales=[2], lmdb=True, progress=False)
     monkeypatch.undo()
@@ -197,8 +202,8 @@ def test_adding_lmdbs_keeps_nothing_when_interrupted_and_refuses_folders_it_cann
         raise lmdb_module.DiskError('mdb_put: MDB_DISK_FULL')
 
     monkeypatch.setattr(prepare_module.LmdbMaker, 'put', full)
-    with pytest.raises(PrepareError, match=r'out\.incomplete/Train\.lmdb: cannot write it \(mdb_put: MDB_DISK_FULL\); '
-                                           r'nothing of this run is kept'):
+    with pytest.raises(PrepareError, match=r'\.out\.partial-\d+/Train\.lmdb: cannot write it '
+                                           r'\(mdb_put: MDB_DISK_FULL\); nothing of this run is kept'):
         prepare('ucmerced', source, out, scales=[2], lmdb=True, progress=False)
     monkeypatch.undo()
     untouched()
@@ -222,7 +227,7 @@ def test_adding_lmdbs_keeps_nothing_when_interrupted_and_refuses_folders_it_cann
     with pytest.raises(PrepareError, match=r'out/Test_HR\.lmdb: exists though .*out/prepare\.json records no LMDBs'):
         prepare('ucmerced', source, out, scales=[2], lmdb=True, progress=False)
     (out / 'Test_HR.lmdb').rmdir()
-    assert not list(out.glob('*.lmdb')) and not (tmp_path / 'out.incomplete').exists()
+    assert not list(out.glob('*.lmdb')) and not partials(tmp_path)
     assert (out / 'prepare.json').read_bytes() == before['prepare.json'][0]
 
     summary = prepare('ucmerced', source, out, scales=[2], lmdb=True, progress=False)
@@ -245,7 +250,7 @@ def test_interrupted_run_leaves_nothing_that_loads(tmp_path: Path, monkeypatch: 
     monkeypatch.setattr(prepare_module, 'downsample', interrupted)
     with pytest.raises(KeyboardInterrupt):
         prepare('ucmerced', source, out, lmdb=True, progress=False)
-    assert not out.exists() and not (tmp_path / 'out.incomplete').exists()
+    assert not out.exists() and not partials(tmp_path)
     with pytest.raises(FileNotFoundError):
         RSPairedDataset({'phase': 'val', 'scale': 4, 'dataroot_gt': str(out / 'Test_HR'),
                          'dataroot_lq': str(out / 'Test_LR_x4')})
@@ -281,9 +286,9 @@ def test_killed_run_leaves_nothing_at_the_output_and_the_next_run_recovers(tmp_p
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert not out.exists()
-    assert (tmp_path / 'out.incomplete').exists()
+    assert partials(tmp_path) == [f'.out.partial-{proc.pid}']
     prepare('ucmerced', source, out, lmdb=True, progress=False)
-    assert not (tmp_path / 'out.incomplete').exists() and (out / 'prepare.json').is_file()
+    assert not partials(tmp_path) and (out / 'prepare.json').is_file()
 
 
 @pytest.mark.parametrize('make_bad, message', [
@@ -300,7 +305,7 @@ def test_bad_inputs_are_named_and_nothing_is_written(tmp_path: Path, make_bad, m
     make_bad(bad)
     with pytest.raises(PrepareError, match=message):
         prepare('ucmerced', source, tmp_path / 'out', progress=False)
-    assert not (tmp_path / 'out').exists() and not (tmp_path / 'out.incomplete').exists()
+    assert not (tmp_path / 'out').exists() and not partials(tmp_path)
     assert not (tmp_path / 'out.lock').exists()  # a failed run leaves nothing beside the output either
     summary = prepare('ucmerced', source, tmp_path / 'out', skip_bad=True, progress=False)
     assert list(summary.skipped) == ['beach02.tif'] and re.search(message, summary.skipped['beach02.tif'])
@@ -430,6 +435,23 @@ def test_download_verifies_the_checksum(tmp_path: Path) -> None:
     with pytest.raises(PrepareError, match=r'MD5 .* does not match the published'):
         download_archive(spec, tmp_path, opener=lambda url: fake_response(b'tampered'))
     assert list(tmp_path.iterdir()) == []
+
+    @contextmanager
+    def cut_off(url: str):
+        chunks = iter([b'archive', OSError('Connection reset by peer')])
+
+        class Response:
+            def read(self, size: int) -> bytes:
+                chunk = next(chunks)
+                if isinstance(chunk, Exception):
+                    raise chunk
+                return chunk
+
+        yield Response()
+
+    with pytest.raises(PrepareError, match=r'could not download http://x/a.zip: Connection reset by peer'):
+        download_archive(spec, tmp_path, opener=cut_off)
+    assert list(tmp_path.iterdir()) == []
     with pytest.raises(PrepareError, match='AID has no direct download URL'):
         download_archive(DATASETS['aid'], tmp_path)
     assert DATASETS['ucmerced'].url.endswith('UCMerced_LandUse.zip')
@@ -504,7 +526,7 @@ def test_archive_member_declaring_a_huge_size_is_refused_before_it_is_read(tmp_p
     with pytest.raises(PrepareError, match=r'UCMerced_LandUse.zip:UCMerced_LandUse/Images/agricultural/agricultural'
                                            r'\d\d.tif: \d+ bytes, more than the 0 MiB'):
         prepare('ucmerced', archive, tmp_path / 'out', progress=False)
-    assert read == [] and not (tmp_path / 'out').exists() and not (tmp_path / 'out.incomplete').exists()
+    assert read == [] and not (tmp_path / 'out').exists() and not partials(tmp_path)
 
 
 def test_hidden_and_system_files_are_ignored(tmp_path: Path) -> None:
@@ -555,10 +577,10 @@ def test_a_second_run_on_the_same_output_is_refused_while_the_first_holds_it(tmp
 
 def test_a_folder_named_like_the_partial_output_is_never_deleted(tmp_path: Path) -> None:
     source = make_ucmerced_tree(tmp_path / 'src', per_class=4)
-    mine = tmp_path / 'out.incomplete'
+    mine = tmp_path / '.out.partial-999999999'
     (mine / 'notes.txt').parent.mkdir()
     (mine / 'notes.txt').write_text('my work')
-    with pytest.raises(PrepareError, match='out.incomplete: exists and was not written by prepare'):
+    with pytest.raises(PrepareError, match=r'\.out\.partial-999999999: exists and was not written by prepare'):
         prepare('ucmerced', source, tmp_path / 'out', progress=False)
     assert (mine / 'notes.txt').read_text() == 'my work'
 
@@ -575,7 +597,7 @@ def test_counts_are_verified_before_the_rename(tmp_path: Path, monkeypatch) -> N
     monkeypatch.setattr(prepare_module, '_write', write_then_lose_one)
     with pytest.raises(PrepareError, match=r'Test_HR: 2 images written but the split list names 3'):
         prepare('ucmerced', source, tmp_path / 'out', progress=False)
-    assert not (tmp_path / 'out').exists() and not (tmp_path / 'out.incomplete').exists()
+    assert not (tmp_path / 'out').exists() and not partials(tmp_path)
 
 
 @pytest.mark.parametrize('lmdb', [False, True])
@@ -595,4 +617,4 @@ def test_disk_full_is_one_named_error_and_nothing_is_kept(tmp_path: Path, monkey
     with pytest.raises(PrepareError, match=r'\.png: cannot write it \((No space left on device|mdb_put: MDB_DISK_FULL)'
                                            r'\); nothing of this run is kept'):
         prepare('ucmerced', source, tmp_path / 'out', lmdb=lmdb, progress=False)
-    assert not (tmp_path / 'out').exists() and not (tmp_path / 'out.incomplete').exists()
+    assert not (tmp_path / 'out').exists() and not partials(tmp_path)

@@ -1,8 +1,20 @@
-"""Routers: selection rule (eq. 5-7), straight-through weights, gradients, load-balancing loss."""
+"""Routers: selection rule (eq. 5-7), straight-through weights, gradients, routing_grad records, load-balancing
+loss."""
 import pytest
 import torch
 
-from hmoe_arch.archs.routing import DualRouter, SingleRouter, balance_loss, selection_weight
+from hmoe_arch.archs.routing import (
+    ROUTING_GRAD_MODES,
+    ROUTING_GRADS,
+    DualRouter,
+    RoutingGrad,
+    SingleRouter,
+    balance_loss,
+    centered_straight_through,
+    routing_grad_mode,
+    selection_weight,
+    straight_through,
+)
 
 
 def test_dual_routing_selects_top_group_then_top_expert_of_that_group() -> None:
@@ -30,11 +42,61 @@ def test_straight_through_weight_is_exactly_one_with_the_gradient_of_log_p() -> 
 
 def test_centered_weight_is_one_with_the_mean_of_the_upstream_gradient_removed() -> None:
     p = torch.tensor([[0.25], [0.5], [0.8]], requires_grad=True)
-    w = selection_weight(p, centered=True)
+    w = selection_weight(p, centered_straight_through)
     assert torch.equal(w, torch.ones(3, 1))
     upstream = torch.tensor([[3.0], [-1.0], [1.0]])
     (w * upstream).sum().backward()
     torch.testing.assert_close(p.grad, (upstream - 1.0) / p.detach())
+
+
+# ------------------------------------------------------------------------------------------------------
+# routing_grad records
+def test_every_routing_grad_value_has_its_record() -> None:
+    fields = {name: (mode.name, mode.learns, mode.stops_at_backbone, mode.top1_weight)
+              for name, mode in ROUTING_GRAD_MODES.items()}
+    assert fields == {
+        'none': ('none', False, False, straight_through),
+        'straight_through': ('straight_through', True, False, straight_through),
+        'isolated': ('isolated', True, True, straight_through),
+        'centered': ('centered', True, True, centered_straight_through),
+    }
+    assert ROUTING_GRADS == ('none', 'straight_through', 'isolated', 'centered')  # the order error messages list
+
+
+def test_routing_grad_mode_returns_the_record_and_rejects_anything_else() -> None:
+    assert all(routing_grad_mode(name) is ROUTING_GRAD_MODES[name] for name in ROUTING_GRADS)
+    with pytest.raises(ValueError, match=r"^DualRouter: `routing_grad` must be one of \('none', 'straight_through', "
+                                         r"'isolated', 'centered'\), got 'reinforce'$"):
+        routing_grad_mode('reinforce', 'DualRouter')
+    with pytest.raises(ValueError, match=r"^routing_grad_mode: `routing_grad` must be one of .*, got \['none'\]$"):
+        routing_grad_mode(['none'])
+    with pytest.raises(AttributeError):
+        ROUTING_GRAD_MODES['none'].learns = True  # frozen: a record cannot drift from its name
+
+
+@pytest.mark.parametrize('router_type', [DualRouter, SingleRouter])
+def test_routers_weight_top1_selections_with_the_function_of_their_record(router_type) -> None:
+    assert router_type(4, [2, 3], 1).routing_grad is ROUTING_GRAD_MODES['straight_through']
+    torch.manual_seed(0)
+    plain = router_type(4, [2, 3], 1)
+    centered = router_type(4, [2, 3], 1, routing_grad=ROUTING_GRAD_MODES['centered'])
+    centered.load_state_dict(plain.state_dict())
+    x = torch.randn(40, 4)
+    upstream = torch.randn(40, 1)
+    routings = [plain(x), centered(x)]
+    assert all(torch.equal(routing.weight, torch.ones(40, 1)) for routing in routings)
+    # centered: the straight-through gradient of the upstream gradient minus its batch mean (each factor is 1)
+    (routings[0].weight * (upstream - upstream.mean())).sum().backward()
+    (routings[1].weight * upstream).sum().backward()
+    for (name, expected), (_, got) in zip(plain.named_parameters(), centered.named_parameters()):
+        torch.testing.assert_close(got.grad, expected.grad, msg=name)
+    assert not all(torch.equal(p.grad, torch.zeros_like(p)) for p in centered.parameters())
+
+
+def test_a_new_record_changes_the_routers_without_touching_them() -> None:
+    doubled = RoutingGrad('doubled', learns=True, stops_at_backbone=True, top1_weight=lambda p: 2 * p / p.detach())
+    router = SingleRouter(3, [2, 2], 1, routing_grad=doubled)
+    assert torch.equal(router(torch.randn(5, 3)).weight, torch.full((5, 1), 2.0))
 
 
 def test_top_k_weights_are_renormalised_probabilities() -> None:
@@ -188,5 +250,6 @@ def test_balance_state_is_persistent_only_when_on() -> None:
     assert set(DualRouter(4, [2, 2], 1).state_dict()) == {
         'w_group_gate.weight', 'w_group_gate.bias', 'w_expert_gates.0.weight', 'w_expert_gates.0.bias',
         'w_expert_gates.1.weight', 'w_expert_gates.1.bias', 'group_embedding.weight'}
-    assert {'group_bias', 'expert_bias', 'balance_updates'} <= set(DualRouter(4, [2, 2], 1, balance='bias').state_dict())
+    biased = DualRouter(4, [2, 2], 1, balance='bias')
+    assert {'group_bias', 'expert_bias', 'balance_updates'} <= set(biased.state_dict())
     assert 'expert_bias' in SingleRouter(4, [2, 2], 1, balance='bias').state_dict()

@@ -7,7 +7,16 @@ import torch
 import torch.nn.functional as F
 
 from hmoe_arch import MFGHMoEArch
-from hmoe_arch.tiling import blended_tiled_forward, feather, pad_to_multiple, padded_forward, tile_starts, tiled_forward
+from hmoe_arch.tiling import (
+    ContextTile,
+    blended_tiled_forward,
+    context_tiles,
+    feather,
+    pad_to_multiple,
+    padded_forward,
+    tile_starts,
+    tiled_forward,
+)
 
 from util import SMALL_GROUPS, tiny
 
@@ -61,6 +70,36 @@ def test_tiles_cover_everything_and_match_the_untiled_output() -> None:
     for top in range(0, 44, 16):
         for left in range(0, 38, 16):
             assert tiled[..., top:top + 16, left:left + 16].abs().sum() > 0
+
+
+def test_context_tiles_cover_the_image_once_with_clipped_context() -> None:
+    tiles = context_tiles(10, 7, 4, 2)
+    assert [(t.top, t.left) for t in tiles] == [(0, 0), (0, 4), (4, 0), (4, 4), (8, 0), (8, 4)]
+    assert tiles[3] == ContextTile(4, 4, 8, 7, 2, 2, 10, 7)
+    assert tiles[3].context() == (slice(2, 10), slice(2, 7))
+    assert tiles[3].area() == (slice(4, 8), slice(4, 7)) and tiles[3].area(3) == (slice(12, 24), slice(12, 21))
+    assert tiles[3].core() == (slice(2, 6), slice(2, 5)) and tiles[3].core(2) == (slice(4, 12), slice(4, 10))
+    image, covered = np.arange(70).reshape(10, 7), np.zeros((10, 7), int)
+    for tile in tiles:
+        covered[tile.area()] += 1
+        assert np.array_equal(image[tile.context()][tile.core()], image[tile.area()])  # the core is the own area
+    assert (covered == 1).all()
+    assert context_tiles(3, 3, 8, 4) == [ContextTile(0, 0, 3, 3, 0, 0, 3, 3)]
+    assert context_tiles(0, 5, 4, 1) == []
+
+
+def test_tiles_whose_context_covers_the_receptive_field_equal_the_untiled_output() -> None:
+    """Two 3x3 convolutions see 2 LR pixels to each side: with ``tile_pad >= 2`` every kept pixel is computed from
+    exactly the inputs the whole image gives it (zero padding only at the image's own border)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(8, 12, 3, padding=1), torch.nn.PixelShuffle(2)).eval()
+    x = torch.rand(2, 3, 23, 18)
+    with torch.no_grad():
+        whole = net(x)
+        for tile_size, tile_pad in [(5, 2), (8, 3), (7, 6), (30, 0)]:
+            torch.testing.assert_close(tiled_forward(net, x, 2, 1, tile_size, tile_pad), whole, rtol=0, atol=1e-6)
+        assert (tiled_forward(net, x, 2, 1, 5, 1) - whole).abs().max() > 1e-3  # too little context shows
 
 
 def test_tile_of_an_identity_network_is_exact() -> None:

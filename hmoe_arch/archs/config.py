@@ -21,8 +21,9 @@ import torch
 
 from ..checkpoints import CONFIG_ENTRY
 from ..errors import ConfigError
-from .mfghmoe_arch import HAT_RGB_MEAN
 
+HAT_RGB_MEAN = (0.4488, 0.4371, 0.4040)
+"""HAT's ``rgb_mean`` (DIV2K's mean RGB in [0, 1]): with ``moe: false, mfa: false`` MFGHMoEArch is exactly HAT."""
 NOT_IN_TENSORS = ('top_k', 'rgb_mean', 'img_range')
 """Keys no tensor records."""
 

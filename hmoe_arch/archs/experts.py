@@ -23,7 +23,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from .routing import BALANCES, ROUTING_GRADS, DualRouter, Routing, SingleRouter, summed_over_ranks, zeros_where_missing
+from .routing import (
+    BALANCES,
+    DualRouter,
+    Routing,
+    SingleRouter,
+    routing_grad_mode,
+    summed_over_ranks,
+    zeros_where_missing,
+)
 
 ExpertGroup = Tuple[int, int]
 """``(kernel_size, num_experts)`` of one expert group."""
@@ -123,9 +131,11 @@ class HeterogeneousMoE(nn.Module):
         expert_groups: ``(kernel_size, num_experts)`` per group.
         top_k: Experts per pixel (within its group for dual routing).
         routing: ``'dual'`` or ``'single'``.
-        routing_grad: ``'none'`` runs the routers without autograd (the authors' training: the routers, the
-            group embedding and whatever computed the routing features get no gradient); any other value
-            (see :data:`~hmoe_arch.archs.routing.ROUTING_GRADS`) lets the straight-through weights carry it.
+        routing_grad: A name of :data:`~hmoe_arch.archs.routing.ROUTING_GRADS`, kept as its record
+            (:class:`~hmoe_arch.archs.routing.RoutingGrad`, handed to the routers as well). The routers run with
+            autograd when its ``learns`` is set (else, as in the authors' training, the routers, the group
+            embedding and whatever computed the routing features get no gradient); the routers weight top-1
+            selections with its ``top1_weight``. :meth:`set_routing_grad` switches it.
         balance: ``'bias'``: loss-free balancing biases in the routers (see :mod:`~hmoe_arch.archs.routing`).
         balance_rate: Their update rate.
         balance_until: Training forwards during which they adapt (frozen after); ``None``: all of training.
@@ -140,13 +150,13 @@ class HeterogeneousMoE(nn.Module):
                  top_k: int, routing: str, routing_grad: str = 'none', balance: str = 'none',
                  balance_rate: float = 1e-3, routing_norm: str = 'none', balance_until: Optional[int] = None) -> None:
         super().__init__()
-        if routing_grad not in ROUTING_GRADS:
-            raise ValueError(f'HeterogeneousMoE: routing_grad must be one of {ROUTING_GRADS}, got {routing_grad!r}')
+        mode = routing_grad_mode(routing_grad, 'HeterogeneousMoE')
         if balance not in BALANCES:
             raise ValueError(f'HeterogeneousMoE: balance must be one of {BALANCES}, got {balance!r}')
         if routing_norm not in ROUTING_NORMS:
             raise ValueError(f'HeterogeneousMoE: routing_norm must be one of {ROUTING_NORMS}, got {routing_norm!r}')
-        self.routing_grad = routing_grad
+        self.routing_grad = mode
+        """The ``routing_grad`` record (the same object as the routers' :attr:`routing_grad`)."""
         self.routing_norm = routing_norm
         if routing_norm == 'center':
             self.register_buffer('feature_mean', torch.zeros(routing_dim))
@@ -162,14 +172,17 @@ class HeterogeneousMoE(nn.Module):
         ])
         router = DualRouter if routing == 'dual' else SingleRouter
         self.gate = router(routing_dim, [count for _, count in expert_groups], top_k, balance=balance,
-                           balance_rate=balance_rate, balance_until=balance_until)
-        self.gate.centered = routing_grad == 'centered'
+                           balance_rate=balance_rate, balance_until=balance_until, routing_grad=mode)
         self.dense = False
         """Evaluate every expert on every pixel and mask (:meth:`dense_dispatch`, the authors' computation): shapes
         that do not depend on the routing, for ONNX export and as the reference of tests and benchmarks."""
         self.last_routing: Optional[Routing] = None
         self._routing_with_graph: Optional[Routing] = None
         self.last_grid: Tuple[int, int, int] = (0, 0, 0)
+
+    def set_routing_grad(self, name: str) -> None:
+        """Switch to the ``routing_grad`` mode ``name`` here and in the routers (the weights stay as they are)."""
+        self.routing_grad = self.gate.routing_grad = routing_grad_mode(name, 'HeterogeneousMoE')
 
     def group_ranges(self) -> List[Tuple[int, int, int]]:
         """``(kernel_size, first_expert, end_expert)`` for each group."""
@@ -199,11 +212,12 @@ class HeterogeneousMoE(nn.Module):
 
     def route(self, rows: torch.Tensor) -> Routing:
         """The routers on ``(N, routing_dim)`` rows, in float32 or wider whatever the precision of the rest
-        (autocast, or a network cast to bfloat16/float16): arg-max decisions are not taken in 8 mantissa bits."""
+        (autocast, or a network cast to bfloat16/float16): arg-max decisions are not taken in 8 mantissa bits.
+        They run with autograd only when the :attr:`routing_grad` mode learns."""
         gate_dtype = next(self.gate.parameters()).dtype
         dtype = torch.promote_types(gate_dtype, torch.float32)
         with torch.autocast(device_type=rows.device.type, enabled=False), \
-                torch.set_grad_enabled(torch.is_grad_enabled() and self.routing_grad != 'none'):
+                torch.set_grad_enabled(torch.is_grad_enabled() and self.routing_grad.learns):
             rows = self.centered_rows(rows.to(dtype))
             if gate_dtype == dtype:
                 return self.gate(rows)

@@ -12,11 +12,9 @@ the last forward come from methods (:meth:`MFGHMoEArch.aux_loss`, :meth:`MFGHMoE
 import difflib
 import inspect
 import math
-import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -26,7 +24,17 @@ from basicsr.utils import get_root_logger
 from basicsr.utils.registry import ARCH_REGISTRY
 from timm.layers import trunc_normal_
 
-from ..checkpoints import fetch_weights, is_url, read_checkpoint_file
+from ..checkpoints import (
+    UNNAMED,
+    CheckpointSource,
+    LoadReport,
+    match_state_dict,
+    read_checkpoint,
+    source_name,
+    state_dict_of,
+)
+from ..errors import ConfigError
+from ..options import is_strict_int, is_strict_number
 from .experts import ROUTING_NORMS, MoEUpsampler
 from .hat_blocks import (
     PatchEmbed,
@@ -38,12 +46,11 @@ from .hat_blocks import (
     shifted_window_mask,
 )
 from .mfa import MultiLevelFeatureAggregation, routing_projection
-from .routing import BALANCES, ROUTING_GRADS
+from .routing import BALANCES, routing_grad_mode
 
 NUM_FEAT = 64
 """Channels of the reconstruction stage, the MFA branches and the routing features (HAT's ``num_feat``)."""
 
-HAT_RGB_MEAN = (0.4488, 0.4371, 0.4040)
 UPSAMPLERS = ('pixelshuffle',)
 RESI_CONNECTIONS = ('1conv', 'identity')
 ROUTINGS = ('dual', 'single')
@@ -56,12 +63,12 @@ def _fail(key: str, expected: str, got: Any) -> None:
 
 
 def _check_int(key: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if not is_strict_int(value, minimum):
         _fail(key, f'an integer >= {minimum}', value)
 
 
 def _check_rate(key: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+    if not is_strict_number(value) or not 0.0 <= value < 1.0:
         _fail(key, 'a number in [0, 1)', value)
 
 
@@ -97,17 +104,22 @@ def check_arguments(a: SimpleNamespace, unknown: Mapping[str, Any]) -> Tuple[Tup
         hint = f' (did you mean: {", ".join(hints)})' if hints else ''
         raise ValueError(f'MFGHMoEArch: unknown keyword(s) {sorted(unknown)}{hint}; valid keys: '
                          f'{", ".join(valid)}')
+    _check_backbone(a)
+    return _check_reconstruction(a)
+
+
+def _check_backbone(a: SimpleNamespace) -> None:
+    """HAT's keys: sizes, rates, flags, the RHAG lists, ratios, attention and normalisation."""
     for key, value, minimum in (('img_size', a.img_size, 1), ('patch_size', a.patch_size, 1),
                                 ('in_chans', a.in_chans, 1), ('embed_dim', a.embed_dim, 1),
                                 ('window_size', a.window_size, 1), ('compress_ratio', a.compress_ratio, 1),
-                                ('squeeze_factor', a.squeeze_factor, 1), ('upscale', a.upscale, 1),
-                                ('top_k', a.top_k, 1)):
+                                ('squeeze_factor', a.squeeze_factor, 1), ('upscale', a.upscale, 1)):
         _check_int(key, value, minimum)
     for key, value in (('drop_rate', a.drop_rate), ('attn_drop_rate', a.attn_drop_rate),
                        ('drop_path_rate', a.drop_path_rate)):
         _check_rate(key, value)
     for key, value in (('qkv_bias', a.qkv_bias), ('ape', a.ape), ('patch_norm', a.patch_norm),
-                       ('use_checkpoint', a.use_checkpoint), ('mfa', a.mfa), ('moe', a.moe)):
+                       ('use_checkpoint', a.use_checkpoint)):
         if not isinstance(value, bool):
             _fail(key, 'true or false', value)
     if isinstance(a.depths, (str, Mapping)) or not isinstance(a.depths, Sequence) or not a.depths:
@@ -129,7 +141,7 @@ def check_arguments(a: SimpleNamespace, unknown: Mapping[str, Any]) -> Tuple[Tup
         _fail('squeeze_factor', f'at most embed_dim ({a.embed_dim})', a.squeeze_factor)
     for key, value in (('conv_scale', a.conv_scale), ('img_range', a.img_range), ('mlp_ratio', a.mlp_ratio),
                        ('overlap_ratio', a.overlap_ratio)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not is_strict_number(value) or not math.isfinite(value):
             _fail(key, 'a number', value)
     if a.img_range <= 0:
         _fail('img_range', 'positive', a.img_range)
@@ -138,38 +150,42 @@ def check_arguments(a: SimpleNamespace, unknown: Mapping[str, Any]) -> Tuple[Tup
     if a.overlap_ratio < 0 or int(a.window_size * a.overlap_ratio) % 2:
         _fail('overlap_ratio', f'>= 0 with int(window_size * overlap_ratio) even, so the overlapping window '
               f'extends window_size ({a.window_size}) equally on both sides', a.overlap_ratio)
-    if a.qk_scale is not None and (isinstance(a.qk_scale, bool) or not isinstance(a.qk_scale, (int, float))
-                                 or a.qk_scale <= 0):
+    if a.qk_scale is not None and (not is_strict_number(a.qk_scale) or a.qk_scale <= 0):
         _fail('qk_scale', 'null or a positive number', a.qk_scale)
     if a.upsampler not in UPSAMPLERS:
         _fail('upsampler', f'one of {UPSAMPLERS} (the only reconstruction HAT implements)', a.upsampler)
     if a.resi_connection not in RESI_CONNECTIONS:
         _fail('resi_connection', f'one of {RESI_CONNECTIONS}', a.resi_connection)
+    if a.attention not in ATTENTIONS:
+        _fail('attention', f'one of {ATTENTIONS}', a.attention)
+    if a.rgb_mean is not None and (isinstance(a.rgb_mean, (str, Mapping)) or not isinstance(a.rgb_mean, Sequence)
+                                 or len(a.rgb_mean) != a.in_chans):
+        _fail('rgb_mean', f'null or a list of in_chans ({a.in_chans}) numbers', a.rgb_mean)
+    if a.img_size // a.patch_size < a.window_size:
+        _fail('img_size', f'at least window_size * patch_size ({a.window_size * a.patch_size})', a.img_size)
+
+
+def _check_reconstruction(a: SimpleNamespace) -> Tuple[Tuple[int, int], ...]:
+    """The upsampler's keys (``moe``, ``mfa``, the experts, the routing and its balancing) and how they fit
+    together; returns the parsed ``expert_groups``."""
+    for key, value in (('mfa', a.mfa), ('moe', a.moe)):
+        if not isinstance(value, bool):
+            _fail(key, 'true or false', value)
+    _check_int('top_k', a.top_k, 1)
     if a.routing not in ROUTINGS:
         _fail('routing', f'one of {ROUTINGS}', a.routing)
-    if a.routing_grad not in ROUTING_GRADS:
-        _fail('routing_grad', f'one of {ROUTING_GRADS}', a.routing_grad)
+    routing_grad_mode(a.routing_grad, 'MFGHMoEArch')
     if a.balance not in BALANCES:
         _fail('balance', f'one of {BALANCES}', a.balance)
-    if isinstance(a.balance_rate, bool) or not isinstance(a.balance_rate, (int, float)) or \
-            not 0 < a.balance_rate <= 1:
+    if not is_strict_number(a.balance_rate) or not 0 < a.balance_rate <= 1:
         _fail('balance_rate', 'a number in (0, 1]', a.balance_rate)
-    if a.balance_until is not None and (isinstance(a.balance_until, bool) or not isinstance(a.balance_until, int)
-                                        or a.balance_until < 1):
+    if a.balance_until is not None and not is_strict_int(a.balance_until, 1):
         _fail('balance_until', 'null or a positive number of training iterations', a.balance_until)
     if a.balance_until is not None and a.balance != 'bias':
         _fail('balance_until', f'null unless balance is bias (there are no biases to freeze with balance: '
               f'{a.balance})', a.balance_until)
     if a.routing_norm not in ROUTING_NORMS:
         _fail('routing_norm', f'one of {ROUTING_NORMS}', a.routing_norm)
-    if a.attention not in ATTENTIONS:
-        _fail('attention', f'one of {ATTENTIONS}', a.attention)
-    if a.rgb_mean is not None and (isinstance(a.rgb_mean, (str, Mapping)) or not isinstance(a.rgb_mean, Sequence)
-                                 or len(a.rgb_mean) != a.in_chans):
-        _fail('rgb_mean', f'null or a list of in_chans ({a.in_chans}) numbers', a.rgb_mean)
-    resolution = a.img_size // a.patch_size
-    if resolution < a.window_size:
-        _fail('img_size', f'at least window_size * patch_size ({a.window_size * a.patch_size})', a.img_size)
     groups = parse_expert_groups(a.expert_groups)
     if a.moe:
         smallest = min(count for _, count in groups) if a.routing == 'dual' else sum(c for _, c in groups)
@@ -183,22 +199,6 @@ def check_arguments(a: SimpleNamespace, unknown: Mapping[str, Any]) -> Tuple[Tup
         if value != 'none' and not a.moe:
             _fail(key, 'none when moe is false (there are no routers)', value)
     return groups
-
-
-@dataclass
-class LoadReport:
-    """What :meth:`MFGHMoEArch.load_pretrained` did.
-
-    Attributes:
-        loaded: Network keys filled from the checkpoint.
-        kept_init: Modules (shortest prefixes) none of whose tensors were in the checkpoint, and remaining
-            network keys that were not, in state_dict order.
-        unused: Checkpoint keys not loaded, each with the reason.
-    """
-
-    loaded: List[str] = field(default_factory=list)
-    kept_init: List[str] = field(default_factory=list)
-    unused: List[str] = field(default_factory=list)
 
 
 @ARCH_REGISTRY.register()
@@ -238,7 +238,9 @@ class MFGHMoEArch(nn.Module):
         self.ape = ape
         self.mfa = mfa
         self.moe = moe
-        self.routing_grad = routing_grad
+        self.routing_grad = routing_grad_mode(routing_grad, 'MFGHMoEArch')
+        """The ``routing_grad`` record (:class:`~hmoe_arch.archs.routing.RoutingGrad`); :meth:`set_routing_grad`
+        switches it here and in the expert bank."""
         self.num_pixels = resolution * resolution
         self.register_buffer('mean', None if rgb_mean is None else torch.tensor(rgb_mean, dtype=torch.float32).view(
             1, in_chans, 1, 1), persistent=False)
@@ -292,6 +294,13 @@ class MFGHMoEArch(nn.Module):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
+    def set_routing_grad(self, name: str) -> None:
+        """Switch to the ``routing_grad`` mode ``name`` (a value of the network key) in the network, its expert
+        bank and its routers; the weights and the forward value stay as they are."""
+        self.routing_grad = routing_grad_mode(name, 'MFGHMoEArch')
+        if self.moe:
+            self.upsample.moe.set_routing_grad(name)
+
     # ----------------------------------------------------------------------------------------------------
     # stages
     def forward_features(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -316,13 +325,13 @@ class MFGHMoEArch(nn.Module):
             x = x + self.absolute_pos_embed
         x = self.pos_drop(x)
         branch_sum = None
-        # routing_grad none: nothing routes a gradient back into the MFA branches, so they run without autograd
-        branch_grad = torch.is_grad_enabled() and self.routing_grad != 'none'
+        # a routing_grad that does not learn routes no gradient back into the MFA branches: they run without autograd
+        branch_grad = torch.is_grad_enabled() and self.routing_grad.learns
         for i, layer in enumerate(self.layers):
             x = layer(x, x_size, self.relative_position_index_SA, self.relative_position_index_OCA, attn_mask)
             if self.mfa:
                 x = self.mfg.level_norm(i)(x)
-                level = x.detach() if self.routing_grad in ('isolated', 'centered') else x
+                level = x.detach() if self.routing_grad.stops_at_backbone else x
                 with torch.set_grad_enabled(branch_grad):
                     branch = self.mfg.branch(i)(self.patch_unembed(level, x_size))
                     branch_sum = branch if branch_sum is None else branch_sum + branch
@@ -331,7 +340,7 @@ class MFGHMoEArch(nn.Module):
             return features, None
         with torch.set_grad_enabled(branch_grad):
             tokens = image_to_tokens(branch_sum)
-            if self.routing_grad in ('isolated', 'centered'):  # the shared final norm stays off the routing path
+            if self.routing_grad.stops_at_backbone:  # the shared final norm stays off the routing path
                 tokens = F.layer_norm(tokens, self.norm.normalized_shape, self.norm.weight.detach(),
                                       self.norm.bias.detach(), self.norm.eps)
             else:
@@ -343,7 +352,7 @@ class MFGHMoEArch(nn.Module):
         x = self.conv_before_upsample(x)
         if self.moe:
             if routing_features is None:  # mfa: false, the routers read these features
-                routing_features = x.detach() if self.routing_grad in ('isolated', 'centered') else x
+                routing_features = x.detach() if self.routing_grad.stops_at_backbone else x
             x = self.upsample(x, routing_features)
         else:
             x = self.upsample(x)
@@ -393,42 +402,39 @@ class MFGHMoEArch(nn.Module):
 
     # ----------------------------------------------------------------------------------------------------
     # foreign weights
-    def load_pretrained(self, checkpoint: Union[str, os.PathLike, Mapping], *, param_key: str = 'params',
+    def load_pretrained(self, checkpoint: CheckpointSource, *, param_key: str = 'params',
                         strict: bool = False) -> LoadReport:
-        """Load a HAT, authors' MFG-HMoE or hmoe_arch checkpoint (BasicSR ``.pth`` or plain state_dict).
+        """Load a HAT, authors' MFG-HMoE or hmoe_arch checkpoint (BasicSR ``.pth``, ``.safetensors`` or plain
+        state_dict).
 
         Tensors whose name and shape match this network are loaded; with ``strict=False`` the rest of the
         network keeps its initialisation and one log block lists those modules and the checkpoint tensors
         that were not used (e.g. HAT's ``upsample.*`` when loading HAT into the MoE configuration).
 
         Args:
-            checkpoint: A path (read with ``torch.load(..., weights_only=True)``) or a loaded dict.
+            checkpoint: A path or ``https://`` URL (:func:`hmoe_arch.checkpoints.read_checkpoint`: ``torch.load(...,
+                weights_only=True)``, URLs downloaded once) or a loaded dict.
             param_key: Entry holding the weights in a BasicSR checkpoint (``params`` or ``params_ema``);
                 falls back to ``params``, then ``params_ema``, then to the dict itself when it maps names to tensors.
             strict: Raise ``ValueError`` unless every network tensor is filled and every checkpoint tensor used.
 
         Returns:
-            The :class:`LoadReport`.
+            The :class:`~hmoe_arch.checkpoints.LoadReport`.
+
+        Raises:
+            FileNotFoundError: for a path that does not exist.
+            ValueError: naming the checkpoint when it cannot be read, holds no state_dict, or (``strict``) does not
+                fit exactly.
         """
-        source = os.fspath(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else '<state_dict>'
-        state = checkpoint_filter_fn(_read_checkpoint(checkpoint, source), param_key, source)
+        source = source_name(checkpoint)
+        state = checkpoint_filter_fn(read_checkpoint(checkpoint), param_key, source)
         own = self.state_dict()
-        report, accepted = LoadReport(), {}
-        for key, tensor in state.items():
-            if key not in own:
-                report.unused.append(f'{key} {list(tensor.shape)} (no such tensor in this network)')
-            elif own[key].shape != tensor.shape:
-                report.unused.append(f'{key} {list(tensor.shape)} (network has {list(own[key].shape)})')
-            else:
-                accepted[key] = tensor
-                report.loaded.append(key)
-        report.kept_init = _collapse_to_modules([k for k in own if k not in accepted], list(own))
+        accepted, report = match_state_dict(own, state)
         if strict and (report.unused or report.kept_init):
-            raise ValueError(f'{source}: does not match MFGHMoEArch exactly (strict=True):\n'
-                             f'{_format_report(report)}')
+            raise ConfigError(f'{source}: does not match MFGHMoEArch exactly (strict=True):\n{report.summary()}')
         self.load_state_dict(accepted, strict=False)
         get_root_logger().info(f'Loaded {source} into MFGHMoEArch: {len(report.loaded)}/{len(own)} tensors.\n'
-                               f'{_format_report(report)}')
+                               f'{report.summary()}')
         return report
 
 
@@ -436,61 +442,13 @@ ARCH_REGISTRY._do_register('MFGHMOE', MFGHMoEArch)
 """The authors' registry name, so their option files (``network_g.type: MFGHMOE``) build this network."""
 
 
-def _read_checkpoint(checkpoint: Union[str, os.PathLike, Mapping], source: str) -> Mapping:
-    if isinstance(checkpoint, Mapping):
-        return checkpoint
-    if is_url(source):
-        source = fetch_weights(source)
-    if not os.path.isfile(source):
-        raise FileNotFoundError(f'checkpoint not found: {source}')
-    return read_checkpoint_file(source)
-
-
-def checkpoint_filter_fn(checkpoint: Mapping, param_key: str = 'params', source: str = '<state_dict>'
+def checkpoint_filter_fn(checkpoint: Mapping, param_key: str = 'params', source: str = UNNAMED
                          ) -> Dict[str, torch.Tensor]:
-    """The name -> tensor mapping inside a BasicSR/HAT/authors' checkpoint, with DataParallel/DDP
-    ``module.`` prefixes removed.
+    """A BasicSR, HAT or authors' checkpoint as a state_dict in this network's names (timm's hook for foreign
+    weights): :func:`hmoe_arch.checkpoints.state_dict_of` (the ``param_key`` entry, DataParallel/DDP ``module.``
+    prefixes removed); the three share this network's names, so no key is renamed.
 
     Raises:
-        ValueError: naming ``source`` when no entry holds a state_dict.
+        CheckpointError: naming ``source`` when no entry holds a state_dict (a ``ValueError``).
     """
-    if not isinstance(checkpoint, Mapping):
-        raise ValueError(f'{source}: expected a state_dict or a dict with a `{param_key}` (or `params`, `params_ema`) '
-                         f'state_dict, found a {type(checkpoint).__name__}')
-    for key in dict.fromkeys((param_key, 'params', 'params_ema')):
-        if isinstance(checkpoint.get(key), Mapping):
-            checkpoint = checkpoint[key]
-            break
-    names = [str(k) for k in checkpoint][:10]
-    if not checkpoint or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in checkpoint.items()):
-        raise ValueError(f'{source}: expected a state_dict (parameter names -> tensors) or a dict with a '
-                         f'`{param_key}` (or `params`, `params_ema`) state_dict, found the entries {names}')
-    return {(k[len('module.'):] if k.startswith('module.') else k): v for k, v in checkpoint.items()}
-
-
-def _collapse_to_modules(missing: List[str], all_keys: List[str]) -> List[str]:
-    """Replace keys by the shortest module prefix all of whose tensors are missing."""
-    def prefixes(key: str) -> List[str]:
-        parts = key.split('.')
-        return ['.'.join(parts[:i]) for i in range(1, len(parts))]
-
-    total: Dict[str, int] = {}
-    for key in all_keys:
-        for prefix in prefixes(key):
-            total[prefix] = total.get(prefix, 0) + 1
-    absent: Dict[str, int] = {}
-    for key in missing:
-        for prefix in prefixes(key):
-            absent[prefix] = absent.get(prefix, 0) + 1
-    collapsed: List[str] = []
-    for key in missing:
-        name = next((p for p in prefixes(key) if absent[p] == total[p]), key)
-        if name not in collapsed:
-            collapsed.append(name)
-    return collapsed
-
-
-def _format_report(report: LoadReport) -> str:
-    kept = ', '.join(report.kept_init) if report.kept_init else 'none'
-    unused = ''.join(f'\n  {line}' for line in report.unused) if report.unused else ' none'
-    return f'Kept their initialisation: {kept}\nCheckpoint tensors not used:{unused}'
+    return state_dict_of(checkpoint, param_key, source)

@@ -13,12 +13,17 @@ and its gradient is ``grad(p) / p = grad(log p)``, scaled by how much the select
 loss. With top-K > 1 the K selected experts of a pixel are combined with their probabilities renormalised
 to sum to 1 (times the group factor, value 1).
 
-Which parts the routing gradient reaches is the network key ``routing_grad`` (:data:`ROUTING_GRADS`):
+Which parts the routing gradient reaches is the network key ``routing_grad``, one :class:`RoutingGrad` record per
+value in :data:`ROUTING_GRAD_MODES` (looked up by :func:`routing_grad_mode`):
 ``none`` is the authors' training (the routers run without autograd, so the routers, the group embedding and
 the MFA branches keep their initialisation), ``straight_through`` lets the factor above train them and, through
-the MFA branches' inputs, the backbone too, and ``isolated`` trains the routers, the embedding and the MFA
+the MFA branches' inputs, the backbone too, ``isolated`` trains the routers, the embedding and the MFA
 branches but stops the routing gradient at the backbone (the MFA branches and the normalisation of their sum
-read detached backbone features). The forward value is the same in all three.
+read detached backbone features), and ``centered`` is ``isolated`` with the batch mean of the upstream gradient
+as the baseline of the straight-through factor. The forward value is the same in every mode. The network, the
+expert bank and the routers read only the record's fields; adding a mode is one more record in
+:data:`ROUTING_GRAD_MODES` (with a new :attr:`RoutingGrad.top1_weight` function if its estimator is new) and its
+tests.
 
 Load balancing (Switch Transformer style): ``n * sum_i f_i * P_i`` with ``f_i`` the fraction of routed
 slots that went to choice ``i`` and ``P_i`` its mean probability; it is 1 when the load is uniform. The dual
@@ -37,14 +42,12 @@ two stages: balance while the assignment forms, then keep it fixed); the buffer 
 updates made, so a resumed run freezes at the same point.
 """
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-ROUTING_GRADS = ('none', 'straight_through', 'isolated', 'centered')
-"""Values of the ``routing_grad`` network key (see the module docstring)."""
 BALANCES = ('none', 'bias')
 """Values of the ``balance`` network key: ``none`` (the authors' selection) or ``bias`` (see the module
 docstring)."""
@@ -93,12 +96,62 @@ class _CenteredStraightThrough(torch.autograd.Function):
         return (grad - grad.mean()) / probs
 
 
-def selection_weight(top_probs: torch.Tensor, centered: bool = False) -> torch.Tensor:
-    """Weights of the selected experts from their probabilities ``(N, K)``: ``p / stop_grad(p)`` for K = 1 (with
-    ``centered``, the same value 1 whose gradient subtracts the batch mean of the upstream gradient), the
-    renormalised probabilities for K > 1."""
+def straight_through(top_probs: torch.Tensor) -> torch.Tensor:
+    """``p / stop_grad(p)`` of the ``(N, 1)`` selected probabilities: value exactly 1, gradient ``grad(log p)``."""
+    return top_probs / top_probs.detach()
+
+
+def centered_straight_through(top_probs: torch.Tensor) -> torch.Tensor:
+    """Value exactly 1 for the ``(N, 1)`` selected probabilities; the gradient of ``p`` is ``(s - mean(s)) / p``
+    for the upstream gradient ``s`` of the weight (:func:`straight_through` with the batch mean as baseline)."""
+    return _CenteredStraightThrough.apply(top_probs)
+
+
+@dataclass(frozen=True)
+class RoutingGrad:
+    """One value of the ``routing_grad`` network key: where the routing gradient goes (see the module docstring).
+
+    Attributes:
+        name: The key's value.
+        learns: The routers and the MFA branches run with autograd (else no gradient reaches the routers, the
+            group embedding, the MFA branches or the routing projection).
+        stops_at_backbone: The MFA branches, the normalisation of their sum and the routing features of
+            ``mfa: false`` read detached backbone features, so the routing gradient stops there.
+        top1_weight: The weight of a top-1 selection from its ``(N, 1)`` probabilities (value exactly 1; its
+            gradient is the mode's estimator): :func:`straight_through` or :func:`centered_straight_through`.
+    """
+
+    name: str
+    learns: bool
+    stops_at_backbone: bool
+    top1_weight: Callable[[torch.Tensor], torch.Tensor]
+
+
+ROUTING_GRAD_MODES: Dict[str, RoutingGrad] = {mode.name: mode for mode in (
+    RoutingGrad('none', learns=False, stops_at_backbone=False, top1_weight=straight_through),
+    RoutingGrad('straight_through', learns=True, stops_at_backbone=False, top1_weight=straight_through),
+    RoutingGrad('isolated', learns=True, stops_at_backbone=True, top1_weight=straight_through),
+    RoutingGrad('centered', learns=True, stops_at_backbone=True, top1_weight=centered_straight_through),
+)}
+"""The records of the ``routing_grad`` values, by name."""
+ROUTING_GRADS = tuple(ROUTING_GRAD_MODES)
+"""Values of the ``routing_grad`` network key (see the module docstring)."""
+
+
+def routing_grad_mode(name: Any, owner: str = 'routing_grad_mode') -> RoutingGrad:
+    """The record of the ``routing_grad`` value ``name``; a one-line ``ValueError`` starting with ``owner`` (who
+    read the value) for anything else."""
+    if not isinstance(name, str) or name not in ROUTING_GRAD_MODES:
+        raise ValueError(f'{owner}: `routing_grad` must be one of {ROUTING_GRADS}, got {name!r}')
+    return ROUTING_GRAD_MODES[name]
+
+
+def selection_weight(top_probs: torch.Tensor, top1_weight: Callable[[torch.Tensor], torch.Tensor] = straight_through
+                     ) -> torch.Tensor:
+    """Weights of the selected experts from their probabilities ``(N, K)``: ``top1_weight(p)`` for K = 1 (a
+    :attr:`RoutingGrad.top1_weight`, value 1), the renormalised probabilities for K > 1."""
     if top_probs.shape[-1] == 1:
-        return _CenteredStraightThrough.apply(top_probs) if centered else top_probs / top_probs.detach()
+        return top1_weight(top_probs)
     return top_probs / top_probs.sum(dim=-1, keepdim=True)
 
 
@@ -155,15 +208,22 @@ class DualRouter(nn.Module):
         dim: Channels of the routing features.
         group_sizes: Number of experts in each group.
         top_k: Experts selected per pixel inside its group.
+        balance: ``'bias'``: loss-free balancing biases (see the module docstring).
+        balance_rate: Their update rate.
+        balance_until: Training forwards during which they adapt (frozen after); ``None``: all of training.
+        routing_grad: The ``routing_grad`` mode, whose :attr:`~RoutingGrad.top1_weight` gives the weights of
+            top-1 selections (whether the routers run with autograd is the caller's autograd state).
     """
 
     def __init__(self, dim: int, group_sizes: Sequence[int], top_k: int, balance: str = 'none',
-                 balance_rate: float = 1e-3, balance_until: Optional[int] = None) -> None:
+                 balance_rate: float = 1e-3, balance_until: Optional[int] = None,
+                 routing_grad: RoutingGrad = ROUTING_GRAD_MODES['straight_through']) -> None:
         super().__init__()
         self.group_sizes = tuple(group_sizes)
         self.top_k = top_k
-        self.centered = False
-        """Centered straight-through weights (``routing_grad: centered``; set by the expert bank)."""
+        self.routing_grad = routing_grad
+        """The ``routing_grad`` mode; the routers read its :attr:`~RoutingGrad.top1_weight` (the expert bank
+        hands its own record over)."""
         self.balance, self.balance_rate, self.balance_until = balance, balance_rate, balance_until
         self.w_group_gate = nn.Linear(dim, len(group_sizes))
         self.w_expert_gates = nn.ModuleList([nn.Linear(dim, size) for size in group_sizes])
@@ -204,7 +264,8 @@ class DualRouter(nn.Module):
                 self._update_biases(group, local)
         else:
             top_probs, local = expert_probs.topk(self.top_k, dim=-1)
-        weight = selection_weight(top_probs, self.centered) * selection_weight(group_top.unsqueeze(-1), self.centered)
+        top1_weight = self.routing_grad.top1_weight
+        weight = selection_weight(top_probs, top1_weight) * selection_weight(group_top.unsqueeze(-1), top1_weight)
         return Routing(group=group, expert=local + self.group_offsets[group].unsqueeze(-1), weight=weight,
                        group_probs=group_probs, expert_probs=expert_probs, choice=local)
 
@@ -245,14 +306,17 @@ class SingleRouter(nn.Module):
         dim: Channels of the routing features.
         group_sizes: Number of experts in each group (to report each selection's group).
         top_k: Experts selected per pixel.
+        balance, balance_rate, balance_until, routing_grad: As for :class:`DualRouter`.
     """
 
     def __init__(self, dim: int, group_sizes: Sequence[int], top_k: int, balance: str = 'none',
-                 balance_rate: float = 1e-3, balance_until: Optional[int] = None) -> None:
+                 balance_rate: float = 1e-3, balance_until: Optional[int] = None,
+                 routing_grad: RoutingGrad = ROUTING_GRAD_MODES['straight_through']) -> None:
         super().__init__()
         self.top_k = top_k
-        self.centered = False
-        """Centered straight-through weights (``routing_grad: centered``; set by the expert bank)."""
+        self.routing_grad = routing_grad
+        """The ``routing_grad`` mode; the routers read its :attr:`~RoutingGrad.top1_weight` (the expert bank
+        hands its own record over)."""
         self.balance, self.balance_rate, self.balance_until = balance, balance_rate, balance_until
         self.w_gate = nn.Linear(dim, sum(group_sizes))
         group_of_expert = torch.repeat_interleave(torch.arange(len(group_sizes)), torch.tensor(group_sizes))
@@ -280,7 +344,7 @@ class SingleRouter(nn.Module):
         num_groups = int(self.group_of_expert[-1]) + 1
         group_probs = torch.zeros(x.shape[0], num_groups, dtype=probs.dtype, device=x.device)
         group_probs = group_probs.index_add(1, self.group_of_expert, probs)
-        return Routing(group=group, expert=expert, weight=selection_weight(top_probs, self.centered),
+        return Routing(group=group, expert=expert, weight=selection_weight(top_probs, self.routing_grad.top1_weight),
                        group_probs=group_probs,
                        expert_probs=probs, choice=expert)
 

@@ -3,7 +3,7 @@
 ``train`` and ``test`` run BasicSR's own pipelines (:mod:`hmoe_arch.commands.pipeline`); ``prepare``, ``bench``,
 ``infer`` and ``export`` are this plugin's (one module each under :mod:`hmoe_arch.commands`).
 
-Start-up: this module imports only the standard library and :mod:`hmoe_arch.option_file`, so ``--help``, a bad
+Start-up: this module imports only the standard library and :mod:`hmoe_arch.options`, so ``--help``, a bad
 argument and an option file that cannot be used are answered before torch, basicsr, timm and OpenCV are
 imported (seconds on a busy machine); each command imports what it needs once its input has passed those checks.
 
@@ -21,9 +21,20 @@ from pathlib import Path
 from typing import List, Optional
 
 from ..errors import HmoeError
-from ..option_file import check_num_threads, precheck_option_file
-from .choices import DATASETS, DEFAULT_PROTOCOL, DEGRADATIONS, EXPORT_FORMATS, PROTOCOLS
+from ..options import check_num_threads, precheck_option_file
 
+DATASETS = ('aid', 'rsscn7', 'ucmerced', 'whurs19')
+"""``basicsr prepare``'s data sets: :data:`hmoe_arch.commands.prepare.DATASETS`. This and the next tables name the
+choices without importing the modules that implement them (torch, basicsr, OpenCV), so ``--help`` and argument
+errors come at once; a test checks each against the implementing module's own table."""
+DEGRADATIONS = ('bicubic', 'bilinear')
+"""LR synthesis: :data:`hmoe_arch.data.degradations.DEGRADATIONS`."""
+PROTOCOLS = ('basicsr-y', 'ttst-y', 'transenet-rgb', 'haunet-rgb')
+"""Evaluation protocols: :data:`hmoe_arch.protocols.PROTOCOLS`."""
+DEFAULT_PROTOCOL = 'basicsr-y'
+"""``bench``'s default protocol: :data:`hmoe_arch.protocols.DEFAULT_PROTOCOL`."""
+EXPORT_FORMATS = ('safetensors', 'onnx')
+"""``basicsr export`` formats: :data:`hmoe_arch.commands.export.FORMATS`."""
 LOG_FORMAT = '%(asctime)s %(levelname)s: %(message)s'
 """The format of basicsr's root logger (``basicsr.utils.logger.get_root_logger``), for messages written before
 basicsr is imported."""

@@ -13,11 +13,10 @@ window size above 1, before it is kept (largest difference at most 1e-4). Needs 
 ``pip install -e .[export]`` (onnx, onnxruntime, safetensors).
 
 Files appear complete or not at all, with the permissions ``open(out, 'w')`` would give them
-(:func:`hmoe_arch.checkpoints.move_into_place`).
+(:func:`hmoe_arch.atomic.atomic_path`).
 """
 import copy
 import json
-import os
 import warnings
 from pathlib import Path
 from typing import Dict, Optional, Sequence
@@ -26,11 +25,12 @@ import torch
 from basicsr.utils import get_root_logger
 
 from ..archs import MFGHMoEArch
-from ..checkpoints import move_into_place, write_safetensors
+from ..atomic import atomic_path
+from ..checkpoints import write_safetensors
 from ..errors import OptionError
+from ..loading import load_network, measured_scale, network_options
 from ..options import plain_options
 from ..tiling import padded_forward, window_size_of
-from .infer import load_network, measured_scale, network_options
 
 FORMATS = ('safetensors', 'onnx')
 ONNX_TOLERANCE = 1e-4
@@ -54,16 +54,12 @@ def export(weights: str, out: Path, *, fmt: str = 'safetensors', opt_path: Optio
     network = network_options(opt_path, ()) if opt_path is not None else None
     net = load_network(weights, network, torch.device('cpu'), overrides=arch_args)
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f'.{out.stem}.partial-{os.getpid()}{out.suffix}')
-    try:
+    with atomic_path(out) as partial:
         if fmt == 'safetensors':
             write_safetensors(net.state_dict(), partial, plain_options(net.network_options))
             detail = f'{sum(t.numel() for t in net.state_dict().values())} values'
         else:
             detail = export_onnx(net, window_size_of(net, net.network_options), partial)
-        move_into_place(partial, out)
-    finally:
-        partial.unlink(missing_ok=True)
     get_root_logger().info(f'export: {out} ({fmt}; {detail})')
     return out
 

@@ -1,22 +1,23 @@
 """Super-resolution of georeferenced rasters (GeoTIFF) of any size, with rasterio (``pip install -e .[geo]``).
 
-The scene is processed in blocks of ``block`` LR pixels, each read with ``tile_pad`` pixels of context and
-super-resolved with feathered tiles (:func:`hmoe_arch.tiling.blended_tiled_forward`); only the block's own
-area is written, so memory is bounded by the block size whatever the scene size. The output keeps the CRS,
-divides the affine transform's pixel size by the scale, keeps the dtype and nodata (an output pixel is
-nodata where its LR pixel is nodata in any used band). Values are scaled to [0, 1] by the dtype's maximum
-(uint8) or, for uint16, by each band's real maximum over valid pixels (one extra windowed pass), and back.
+The scene is processed in blocks of ``block`` LR pixels (:func:`hmoe_arch.tiling.context_tiles`), each read
+with ``tile_pad`` pixels of context and super-resolved with feathered tiles
+(:func:`hmoe_arch.tiling.blended_tiled_forward`); only the block's own area is written, so memory is bounded by the
+block size whatever the scene size. The output keeps the CRS, divides the affine transform's pixel size by the
+scale, keeps the dtype and nodata (an output pixel is nodata where its LR pixel is nodata in any used band).
+Values are scaled to [0, 1] by the dtype's maximum (uint8) or, for uint16, by each band's real maximum over valid
+pixels (one extra windowed pass), and back.
 """
 import warnings
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from ..errors import OptionError
-from ..tiling import blended_tiled_forward
+from ..tiling import blended_tiled_forward, context_tiles
 
 SUPPORTED_DTYPES = ('uint8', 'uint16')
 
@@ -46,23 +47,18 @@ def is_georeferenced(path: Path) -> bool:
             return False
 
 
-def _blocks(size: int, block: int) -> List[int]:
-    return list(range(0, size, block))
-
-
 def _band_scale(src, bands: Sequence[int], dtype: str, block: int) -> np.ndarray:
-    """Per-band divisor mapping values to [0, 1]."""
+    """Per-band divisor mapping values to [0, 1], ``(len(bands),)`` float32: 255 for uint8, else each band's
+    maximum over valid pixels (at least 1), read in blocks of ``block`` pixels."""
     if dtype == 'uint8':
         return np.full(len(bands), 255.0, np.float32)
     from rasterio.windows import Window
     peak = np.zeros(len(bands), np.float64)
-    for top in _blocks(src.height, block):
-        for left in _blocks(src.width, block):
-            window = Window(left, top, min(block, src.width - left), min(block, src.height - top))
-            data = src.read(list(bands), window=window)
-            valid = np.ones(data.shape[1:], bool) if src.nodata is None else np.all(data != src.nodata, axis=0)
-            if valid.any():
-                peak = np.maximum(peak, data[:, valid].max(axis=1))
+    for part in context_tiles(src.height, src.width, block, 0):
+        data = src.read(list(bands), window=Window.from_slices(*part.area()))
+        valid = np.ones(data.shape[1:], bool) if src.nodata is None else np.all(data != src.nodata, axis=0)
+        if valid.any():
+            peak = np.maximum(peak, data[:, valid].max(axis=1))
     return np.maximum(peak, 1).astype(np.float32)
 
 
@@ -100,14 +96,10 @@ def super_resolve_geotiff(net: torch.nn.Module, source: Path, target: Path, *, s
             map_profile.update(driver='GTiff', count=1, dtype='uint8', nodata=255)
             map_dst = rasterio.open(expert_map, 'w', **map_profile)
         try:
-            positions = [(top, left) for top in _blocks(src.height, block) for left in _blocks(src.width, block)]
+            blocks = context_tiles(src.height, src.width, block, tile_pad)
             with rasterio.open(target, 'w', **profile) as dst:
-                for top, left in tqdm(positions, unit='block', desc=source.name, disable=not progress, leave=False):
-                    bottom, right = min(top + block, src.height), min(left + block, src.width)
-                    ctx_top, ctx_left = max(top - tile_pad, 0), max(left - tile_pad, 0)
-                    ctx_bottom, ctx_right = min(bottom + tile_pad, src.height), min(right + tile_pad, src.width)
-                    window = Window(ctx_left, ctx_top, ctx_right - ctx_left, ctx_bottom - ctx_top)
-                    data = src.read(list(bands), window=window).astype(np.float32)
+                for part in tqdm(blocks, unit='block', desc=source.name, disable=not progress, leave=False):
+                    data = src.read(list(bands), window=Window.from_slices(*part.context())).astype(np.float32)
                     invalid = np.zeros(data.shape[1:], bool) if nodata is None else np.any(
                         data == nodata, axis=0)
                     x = np.where(invalid, 0.0, np.clip(data / divisor[:, None, None], 0, 1))
@@ -115,8 +107,7 @@ def super_resolve_geotiff(net: torch.nn.Module, source: Path, target: Path, *, s
                     with torch.no_grad():
                         sr = blended_tiled_forward(net, torch.from_numpy(x).unsqueeze(0).to(device), scale,
                                                    window_size, tile, tile_pad, expert_map=experts)[0].numpy()
-                    rows = slice((top - ctx_top) * scale, (bottom - ctx_top) * scale)
-                    cols = slice((left - ctx_left) * scale, (right - ctx_left) * scale)
+                    rows, cols = part.core(scale)
                     values = np.round(np.clip(sr[:, rows, cols], 0, 1) * divisor[:, None, None])
                     values = values.astype(dtype)
                     if nodata is not None:
@@ -125,13 +116,10 @@ def super_resolve_geotiff(net: torch.nn.Module, source: Path, target: Path, *, s
                         clash = (values == nodata) & ~hr_invalid[None]
                         values[clash] = nodata + 1 if nodata < np.iinfo(dtype).max else nodata - 1
                         values[:, hr_invalid] = nodata
-                    dst.write(values, window=Window(left * scale, top * scale, (right - left) * scale,
-                                                    (bottom - top) * scale))
+                    dst.write(values, window=Window.from_slices(*part.area(scale)))
                     if map_dst is not None:
-                        core = experts[top - ctx_top:bottom - ctx_top, left - ctx_left:right - ctx_left]
-                        core = np.where(invalid[top - ctx_top:bottom - ctx_top, left - ctx_left:right - ctx_left],
-                                        255, core).astype(np.uint8)
-                        map_dst.write(core[None], window=Window(left, top, right - left, bottom - top))
+                        core = np.where(invalid[part.core()], 255, experts[part.core()]).astype(np.uint8)
+                        map_dst.write(core[None], window=Window.from_slices(*part.area()))
         finally:
             if map_dst is not None:
                 map_dst.close()

@@ -3,164 +3,28 @@ the authors' released weights or HAT's, with feathered tiled inference
 (:func:`hmoe_arch.tiling.blended_tiled_forward`; GeoTIFFs in bounded-memory blocks, :mod:`hmoe_arch.commands.geotiff`).
 """
 import io
-import math
-import os
 import re
 import tempfile
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
 import torch
-from basicsr.archs import build_network
 from basicsr.utils import get_root_logger
 from PIL import Image
 from tqdm import tqdm
 
 from ..archs import MFGHMoEArch
-from ..archs.config import network_config, upscale_of
-from ..archs.mfghmoe_arch import checkpoint_filter_fn
-from ..checkpoints import fetch_weights, is_url, move_into_place, read_checkpoint_file
+from ..atomic import atomic_path
 from ..data.images import decode_rgb
 from ..data.rs_paired_dataset import IMAGE_SUFFIXES
-from ..errors import CheckpointError, ConfigError, ImageError, OptionError
+from ..errors import ImageError, OptionError
 from ..expert_maps import group_sizes_of, save_expert_map
-from ..options import apply_force_yml, read_option_file
-from ..tiling import blended_tiled_forward, window_size_of
+from ..loading import load_network, measured_scale, network_and_scale
+from ..tiling import blended_tiled_forward, context_tiles, window_size_of
 from .geotiff import is_georeferenced, super_resolve_geotiff
-
-
-# ----------------------------------------------------------------------------------------------------------
-# network
-def read_weights(weights: Path, param_key: str, label: str) -> Tuple[Mapping[str, Any], Dict[str, torch.Tensor]]:
-    """The checkpoint in a file (``.pth`` or ``.safetensors``) and the state_dict in it; every tensor must be finite.
-
-    Raises:
-        OptionError: naming ``label`` and the file: not a readable checkpoint (without PyTorch's advice to
-            unpickle it unsafely), no state_dict inside, or NaN/Inf values.
-    """
-    try:
-        checkpoint = read_checkpoint_file(weights)
-        state = checkpoint_filter_fn(checkpoint, param_key, str(weights))
-    except ValueError as error:
-        raise OptionError(f'{label} {error}') from None
-    broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if broken:
-        raise OptionError(f'{label} {weights}: {len(broken)} tensor(s) hold NaN or Inf values, e.g. {broken[:3]}; the '
-                          'network would write black images (was training stopped by a diverged loss?)')
-    return checkpoint, state
-
-
-def measured_scale(net: torch.nn.Module, declared: Dict[str, int], device: torch.device, window: int,
-                   in_chans: int = 3) -> int:
-    """The network's real upscaling factor, from its output on a small probe input, checked against every
-    declared factor (option file, network attribute, checkpoint shapes).
-
-    Raises:
-        OptionError: when the output is not an integer multiple of the input or disagrees with a declaration.
-    """
-    side = window * max(1, math.ceil(8 / window))
-    with torch.no_grad():
-        out = net(torch.zeros(1, in_chans, side, side, device=device))
-    if out.shape[2] % side or out.shape[3] % side or out.shape[2] != out.shape[3]:
-        raise OptionError(f'the network maps a {side}x{side} input to {out.shape[2]}x{out.shape[3]}: not an integer '
-                          'upscaling factor')
-    scale = out.shape[2] // side
-    wrong = {source: value for source, value in declared.items() if value is not None and value != scale}
-    if wrong:
-        raise OptionError(f'the network upscales x{scale}, but ' + ', '.join(f'{k} says x{v}' for k, v in wrong.items())
-                          + '; the weights or the options are for another scale')
-    return scale
-
-
-def checkpoint_scale(state: Dict[str, torch.Tensor]) -> Optional[int]:
-    """The upscaling factor a state_dict was trained for, read from its upsampler's shapes
-    (:func:`hmoe_arch.archs.config.upscale_of`); None when it has no upsampler that tells.
-
-    Raises:
-        OptionError: for MoE experts of an impossible shape.
-    """
-    try:
-        return upscale_of(state)
-    except ConfigError as error:
-        if 'upsample.0.experts.0.weight' in state:
-            raise OptionError(str(error)) from None
-        return None
-
-
-def network_options(opt_path: Optional[Path], arch_args: Sequence[str]) -> Dict[str, Any]:
-    """``network_g`` of an option file (default: MFGHMoEArch's defaults) with ``key=value`` overrides (YAML)."""
-    return _options(opt_path, arch_args)[0]
-
-
-def _options(opt_path: Optional[Path], arch_args: Sequence[str]) -> Tuple[Dict[str, Any], Optional[int]]:
-    """``network_g`` with overrides, and the option file's top-level ``scale`` (None without one)."""
-    holder: Dict[str, Any] = {'network_g': {'type': 'MFGHMoEArch'}}
-    scale = None
-    if opt_path is not None:
-        opt = read_option_file(opt_path, required=('network_g',))
-        holder = {'network_g': dict(opt['network_g'])}
-        scale = opt.get('scale')
-    for entry in arch_args:
-        apply_force_yml(holder, f'network_g:{entry}')
-    return holder['network_g'], scale
-
-
-def local_weights(weights: Union[str, Path], label: str = '--weights') -> Path:
-    """``weights`` itself, or for an ``https://`` URL its cached download
-    (:func:`hmoe_arch.checkpoints.fetch_weights`)."""
-    if not is_url(weights):
-        return Path(weights)
-    try:
-        return fetch_weights(str(weights))
-    except CheckpointError as error:
-        raise OptionError(f'{label} {error}') from None
-
-
-def load_network(weights: Union[str, Path], network: Optional[Dict[str, Any]], device: torch.device, *,
-                 param_key: str = 'params_ema', strict: bool = True, label: str = '--weights',
-                 overrides: Sequence[str] = ()) -> torch.nn.Module:
-    """Build the network and load ``weights`` (a file or URL): the ``param_key`` entry, else ``params``, else the
-    file itself as a state_dict (``weights_only``). With ``network`` None its options come from the checkpoint
-    (:func:`hmoe_arch.archs.config.network_config`); ``overrides`` (``key=value``) apply on top. A checkpoint
-    trained for another scale is refused before loading. Errors are :class:`OptionError` naming ``label`` (the
-    flag or option key that gave the path)."""
-    weights = local_weights(weights, label)
-    if not weights.is_file():
-        raise OptionError(f'{label} {weights}: no such file')
-    checkpoint, state = read_weights(weights, param_key, label)
-    if network is None:
-        try:
-            network = network_config(checkpoint, state)
-        except ConfigError as error:
-            raise OptionError(f'{label} {weights}: cannot tell the network from the file ({error}); give its option '
-                              'file with -opt') from None
-    holder = {'network_g': dict(network)}
-    for entry in overrides:
-        apply_force_yml(holder, f'network_g:{entry}')
-    try:
-        net = build_network(holder['network_g'])
-    except (ValueError, TypeError, KeyError) as error:
-        raise OptionError(f'network_g: {error}') from error
-    try:
-        trained = checkpoint_scale(state)
-    except OptionError as error:
-        raise OptionError(f'{label} {weights}: {error}') from None
-    scale = getattr(net, 'upscale', None)
-    if scale is not None and trained is not None and scale != trained:
-        fix = f'use --arch-args upscale={trained}' if label == '--weights' else f'set network_g.upscale: {trained}'
-        raise OptionError(f'{label} {weights}: trained for x{trained}, but the network is x{scale} ({fix})')
-    try:
-        if isinstance(net, MFGHMoEArch):
-            net.load_pretrained(state, strict=strict)
-        else:
-            net.load_state_dict(state, strict=strict)
-    except (ValueError, RuntimeError) as error:
-        raise OptionError(f'{label} {weights}: does not fit the network: {error}') from error
-    net.network_options = holder['network_g']
-    return net.to(device).eval()
-
 
 # ----------------------------------------------------------------------------------------------------------
 # files
@@ -261,19 +125,8 @@ def writable_folder(folder: Path) -> None:
         raise OptionError(f'--output {folder}: cannot write there ({error.strerror or error})') from None
 
 
-def atomic_write(target: Path, write: Callable[[Path], None]) -> None:
-    """``write`` a file with ``target``'s suffix under a hidden temporary name in its folder, then rename it, so
-    a killed run never leaves a complete-looking partial image; the file gets the permissions ``open(target, 'w')``
-    would give it (:func:`hmoe_arch.checkpoints.move_into_place`)."""
-    partial = target.with_name(f'.{target.stem}.partial-{os.getpid()}{target.suffix}')
-    try:
-        write(partial)
-        move_into_place(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)
-
-
 def write_image(path: Path, img: np.ndarray) -> None:
+    """Write the uint8 BGR ``img`` ``(H, W, 3)`` to ``path`` in the format of its suffix (``cv2.imwrite``)."""
     if not cv2.imwrite(str(path), img):
         raise OptionError(f'--output {path}: cannot write it')
 
@@ -283,35 +136,31 @@ def super_resolve_image(net: torch.nn.Module, lr: np.ndarray, *, scale: int, win
                         progress: bool = False, label: str = '') -> np.ndarray:
     """The x``scale`` SR of ``lr`` (float32 RGB ``(H, W, 3)``) as uint8 BGR, assembled block by block.
 
-    Each block of ``block`` LR pixels is read with ``tile_pad`` pixels of context, super-resolved with feathered
-    tiles (:func:`hmoe_arch.tiling.blended_tiled_forward`) and only its own area is kept, converted to uint8 at
-    once; host memory is the uint8 output plus one block in float32. An image no larger than one block is one
-    block (the same result as tiling the whole image).
+    Each block of ``block`` LR pixels (:func:`hmoe_arch.tiling.context_tiles`) is read with ``tile_pad`` pixels of
+    context, super-resolved with feathered tiles (:func:`hmoe_arch.tiling.blended_tiled_forward`) and only its own
+    area is kept, converted to uint8 at once; host memory is the uint8 output plus one block in float32. An image
+    no larger than one block is one block (the same result as tiling the whole image). With ``experts`` (an
+    ``(H, W)`` integer array, MoE networks) each LR pixel's expert is recorded there.
 
     Raises:
         OptionError: naming ``label`` when the network produces NaN or Inf.
     """
     height, width, _ = lr.shape
     out = np.empty((height * scale, width * scale, 3), np.uint8)
-    positions = [(top, left) for top in range(0, height, block) for left in range(0, width, block)]
-    for top, left in tqdm(positions, unit='block', disable=not progress or len(positions) == 1, leave=False):
-        bottom, right = min(top + block, height), min(left + block, width)
-        ctx_top, ctx_left = max(top - tile_pad, 0), max(left - tile_pad, 0)
-        ctx_bottom, ctx_right = min(bottom + tile_pad, height), min(right + tile_pad, width)
-        x = torch.from_numpy(np.ascontiguousarray(lr[ctx_top:ctx_bottom, ctx_left:ctx_right].transpose(2, 0, 1)))
+    blocks = context_tiles(height, width, block, tile_pad)
+    for part in tqdm(blocks, unit='block', disable=not progress or len(blocks) == 1, leave=False):
+        x = torch.from_numpy(np.ascontiguousarray(lr[part.context()].transpose(2, 0, 1)))
         block_experts = None if experts is None else np.zeros(x.shape[1:], np.int64)
         with torch.no_grad():
             sr = blended_tiled_forward(net, x.unsqueeze(0).to(device), scale, window, tile, tile_pad,
                                        progress, block_experts)[0]
-        core = sr[:, (top - ctx_top) * scale:(bottom - ctx_top) * scale,
-                  (left - ctx_left) * scale:(right - ctx_left) * scale]
+        core = sr[(slice(None), *part.core(scale))]
         if not torch.isfinite(core).all():
             raise OptionError(f'{label}: the network produced NaN/Inf values; nothing was written')
         rgb = core.clamp_(0, 1).mul_(255.0).round_().to(torch.uint8).permute(1, 2, 0).numpy()
-        out[top * scale:bottom * scale, left * scale:right * scale] = rgb[..., ::-1]
+        out[part.area(scale)] = rgb[..., ::-1]
         if experts is not None:
-            experts[top:bottom, left:right] = block_experts[top - ctx_top:bottom - ctx_top,
-                                                            left - ctx_left:right - ctx_left]
+            experts[part.area()] = block_experts[part.core()]
     return out
 
 
@@ -334,7 +183,7 @@ def infer(weights: Union[str, Path], input_path: Path, output: Path, *, opt_path
     inputs, failed = input_files(input_path)
     pairs = output_paths(inputs, input_path, output)
     total = len(pairs) + len(failed)
-    network, option_scale = _options(opt_path, ()) if opt_path is not None else (None, None)
+    network, option_scale = network_and_scale(opt_path, ()) if opt_path is not None else (None, None)
     net = load_network(weights, network, torch.device(device), overrides=arch_args)
     window = window_size_of(net, net.network_options)
     declared = {'the option file\'s scale': option_scale,
@@ -362,10 +211,11 @@ def infer(weights: Union[str, Path], input_path: Path, output: Path, *, opt_path
                 sr_img = super_resolve_image(net, lr, scale=scale, window=window, tile=tile, tile_pad=tile_pad,
                                              block=block, device=torch.device(device), experts=experts,
                                              progress=progress, label=str(source))
-                atomic_write(target, lambda path: write_image(path, sr_img))
+                with atomic_path(target) as partial:
+                    write_image(partial, sr_img)
                 if experts is not None:
-                    atomic_write(target.with_name(f'{target.stem}_experts.png'), lambda path: save_expert_map(
-                        path, sr_img, experts, group_sizes_of(net), scale))
+                    with atomic_path(target.with_name(f'{target.stem}_experts.png')) as partial:
+                        save_expert_map(partial, sr_img, experts, group_sizes_of(net), scale)
         except OptionError as error:
             logger.error(f'{error}; skipped')
             failed.append((source, str(error)))
@@ -381,16 +231,9 @@ def infer(weights: Union[str, Path], input_path: Path, output: Path, *, opt_path
 
 
 def _write_geotiff(net: torch.nn.Module, source: Path, target: Path, maps: Optional[Path], **kwargs: Any) -> None:
-    """:func:`super_resolve_geotiff` into hidden temporary files, renamed when both are complete (with the
-    permissions ``open(target, 'w')`` would give them, :func:`hmoe_arch.checkpoints.move_into_place`)."""
-    partial = target.with_name(f'.{target.stem}.partial-{os.getpid()}{target.suffix}')
-    partial_maps = None if maps is None else maps.with_name(f'.{maps.stem}.partial-{os.getpid()}{maps.suffix}')
-    try:
+    """:func:`super_resolve_geotiff` into the temporary names of ``target`` and ``maps``
+    (:func:`hmoe_arch.atomic.atomic_path`), moved into place, ``target`` first, when both are complete."""
+    with ExitStack() as stack:
+        partial_maps = None if maps is None else stack.enter_context(atomic_path(maps))
+        partial = stack.enter_context(atomic_path(target))
         super_resolve_geotiff(net, source, partial, expert_map=partial_maps, **kwargs)
-        move_into_place(partial, target)
-        if maps is not None:
-            move_into_place(partial_maps, maps)
-    finally:
-        for path in (partial, partial_maps):
-            if path is not None:
-                path.unlink(missing_ok=True)

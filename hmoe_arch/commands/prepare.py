@@ -12,19 +12,19 @@ Output layout (what the option files and ``basicsr bench --test-set`` point at):
     DIR/prepare.json                   the arguments and the summary
 
 GT is cropped at the bottom/right to a multiple of every requested scale, never resized. Everything is
-written into ``DIR.incomplete`` and renamed to ``DIR`` when complete, so an interrupted run leaves no ``DIR``.
-The run owns that folder: it holds ``DIR.lock`` (an exclusive ``flock``, released when the process ends, also
-when it is killed) for its whole duration and writes its PID and arguments into ``DIR.incomplete/.prepare-owner``.
-A second run on the same ``DIR`` refuses while the first holds the lock; a later run removes a stale
-``DIR.incomplete`` only when that marker shows prepare wrote it, and refuses to touch a folder of that name
-that it did not write. Before the rename the counts of written files are checked against the split lists.
-Re-running with the same arguments does nothing.
+written into ``DIR``'s temporary name ``.DIR.partial-<pid>`` (:func:`hmoe_arch.atomic.atomic_path`) and renamed to
+``DIR`` when complete, so an interrupted run leaves no ``DIR``. The run owns that folder: it holds ``DIR.lock`` (an
+exclusive ``flock``, released when the process ends, also when it is killed) for its whole duration and writes its
+PID and arguments into ``.DIR.partial-<pid>/.prepare-owner``. A second run on the same ``DIR`` refuses while the
+first holds the lock; a later run removes a stale ``.DIR.partial-*`` folder only when that marker shows prepare
+wrote it, and refuses to touch a folder of such a name that it did not write. Before the rename the counts of
+written files are checked against the split lists. Re-running with the same arguments does nothing.
 
 ``--lmdb`` on a finished run made with the same arguments but without ``--lmdb`` adds the LMDBs from the PNGs
 already in ``DIR`` (:func:`add_lmdbs`): the same records in the same order as a fresh ``--lmdb`` run writes, so
 each LMDB's ``data.mdb`` and ``meta_info.txt`` are byte for byte those of a fresh run (``lock.mdb``, LMDB's lock
 file, holds the writing process's state and differs between any two runs). They are built and checked in
-``DIR.incomplete`` under the same lock and owner marker, moved into ``DIR``, and ``DIR/prepare.json`` is replaced
+``.DIR.partial-<pid>`` under the same lock and owner marker, moved into ``DIR``, and ``DIR/prepare.json`` is replaced
 last (now recording ``lmdb: true``); an error or Ctrl-C before that takes back what was moved. A process killed
 between the moves can leave some LMDBs beside the old ``prepare.json``; the next ``--lmdb`` run names them
 instead of overwriting them. The PNGs and split lists are only read.
@@ -53,12 +53,13 @@ from basicsr.utils import get_root_logger
 from basicsr.utils.lmdb_util import LmdbMaker
 from tqdm import tqdm
 
+from ..atomic import atomic_path, move_into_place, partial_path, remove_partial, stale_partials
 from ..checkpoints import file_digest
 from ..data.degradations import DEGRADATIONS, crop_to_scale, downsample
 from ..data.images import decode_rgb
 from ..data.splits import stratified_split
 from ..errors import ImageError, PrepareError
-from .locking import exclusive_lock
+from ..locking import exclusive_lock
 
 MAX_IMAGE_BYTES = 256 * 2**20
 """Largest image file read (archive members by their declared uncompressed size)."""
@@ -232,24 +233,21 @@ def download_archive(spec: DatasetSpec, dest: Path, opener: Optional[Callable] =
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.is_file() and file_digest(target, 'md5') == spec.md5:
         return target
-    partial = target.with_name(target.name + '.part')
     digest = hashlib.md5()
-    try:
-        with opener(spec.url) as response, open(partial, 'wb') as f:
-            while True:
-                chunk = response.read(1 << 20)
-                if not chunk:
-                    break
-                digest.update(chunk)
-                f.write(chunk)
-    except OSError as error:
-        partial.unlink(missing_ok=True)
-        raise PrepareError(f'could not download {spec.url}: {error}') from error
-    if digest.hexdigest() != spec.md5:
-        partial.unlink()
-        raise PrepareError(f'{spec.url}: MD5 {digest.hexdigest()} does not match the published {spec.md5}; '
-                           'the download was removed')
-    partial.replace(target)
+    with atomic_path(target) as partial:
+        try:
+            with opener(spec.url) as response, open(partial, 'wb') as f:
+                while True:
+                    chunk = response.read(1 << 20)
+                    if not chunk:
+                        break
+                    digest.update(chunk)
+                    f.write(chunk)
+        except OSError as error:
+            raise PrepareError(f'could not download {spec.url}: {error}') from error
+        if digest.hexdigest() != spec.md5:
+            raise PrepareError(f'{spec.url}: MD5 {digest.hexdigest()} does not match the published {spec.md5}; '
+                               'the download was removed')
     return target
 
 
@@ -368,17 +366,14 @@ def prepare(dataset: str, source: Optional[Path], out: Path, *, scales: Sequence
                 train, test = [], [n for c in sorted(names_by_class) for n in sorted(names_by_class[c])]
             else:
                 train, test = stratified_split(names_by_class, spec.test_fraction, seed)
-            partial = _claim_partial(out, arguments)
-            try:
+            _remove_stale_partials(out)
+            with atomic_path(out, folder=True) as partial:
+                _mark_owner(partial, arguments)
                 summary = _write(src, by_name, train, test, partial, sorted(set(scales)), degradation, lmdb,
                                  skip_bad, progress, spec.test_only)
                 _verify(partial, sorted(set(scales)), lmdb, spec.test_only)
                 _write_record(partial, arguments, summary)
                 (partial / OWNER_FILE).unlink()
-            except BaseException:
-                shutil.rmtree(partial, ignore_errors=True)
-                raise
-            partial.rename(out)
         finally:
             src.close()
     logger.info(f'{spec.title} prepared in {out}:\n' + '\n'.join(summary.lines()))
@@ -386,14 +381,13 @@ def prepare(dataset: str, source: Optional[Path], out: Path, *, scales: Sequence
 
 
 OWNER_FILE = '.prepare-owner'
-"""Marker in ``DIR.incomplete``: the PID and arguments of the prepare run writing it."""
+"""Marker in ``.DIR.partial-<pid>``: the PID and arguments of the prepare run writing it."""
 
 
 def _write_record(root: Path, arguments: Dict[str, object], summary: PrepareSummary) -> None:
     """``root/prepare.json`` (the arguments and the summary), replaced in one step."""
-    partial = root / 'prepare.json.partial'
-    partial.write_text(json.dumps({'arguments': arguments, 'summary': asdict(summary)}, indent=2))
-    partial.replace(root / 'prepare.json')
+    with atomic_path(root / 'prepare.json') as partial:
+        partial.write_text(json.dumps({'arguments': arguments, 'summary': asdict(summary)}, indent=2))
 
 
 def _adds_only_lmdb(recorded: Dict[str, object], arguments: Dict[str, object]) -> bool:
@@ -418,19 +412,21 @@ def _already_prepared(out: Path, arguments: Dict[str, object]) -> Optional[Dict[
     return recorded
 
 
-def _claim_partial(out: Path, arguments: Dict[str, object]) -> Path:
-    """Create ``DIR.incomplete`` with this run's owner marker; remove a stale one only if prepare wrote it."""
-    partial = out.with_name(out.name + '.incomplete')
-    if partial.exists():
-        if not (partial / OWNER_FILE).is_file():
-            raise PrepareError(f'{partial}: exists and was not written by prepare; remove or rename it, or choose '
+def _remove_stale_partials(out: Path) -> None:
+    """Remove the temporary folders of ``out`` (:func:`hmoe_arch.atomic.stale_partials`) left by interrupted runs;
+    the caller holds ``out``'s lock, so none is in use. Refuses to touch one without prepare's owner marker."""
+    for stale in stale_partials(out):
+        if not (stale / OWNER_FILE).is_file():
+            raise PrepareError(f'{stale}: exists and was not written by prepare; remove or rename it, or choose '
                                'another --out')
-        get_root_logger().info(f'removing {partial}, left by an interrupted run '
-                               f'({(partial / OWNER_FILE).read_text().strip()})')
-        shutil.rmtree(partial)
-    partial.mkdir()
+        get_root_logger().info(f'removing {stale}, left by an interrupted run '
+                               f'({(stale / OWNER_FILE).read_text().strip()})')
+        shutil.rmtree(stale)
+
+
+def _mark_owner(partial: Path, arguments: Dict[str, object]) -> None:
+    """Write this run's owner marker (its PID and ``arguments``) into its temporary folder ``partial``."""
     (partial / OWNER_FILE).write_text(json.dumps({'pid': os.getpid(), 'arguments': arguments}))
-    return partial
 
 
 def _split_stems(root: Path, scales: Sequence[int], test_only: bool) -> Dict[str, List[str]]:
@@ -488,9 +484,12 @@ def add_lmdbs(out: Path, recorded: Dict[str, object], arguments: Dict[str, objec
         if os.path.lexists(out / f'{folder}.lmdb'):
             raise PrepareError(f'{out / folder}.lmdb: exists though {out / "prepare.json"} records no LMDBs (a '
                                'killed --lmdb run may have left it); remove it and run again')
-    partial = _claim_partial(out, arguments)
+    _remove_stale_partials(out)
+    partial = partial_path(out)
+    partial.mkdir()
     moved: List[Path] = []
     try:
+        _mark_owner(partial, arguments)
         for folder, stems in expected.items():
             target = partial / f'{folder}.lmdb'
             try:
@@ -519,7 +518,7 @@ def add_lmdbs(out: Path, recorded: Dict[str, object], arguments: Dict[str, objec
         summary.lmdb_added = [f'{folder}.lmdb' for folder in expected]
         for name in summary.lmdb_added:
             try:
-                (partial / name).rename(out / name)
+                move_into_place(partial / name, out / name)
             except OSError as error:
                 raise PrepareError(f'{out / name}: cannot move it there from {partial} ({error.strerror or error}); '
                                    'nothing of this run is kept') from error
@@ -528,8 +527,7 @@ def add_lmdbs(out: Path, recorded: Dict[str, object], arguments: Dict[str, objec
     except BaseException:
         for path in moved:
             shutil.rmtree(path, ignore_errors=True)
-        (out / 'prepare.json.partial').unlink(missing_ok=True)
-        shutil.rmtree(partial, ignore_errors=True)
+        remove_partial(partial)
         raise
     shutil.rmtree(partial)
     return summary

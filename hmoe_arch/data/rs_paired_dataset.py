@@ -25,6 +25,7 @@ from torch.utils import data
 from torchvision.transforms.functional import normalize
 
 from ..errors import DatasetError, DatasetNotFoundError, ImageError
+from ..options import is_strict_int, is_strict_number
 from .degradations import DEGRADATIONS, crop_to_scale, downsample
 from .images import decode_rgb
 
@@ -64,7 +65,7 @@ class RSPairedDataset(data.Dataset):
         self.opt = opt
         self.train = opt.get('phase') == 'train'
         self.scale = opt.get('scale')
-        if isinstance(self.scale, bool) or not isinstance(self.scale, int) or self.scale < 1:
+        if not is_strict_int(self.scale, 1):
             _fail('scale', f'must be a positive integer, got {self.scale!r}')
         if 'dataroot_gt' not in opt:
             _fail('dataroot_gt', 'is required (a folder or an .lmdb of HR images)')
@@ -77,13 +78,12 @@ class RSPairedDataset(data.Dataset):
             _fail('degradation', 'applies to LR made on the fly; with dataroot_lq the LR is read from disk')
         self.gt_size = opt.get('gt_size')
         if self.train:
-            if isinstance(self.gt_size, bool) or not isinstance(self.gt_size, int) or self.gt_size < self.scale \
-                    or self.gt_size % self.scale:
+            if not is_strict_int(self.gt_size, self.scale) or self.gt_size % self.scale:
                 _fail('gt_size', f'must be a multiple of scale ({self.scale}) in the train phase, got {self.gt_size!r}')
         self.mean, self.std = opt.get('mean'), opt.get('std')
         for key, value in (('mean', self.mean), ('std', self.std)):
-            if value is not None and (not isinstance(value, (list, tuple)) or len(value) != 3 or any(
-                    isinstance(v, bool) or not isinstance(v, (int, float)) for v in value)):
+            if value is not None and (not isinstance(value, (list, tuple)) or len(value) != 3
+                                      or not all(is_strict_number(v) for v in value)):
                 _fail(key, f'must be a list of 3 numbers (RGB), got {value!r}')
         if self.std is not None and any(v <= 0 for v in self.std):
             _fail('std', f'must be positive, got {self.std!r}')

@@ -25,7 +25,7 @@ Differences from ``SRModel`` (everything else is SRModel's):
 - ``load_network``: :meth:`MFGHMoEArch.load_pretrained` (``weights_only`` loading, one report of what kept its
   initialisation), so ``strict_load_g: false`` starts from a HAT checkpoint;
 - ``save``: in distributed training, checks that all replicas hold identical weights before writing; every
-  checkpoint and training state is written into a temporary file in its folder, flushed and renamed, so a
+  checkpoint and training state is written into a temporary folder beside its folder, flushed and renamed, so a
   run killed while saving never leaves a truncated file;
 - non-finite losses or gradients stop training before the optimizer step (:class:`NonFiniteLossError`
   names the iteration and the term), or with ``train.skip_nonfinite: N`` skip up to N such steps with a
@@ -40,8 +40,6 @@ Differences from ``SRModel`` (everything else is SRModel's):
   sends them to TensorBoard under ``val_routing/<set>/``; with ``tile`` the routing of every tile is merged.
 """
 import os
-import shutil
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -55,10 +53,11 @@ from basicsr.utils.registry import MODEL_REGISTRY
 from torch.nn.parallel import DistributedDataParallel
 
 from ..archs import MFGHMoEArch
+from ..atomic import staged_files
 from ..checkpoints import CONFIG_ENTRY
 from ..errors import NonFiniteLossError, OptionError
 from ..expert_maps import ExpertMapWriter, RoutingStats, RoutingSummary, group_sizes_of, lr_routing_map
-from ..option_file import check_model_options, plain_options
+from ..options import check_model_options, plain_options
 from ..tiling import padded_forward, tiled_forward, window_size_of
 from ..training_log import RunEstimate
 
@@ -86,10 +85,11 @@ class MFGHMoEModel(SRModel):
             raise OptionError('MFGHMoEModel: `train.aux_loss_weight` > 0 needs an MFGHMoEArch network with `moe: true` '
                               f'(the load-balancing loss of its routers), but network_g is {type(bare).__name__}'
                               f'{" with moe: false" if isinstance(bare, MFGHMoEArch) else ""}; set the weight to 0')
-        if self.aux_loss_weight > 0 and bare.routing_grad == 'none':
+        if self.aux_loss_weight > 0 and not bare.routing_grad.learns:
             raise OptionError('MFGHMoEModel: `train.aux_loss_weight` > 0 needs routers that learn, but '
-                              '`network_g.routing_grad` is none (the load-balancing loss would reach no parameter); '
-                              'set routing_grad to isolated or straight_through, or the weight to 0')
+                              f'`network_g.routing_grad` is {bare.routing_grad.name} (the load-balancing loss would '
+                              'reach no parameter); set routing_grad to isolated or straight_through, or the weight '
+                              'to 0')
         self.skip_nonfinite = train.get('skip_nonfinite', 0) if self.is_train else 0
         self.skipped_steps = 0
         self.steps_taken = 0
@@ -147,7 +147,7 @@ class MFGHMoEModel(SRModel):
         bare = self.get_bare_model(self.net_g)
         if scale == 1.0:
             return super().setup_optimizers()
-        if not isinstance(bare, MFGHMoEArch) or not bare.moe or bare.routing_grad == 'none':
+        if not isinstance(bare, MFGHMoEArch) or not bare.moe or not bare.routing_grad.learns:
             raise OptionError('MFGHMoEModel: `train.routing_lr_scale` needs routers that learn (an MFGHMoEArch with '
                               'moe: true and routing_grad other than none)')
         routing = set(bare.routing_parameter_names())
@@ -206,24 +206,18 @@ class MFGHMoEModel(SRModel):
                          lambda: super(MFGHMoEModel, self).save_training_state(epoch, current_iter))
 
     def _atomically(self, folder_key: str, write: Callable[[], None]) -> None:
-        """Run BasicSR's writer into a temporary folder beside the target, then fsync and rename each file."""
+        """Run BasicSR's writer with ``opt['path'][folder_key]`` pointing at a temporary folder beside it, then
+        fsync each file it wrote and rename it into the folder (:func:`hmoe_arch.atomic.staged_files`); on rank 0
+        only."""
         if self.opt.get('rank', 0) != 0:
             return
         final = self.opt['path'][folder_key]
-        os.makedirs(final, exist_ok=True)
-        for stale in os.listdir(final):  # left by a run killed while writing
-            if stale.startswith('.partial-'):
-                shutil.rmtree(os.path.join(final, stale), ignore_errors=True)
-        with tempfile.TemporaryDirectory(dir=final, prefix='.partial-') as partial:
-            self.opt['path'][folder_key] = partial
+        with staged_files(final) as staging:
+            self.opt['path'][folder_key] = str(staging)
             try:
                 write()
             finally:
                 self.opt['path'][folder_key] = final
-            for name in os.listdir(partial):
-                with open(os.path.join(partial, name), 'rb') as f:
-                    os.fsync(f.fileno())
-                os.replace(os.path.join(partial, name), os.path.join(final, name))
 
     def _check_replicas_in_sync(self) -> None:
         bare = self.get_bare_model(self.net_g)

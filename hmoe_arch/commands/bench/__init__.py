@@ -31,9 +31,9 @@ from basicsr.utils import get_root_logger
 
 from ...archs import MFGHMoEArch
 from ...errors import OptionError
+from ...loading import load_network
 from ...options import read_option_file
 from ...protocols import DEFAULT_PROTOCOL, protocol
-from ..infer import load_network
 from .cost import count_macs, fix_malloc_threshold, forward_latency, forward_peak_mib, peak_memory_mib
 from .evaluation import TestSet, evaluate, folder_test_set, option_file_test_set
 from .mismatch import mismatch_message

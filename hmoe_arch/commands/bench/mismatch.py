@@ -17,8 +17,8 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from ...archs.config import NOT_IN_TENSORS, config_from_state_dict
 from ...checkpoints import CONFIG_ENTRY
 from ...errors import ConfigError, OptionError
-from ...option_file import plain_options
-from ..infer import local_weights, read_weights
+from ...loading import local_weights, read_weights
+from ...options import plain_options
 from .rows import BenchModel
 
 WIDTH_RATIOS = {'compress_ratio': 'embed_dim', 'squeeze_factor': 'embed_dim', 'mlp_ratio': 'embed_dim',

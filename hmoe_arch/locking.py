@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ..errors import HmoeError
+from .errors import HmoeError
 
 
 @contextmanager
