@@ -319,8 +319,9 @@ def routing_table(runs: Sequence[Run], budgets: Sequence[int]) -> List[str]:
 
 
 def summarise(runs: Sequence[Run], budgets: Sequence[int], reference: str, bicubic: float, settings: str) -> str:
-    """The Markdown report: mean +- std over seeds at each budget, the paired difference to ``reference`` and the
-    mean run time; then the routing at each budget (:func:`routing_table`)."""
+    """The Markdown report: mean +- std over seeds at each budget, the paired difference to ``reference`` (over
+    the seeds both have; ``(n=k)`` where a configuration has fewer seeds than the study) and the mean run time;
+    then the routing at each budget (:func:`routing_table`)."""
     configs = list(dict.fromkeys(run.config for run in runs))
     value = {(run.config, run.seed, it): psnr for run in runs for it, psnr in run.curve}
     seeds = sorted({run.seed for run in runs})
@@ -331,14 +332,20 @@ def summarise(runs: Sequence[Run], budgets: Sequence[int], reference: str, bicub
     for config in configs:
         cells = []
         for budget in budgets:
-            values = [value[(config, s, budget)] for s in seeds]
-            cells.append(f'{np.mean(values):.3f} +- {np.std(values, ddof=1) if len(values) > 1 else 0:.3f}')
+            values = [value[(config, s, budget)] for s in seeds if (config, s, budget) in value]
+            cells.append(f'{np.mean(values):.3f} +- {np.std(values, ddof=1) if len(values) > 1 else 0:.3f}'
+                         + (f' (n={len(values)})' if len(values) < len(seeds) else ''))
         for budget in budgets:
-            diffs = [value[(config, s, budget)] - value[(reference, s, budget)] for s in seeds]
+            paired = [s for s in seeds if (config, s, budget) in value and (reference, s, budget) in value]
+            diffs = [value[(config, s, budget)] - value[(reference, s, budget)] for s in paired]
+            if config == reference or not diffs:
+                cells.append('-')
+                continue
             sign = '+' if np.mean(diffs) >= 0 else ''
-            cells.append('-' if config == reference else f'{sign}{np.mean(diffs):.3f} (min {min(diffs):+.3f}, max '
-                         f'{max(diffs):+.3f})')
-        per_seed = ', '.join(f'{value[(config, s, budgets[-1])]:.3f}' for s in seeds)
+            cells.append(f'{sign}{np.mean(diffs):.3f} (min {min(diffs):+.3f}, max {max(diffs):+.3f})'
+                         + (f' (n={len(diffs)})' if len(diffs) < len(seeds) else ''))
+        per_seed = ', '.join(f'{value[(config, s, budgets[-1])]:.3f}' if (config, s, budgets[-1]) in value else '-'
+                             for s in seeds)
         minutes = np.mean([run.seconds for run in runs if run.config == config]) / 60
         lines.append(f'| {config} | ' + ' | '.join(cells) + f' | {per_seed} | {minutes:.1f} |')
     lines += routing_table(runs, budgets)
@@ -518,6 +525,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--reference', default='authors', help='configuration the paired differences are taken to')
     parser.add_argument('--jobs', type=int, default=2, help='training processes at once')
     parser.add_argument('--threads', type=int, default=1, help='CPU threads per training process')
+    parser.add_argument('--report-only', action='store_true',
+                        help='train nothing: tabulate the runs of OUT that finished with these settings and name the '
+                             'others')
     return parser.parse_args(argv)
 
 
@@ -547,7 +557,16 @@ def main(argv=None) -> int:
                            val_every=args.val_every, scale=args.scale, study_changes=study_changes), args.threads)
             for config in args.configs for seed in args.seeds]
     started = time.monotonic()
-    run_all(sorted(runs, key=lambda run: args.seeds.index(run.seed)), args.jobs)
+    if args.report_only:
+        missing = [run.label for run in runs if not run.finished()]
+        runs = [run for run in runs if run.curve]
+        if not runs:
+            raise SystemExit(f'bench_quality: --report-only: no run in {args.out / "runs"} finished with these '
+                             'settings')
+        if missing:
+            print(f'not finished (left out of the report): {", ".join(missing)}')
+    else:
+        run_all(sorted(runs, key=lambda run: args.seeds.index(run.seed)), args.jobs)
     bicubic = bicubic_psnr(runs[0].opt)
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv(runs, bicubic, args.out / 'quality.csv')

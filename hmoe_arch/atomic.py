@@ -4,7 +4,9 @@ A writer writes under a temporary name beside its target (:func:`partial_path`: 
 ``.<stem>.partial-<pid><suffix>``, the target's suffix kept for writers that choose the format by it, such as
 ``cv2.imwrite`` and ``LmdbMaker``), and the complete result is renamed onto the target, which is atomic on one file
 system. :func:`atomic_path` does this for one file or folder, :func:`staged_files` for a writer that chooses the
-names of the files it puts into a folder (BasicSR's checkpoint savers). Nothing here imports torch.
+names of the files it puts into a folder (BasicSR's checkpoint savers). A run killed while writing leaves its
+temporary name behind; the next write of the same target removes such files of processes that are no longer
+running (:func:`remove_dead_partials`). Nothing here imports torch.
 """
 import os
 import re
@@ -37,14 +39,58 @@ def partial_path(target: PathLike) -> Path:
     return target.with_name(f'.{target.stem}.partial-{os.getpid()}{target.suffix}')
 
 
+def _partial_name(target: Path) -> re.Pattern:
+    """The temporary names of ``target`` (:func:`partial_path`) of any process; group 1 is the PID."""
+    return re.compile(rf'\.{re.escape(target.stem)}\.partial-(\d+){re.escape(target.suffix)}')
+
+
 def stale_partials(target: PathLike) -> List[Path]:
     """Every temporary name of ``target`` in its folder, of any process (left by killed runs when no writer of
     ``target`` is running), sorted; empty when the folder does not exist."""
     target = Path(target)
-    name = re.compile(rf'\.{re.escape(target.stem)}\.partial-\d+{re.escape(target.suffix)}')
+    name = _partial_name(target)
     if not target.parent.is_dir():
         return []
     return sorted(path for path in target.parent.iterdir() if name.fullmatch(path.name))
+
+
+def process_is_running(pid: int) -> bool:
+    """Whether a process with this PID exists on this machine (``os.kill(pid, 0)``; one of another user counts).
+    Always True where that probe is not harmless (not POSIX: Windows' ``os.kill`` would stop the process)."""
+    if os.name != 'posix':
+        return True
+    if pid <= 0:  # os.kill would signal a process group
+        return False
+    try:
+        os.kill(pid, 0)
+    except PermissionError:
+        return True
+    except (ProcessLookupError, OverflowError):
+        return False
+    return True
+
+
+def remove_dead_partials(target: PathLike) -> List[Path]:
+    """Remove the temporary files of ``target`` (:func:`stale_partials`) whose PID is not a running process, which
+    a writer killed with SIGKILL or by a power cut leaves behind; returns the removed paths.
+
+    Files of this process and of running processes are left alone, and so are folders (a folder target's caller
+    decides about those, as ``basicsr prepare`` does) and links. PIDs are those of this machine: a temporary file
+    written on a network file system by a process of another machine (or another PID namespace) counts as dead.
+    """
+    target = Path(target)
+    name = _partial_name(target)
+    removed = []
+    for path in stale_partials(target):
+        pid = int(name.fullmatch(path.name).group(1))
+        if pid == os.getpid() or process_is_running(pid) or path.is_symlink() or not path.is_file():
+            continue
+        try:
+            path.unlink()
+        except OSError:  # removed by another run first, or not this user's to remove: the write goes on
+            continue
+        removed.append(path)
+    return removed
 
 
 def move_into_place(partial: PathLike, target: PathLike) -> None:
@@ -76,11 +122,15 @@ def atomic_path(target: PathLike, *, folder: bool = False) -> Iterator[Path]:
     (:func:`move_into_place`). On any exception, in the block or in the move (``KeyboardInterrupt`` included),
     ``partial`` is removed with whatever it holds and ``target`` is left as it was.
 
+    Temporary files of ``target`` left by processes that are no longer running are removed first
+    (:func:`remove_dead_partials`).
+
     Args:
         target: the file or folder to write; its folder must exist.
         folder: create ``partial`` as an empty folder before the block (it must not exist yet); without it the
             block creates the file itself.
     """
+    remove_dead_partials(target)
     partial = partial_path(target)
     if folder:
         partial.mkdir()

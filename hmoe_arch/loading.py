@@ -8,14 +8,23 @@ Every error is an :class:`~hmoe_arch.errors.OptionError` that names the flag or 
 """
 import math
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from basicsr.archs import build_network
+from basicsr.utils import get_root_logger
 
 from .archs import MFGHMoEArch
-from .archs.config import network_config, upscale_of
-from .checkpoints import local_checkpoint, read_checkpoint_file, state_dict_of
+from .archs.config import RAISE_WITH_FLAG, check_network, network_config, upscale_of
+from .checkpoints import (
+    check_tensor_values,
+    file_digest,
+    is_url,
+    local_checkpoint,
+    nonfinite_keys,
+    read_checkpoint_file,
+    state_dict_of,
+)
 from .errors import CheckpointError, ConfigError, OptionError
 from .options import apply_force_yml, read_option_file
 
@@ -56,34 +65,49 @@ def network_options(opt_path: Optional[Path], arch_args: Sequence[str]) -> Dict[
     return network_and_scale(opt_path, arch_args)[0]
 
 
+UNPINNED_WARNED: Set[str] = set()
+"""The URLs without ``#sha256=`` that :func:`local_weights` has warned about in this process."""
+
+
 def local_weights(weights: Union[str, Path], label: str = '--weights') -> Path:
     """``weights`` itself, or for an ``https://`` URL its cached download
-    (:func:`hmoe_arch.checkpoints.local_checkpoint`).
+    (:func:`hmoe_arch.checkpoints.local_checkpoint`). A URL without ``#sha256=<hex>`` gets one WARNING line on
+    BasicSR's root logger, the first time in the process: it names ``label``, the URL and the SHA-256 of the
+    downloaded file, to append to the URL so that later downloads are checked against it.
 
     Raises:
         OptionError: naming ``label`` and the URL when it cannot be downloaded or fails its hash check.
     """
     try:
-        return local_checkpoint(weights)
+        path = local_checkpoint(weights)
     except CheckpointError as error:
         raise OptionError(f'{label} {error}') from None
+    url = str(weights)
+    if is_url(url) and '#' not in url and url not in UNPINNED_WARNED:
+        UNPINNED_WARNED.add(url)
+        digest = file_digest(path, 'sha256')
+        get_root_logger().warning(f'{label} {url} is not pinned to its content: append #sha256={digest} to the URL '
+                                  'to check the download on every use')
+    return path
 
 
 def read_weights(weights: Path, param_key: str, label: str) -> Tuple[Mapping[str, Any], Dict[str, torch.Tensor]]:
     """The checkpoint in a file (``.pth`` or ``.safetensors``) and the state_dict in it
     (:func:`hmoe_arch.checkpoints.state_dict_of`: the ``param_key`` entry, else ``params``, else ``params_ema``,
-    else the file itself); every floating-point tensor must be finite.
+    else the file itself; no tensor may show more values than the file stores); every floating-point tensor must
+    be finite (checked in chunks, :func:`hmoe_arch.checkpoints.nonfinite_keys`).
 
     Raises:
         OptionError: naming ``label`` and the file: not a readable checkpoint (without PyTorch's advice to
-            unpickle it unsafely), no state_dict inside, or NaN/Inf values.
+            unpickle it unsafely), no state_dict inside, a tensor that is no plain tensor or a view larger than
+            what it stores, or NaN/Inf values.
     """
     try:
         checkpoint = read_checkpoint_file(weights)
         state = state_dict_of(checkpoint, param_key, str(weights))
     except CheckpointError as error:
         raise OptionError(f'{label} {error}') from None
-    broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    broken = nonfinite_keys(state)
     if broken:
         raise OptionError(f'{label} {weights}: {len(broken)} tensor(s) hold NaN or Inf values, e.g. {broken[:3]}; the '
                           'network would write black images (was training stopped by a diverged loss?)')
@@ -130,25 +154,40 @@ def measured_scale(net: torch.nn.Module, declared: Dict[str, Optional[int]], dev
 
 def load_network(weights: Union[str, Path], network: Optional[Mapping[str, Any]], device: torch.device, *,
                  param_key: str = 'params_ema', strict: bool = True, label: str = '--weights',
-                 overrides: Sequence[str] = ()) -> torch.nn.Module:
+                 overrides: Sequence[str] = (), max_memory: Optional[float] = None,
+                 how_to_raise: str = RAISE_WITH_FLAG) -> torch.nn.Module:
     """The network with ``weights`` (a file or URL) loaded, in eval mode on ``device``; its options are kept as
     ``net.network_options``.
 
     The weights are the ``param_key`` entry, else ``params``, else ``params_ema``, else the file itself as a
     state_dict (:func:`read_weights`; ``weights_only``). With ``network`` None its options come from the checkpoint
-    (:func:`hmoe_arch.archs.config.network_config`); ``overrides`` (``key=value``) apply on top. A checkpoint
-    trained for another scale is refused before loading.
+    (:func:`hmoe_arch.archs.config.network_config`); ``overrides`` (``key=value``) apply on top. Before anything
+    is built the options are checked (:func:`hmoe_arch.archs.config.check_network`): one of the types this project
+    builds, no argument that reads a file, and an estimated memory under ``max_memory`` GiB (None: the environment
+    variable ``HMOE_MAX_MEMORY_GIB``, else 8; ``how_to_raise`` says how to raise it). A checkpoint trained for
+    another scale, and tensors with another kind of values than the network's or buffers fixed by the window
+    sizes that differ from the network's (:func:`hmoe_arch.checkpoints.check_tensor_values`), are refused before
+    loading.
 
     Raises:
         OptionError: naming ``label`` (the flag or option key that gave the path) and the file; for options that
-            do not build a network, naming ``network_g``.
+            do not build a network or are refused before building, naming ``network_g`` (or, for options read
+            from the checkpoint, the file).
     """
     path = local_weights(weights, label)
     named = f'{label} {path}'
     if not path.is_file():
         raise OptionError(f'{named}: no such file')
     checkpoint, state = read_weights(path, param_key, label)
+    source = 'network_g'
     if network is None:
+        source = f'{named}: the network it holds'
+        stored = checkpoint.get('network_g') if isinstance(checkpoint, Mapping) else None
+        try:
+            if isinstance(stored, Mapping) and stored.get('type') is not None:
+                check_network(stored, max_memory, how_to_raise, where='')
+        except ConfigError as error:
+            raise OptionError(f'{named}: its stored network_g: {error}') from None
         try:
             network = network_config(checkpoint, state)
         except ConfigError as error:
@@ -156,10 +195,18 @@ def load_network(weights: Union[str, Path], network: Optional[Mapping[str, Any]]
                               'with -opt') from None
     options = with_overrides(network, overrides)
     try:
+        check_network(options, max_memory, how_to_raise, where='')
+    except ConfigError as error:
+        raise OptionError(f'{source}: {error}') from None
+    try:
         net = build_network(options)
     except (ValueError, TypeError, KeyError) as error:
         raise OptionError(f'network_g: {error}') from error
     _check_trained_scale(net, state, named, label)
+    try:
+        check_tensor_values(net.state_dict(), state, named)
+    except CheckpointError as error:
+        raise OptionError(str(error)) from None
     try:
         if isinstance(net, MFGHMoEArch):
             net.load_pretrained(state, strict=strict)

@@ -4,9 +4,10 @@ Nothing here imports torch or basicsr, so ``basicsr train``/``test`` refuse a ba
 those imports take (:func:`precheck_option_file`). BasicSR's pipeline semantics on top (paths, seeds,
 distributed set-up, plugins, the checks that build the network) are :mod:`hmoe_arch.commands.pipeline`.
 """
+import ntpath
 import os
 import re
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import yaml
 
@@ -15,7 +16,10 @@ from .errors import OptionError
 MAX_OPTION_BYTES = 4 * 2**20
 """Largest option file read."""
 MAX_OPTION_VALUES = 100_000
-"""Most values an option file may hold once its YAML aliases are expanded (real files hold a few hundred)."""
+"""Most values (scalars, sequences and mappings, mapping keys included) an option file may hold, written out and
+once its YAML aliases are expanded (real files hold a few hundred)."""
+MAX_OPTION_DEPTH = 32
+"""Most sequences/mappings an option file may nest, its YAML aliases expanded (real files nest four or five)."""
 MOE_MODEL_TYPES = ('MFGHMoEModel', 'MFGHMOEModel')
 """``model_type`` values that build :class:`hmoe_arch.models.MFGHMoEModel` (ours and the authors' name)."""
 
@@ -29,25 +33,96 @@ def plain_options(value: Any) -> Any:
     return value
 
 
-def expanded_size(value: Any, limit: int = MAX_OPTION_VALUES) -> int:
-    """How many values ``value`` holds with every shared (aliased) node counted each time it is used; stops
-    counting past ``limit``. Linear in the number of distinct nodes."""
-    sizes: Dict[int, int] = {}
+class _LimitExceeded(Exception):
+    """An option file past :data:`MAX_OPTION_VALUES` or :data:`MAX_OPTION_DEPTH`, or with a recursive alias, found
+    while it is parsed; ``mark`` (a PyYAML mark, or None for the file as a whole) is where, ``message`` what."""
 
-    def size(node: Any) -> int:
-        if not isinstance(node, (dict, list)):
-            return 1
-        if id(node) not in sizes:
-            children = node.values() if isinstance(node, dict) else node
-            total = 1
-            for child in children:
-                total += size(child)
-                if total > limit:
-                    break
-            sizes[id(node)] = total
-        return sizes[id(node)]
+    def __init__(self, mark: Any, message: str) -> None:
+        super().__init__(message)
+        self.mark, self.message = mark, message
 
-    return size(value)
+
+def _check_limits(loader: Any) -> None:
+    """Walk the parse events of ``loader`` (a PyYAML loader on the text; nothing is composed or constructed) and
+    refuse, at the first event past them, the limits of an option file: more than :data:`MAX_OPTION_VALUES` values
+    written out, more once its aliases are expanded, more than :data:`MAX_OPTION_DEPTH` nested sequences/mappings
+    (aliases expanded), or an alias inside the node it names (a structure that contains itself). Disposes of
+    ``loader``.
+
+    Every scalar, sequence and mapping is a value, mapping keys included (a mapping of N keys holds 2N + 1). The
+    expanded size and depth of each anchored node are measured once, when its end is parsed, so the walk is linear
+    in the text's length however far its aliases would expand; once it passes, composing, constructing and whatever
+    walks the options later recurse at most :data:`MAX_OPTION_DEPTH` levels.
+
+    Raises:
+        _LimitExceeded: what and where.
+        yaml.YAMLError: a syntax error, from the parser.
+    """
+    written = 0
+    open_collections: List[List[Any]] = []  # [expanded size, depth, anchor] of each collection being parsed
+    measured: Dict[str, Tuple[int, int]] = {}  # anchor -> (expanded size, depth) of the node it names
+    try:
+        while True:
+            event = loader.get_event()
+            if isinstance(event, yaml.StreamEndEvent):
+                return
+            if isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+                size, depth, anchor = open_collections.pop()
+                if size > MAX_OPTION_VALUES:  # at most that many values are written out: aliases made it larger
+                    raise _LimitExceeded(None, f'its YAML aliases expand to more than {MAX_OPTION_VALUES} values (an '
+                                               'alias bomb?); write the options out without nested aliases')
+            elif isinstance(event, yaml.AliasEvent):
+                if any(open_anchor == event.anchor for _, _, open_anchor in open_collections):
+                    raise _LimitExceeded(event.start_mark, f'the alias *{event.anchor} is inside the node it names '
+                                                           '(a structure that contains itself); option files are '
+                                                           'trees')
+                size, depth = measured.get(event.anchor, (1, 0))  # undefined: PyYAML's composer says so
+                anchor = None
+                if len(open_collections) + depth > MAX_OPTION_DEPTH:
+                    raise _LimitExceeded(event.start_mark, f'more than {MAX_OPTION_DEPTH} nested sequences or '
+                                                           'mappings once its aliases are expanded, the most an '
+                                                           'option file may have')
+            elif isinstance(event, yaml.NodeEvent):  # a scalar, or the start of a sequence or mapping
+                written += 1
+                if written > MAX_OPTION_VALUES:
+                    raise _LimitExceeded(None, f'more than {MAX_OPTION_VALUES} values, the most an option file may '
+                                               'hold (real ones hold a few hundred)')
+                if isinstance(event, yaml.CollectionStartEvent):
+                    if len(open_collections) == MAX_OPTION_DEPTH:
+                        raise _LimitExceeded(event.start_mark, f'more than {MAX_OPTION_DEPTH} nested sequences or '
+                                                               'mappings, the most an option file may have')
+                    open_collections.append([1, 1, event.anchor])
+                    continue
+                size, depth, anchor = 1, 0, event.anchor
+            else:  # the start or end of the stream or of a document
+                continue
+            if anchor is not None:
+                measured[anchor] = (size, depth)
+            if open_collections:
+                outer = open_collections[-1]
+                outer[0] += size
+                outer[1] = max(outer[1], depth + 1)
+    finally:
+        loader.dispose()
+
+
+def _bounded_load(text: str) -> Any:
+    """The value of the YAML ``text`` once :func:`_check_limits` passes it, read by PyYAML's safe loader.
+
+    Where PyYAML was built with libyaml and the text holds neither a character PyYAML's reader refuses nor a tab
+    (libyaml accepts tabs in places PyYAML does not), libyaml parses it: about ten times faster, so a file at the
+    limits is refused or read in about a second. A text libyaml cannot parse is parsed again by PyYAML's own
+    parser, whose messages and positions (the ones this package has always reported) are the ones reported.
+    """
+    if hasattr(yaml, 'CSafeLoader') and '\t' not in text and not yaml.reader.Reader.NON_PRINTABLE.search(text):
+        try:
+            _check_limits(yaml.CSafeLoader(text))
+        except (yaml.reader.ReaderError, yaml.scanner.ScannerError, yaml.parser.ParserError, UnicodeError):
+            pass
+        else:
+            return yaml.load(text, Loader=yaml.CSafeLoader)
+    _check_limits(yaml.SafeLoader(text))
+    return yaml.load(text, Loader=yaml.SafeLoader)
 
 
 def _where(source: str, error: yaml.YAMLError) -> str:
@@ -57,14 +132,21 @@ def _where(source: str, error: yaml.YAMLError) -> str:
 
 
 def load_yaml(text: str, source: str) -> Any:
-    """Plain YAML only (``yaml.SafeLoader``: no Python tags, nothing executed; mappings keep their order) whose
-    aliases expand to at most :data:`MAX_OPTION_VALUES` values.
+    """Plain YAML only (PyYAML's safe loading: no Python tags, nothing executed; mappings keep their order) within
+    the limits of an option file: at most :data:`MAX_OPTION_VALUES` values (aliases expanded), at most
+    :data:`MAX_OPTION_DEPTH` nested sequences or mappings, no alias inside the node it names, checked on the parse
+    events before anything is composed (:func:`_check_limits`). Linear in the length of ``text``; libyaml parses it
+    where PyYAML was built with it (:func:`_bounded_load`).
 
     Raises:
-        OptionError: one line naming ``source`` and, for a refused tag or a syntax error, the line and column.
+        OptionError: one line naming ``source`` and, for a refused tag, a syntax error, too deep a nesting or a
+            recursive alias, the line and column.
     """
     try:
-        value = yaml.load(text, Loader=yaml.SafeLoader)
+        return _bounded_load(text)
+    except _LimitExceeded as error:
+        where = source if error.mark is None else f'{source}:{error.mark.line + 1}:{error.mark.column + 1}'
+        raise OptionError(f'{where}: {error.message}') from None
     except yaml.constructor.ConstructorError as error:
         tag = re.search(r"tag '([^']*)'", str(error.problem))
         if tag and 'python' in tag.group(1):
@@ -76,10 +158,6 @@ def load_yaml(text: str, source: str) -> Any:
         raise OptionError(f'{_where(source, error)}: not valid YAML ({problem})') from None
     except yaml.YAMLError as error:
         raise OptionError(f'{source}: not valid YAML ({" ".join(str(error).split())})') from None
-    if expanded_size(value) > MAX_OPTION_VALUES:
-        raise OptionError(f'{source}: its YAML aliases expand to more than {MAX_OPTION_VALUES} values (an alias '
-                          'bomb?); write the options out without nested aliases')
-    return value
 
 
 def apply_force_yml(opt: Dict[str, Any], entry: str) -> None:
@@ -99,13 +177,32 @@ def apply_force_yml(opt: Dict[str, Any], entry: str) -> None:
     node[keys[-1]] = value
 
 
+def check_folder_name(value: Any, key: str, source: Union[str, os.PathLike]) -> str:
+    """``value``, when it can name one folder: BasicSR and this package make ``experiments/<name>``,
+    ``results/<name>``, ``tb_logger/<name>`` and ``.../<dataset name>/`` of the option file's ``name`` and its
+    datasets' ``name``, so it must be a non-empty string without ``/``, ``\\``, a NUL character or a drive (``C:``),
+    and not ``.`` or ``..`` (anything else would reach folders outside those).
+
+    Raises:
+        OptionError: naming ``source`` and ``key``.
+    """
+    if (not isinstance(value, str) or value in ('', '.', '..') or any(c in value for c in '/\\\0')
+            or ntpath.splitdrive(value)[0]):
+        shown = repr(value)
+        raise OptionError(f'{source}: `{key}` must be one folder name (a string without / or \\, not . or ..), '
+                          f'got {shown if len(shown) <= 80 else shown[:77] + "..."}')
+    return value
+
+
 def read_option_file(path: Union[str, os.PathLike], force_yml: Sequence[str] = (),
                      required: Sequence[str] = ()) -> Dict[str, Any]:
     """An option file (plain YAML, :func:`load_yaml`) with ``--force_yml`` entries applied.
 
     Raises:
         OptionError: naming ``path`` when it cannot be read, is not plain YAML (a Python tag names its line), is
-            an alias bomb, is not a YAML mapping or lacks a ``required`` top-level key.
+            past the limits of :func:`load_yaml` (an alias bomb among them), is not a YAML mapping, lacks a
+            ``required`` top-level key, or has a ``name`` or ``datasets.<phase>.name`` that is not one folder name
+            (:func:`check_folder_name`).
     """
     try:
         with open(path, encoding='utf-8') as f:
@@ -123,6 +220,12 @@ def read_option_file(path: Union[str, os.PathLike], force_yml: Sequence[str] = (
     missing = [key for key in required if key not in opt]
     if missing:
         raise OptionError(f'{path}: missing the top-level key(s) {", ".join(missing)}')
+    if 'name' in opt:
+        check_folder_name(opt['name'], 'name', path)
+    if isinstance(opt.get('datasets'), dict):
+        for phase, dataset in opt['datasets'].items():
+            if isinstance(dataset, dict) and 'name' in dataset:
+                check_folder_name(dataset['name'], f'datasets.{phase}.name', path)
     return opt
 
 
@@ -148,6 +251,21 @@ def check_num_threads(value: Any, key: str = 'num_threads') -> Optional[int]:
     if not is_strict_int(value, 1):
         raise OptionError(f'{key}: expected an integer >= 1 or auto, got {value!r}')
     return value
+
+
+def check_max_memory(value: Any, key: str = 'max_memory') -> Optional[float]:
+    """``max_memory`` (``--max-memory``): the limit in GiB on a network's estimated memory
+    (:func:`hmoe_arch.archs.config.check_network_size`); absent -> None (the default), else a number > 0.
+
+    Raises:
+        OptionError: naming ``key``.
+    """
+    if value is None:
+        return None
+    if not is_strict_number(value) or not 0 < value < float('inf'):
+        raise OptionError(f'{key}: expected a number of GiB > 0 (the limit on a network\'s estimated memory), '
+                          f'got {value!r}')
+    return float(value)
 
 
 def check_model_options(opt: Dict[str, Any], is_train: Optional[bool] = None) -> None:
@@ -196,8 +314,10 @@ def check_model_options(opt: Dict[str, Any], is_train: Optional[bool] = None) ->
 def precheck_option_file(path: Union[str, os.PathLike], force_yml: Sequence[str] = (), is_train: bool = True) \
         -> Dict[str, Any]:
     """What ``basicsr train``/``test`` can refuse before importing torch and basicsr: the file itself
-    (:func:`read_option_file`), the top-level keys BasicSR needs, training's ``logger`` block, ``num_threads`` and,
-    for :data:`MOE_MODEL_TYPES`, :func:`check_model_options`. Returns the options read.
+    (:func:`read_option_file`, which also checks that ``name`` is one folder name), the top-level keys BasicSR
+    needs (``datasets``, a mapping of dataset mappings, and ``path``, a mapping), training's ``logger`` block,
+    ``num_threads``, ``max_memory`` and, for :data:`MOE_MODEL_TYPES`, :func:`check_model_options`. Returns the
+    options read.
 
     Raises:
         OptionError: naming the file or the key.
@@ -206,6 +326,9 @@ def precheck_option_file(path: Union[str, os.PathLike], force_yml: Sequence[str]
     for key in ('datasets', 'path'):
         if not isinstance(opt[key], dict):
             raise OptionError(f'{path}: `{key}` must be a mapping, got {opt[key]!r}')
+    for phase, dataset in opt['datasets'].items():
+        if not isinstance(dataset, dict):
+            raise OptionError(f'{path}: `datasets.{phase}` must be a mapping of dataset options, got {dataset!r}')
     if is_train:
         logger = opt.get('logger')
         missing = [k for k in ('print_freq', 'save_checkpoint_freq') if not isinstance(logger, dict) or k not in logger]
@@ -213,6 +336,7 @@ def precheck_option_file(path: Union[str, os.PathLike], force_yml: Sequence[str]
             raise OptionError(f'{path}: training needs a `logger:` block with {" and ".join(missing)} (how often '
                               'to log and to save checkpoints, in iterations)')
     check_num_threads(opt.get('num_threads'))
+    check_max_memory(opt.get('max_memory'))
     if opt.get('model_type') in MOE_MODEL_TYPES:
         check_model_options(opt, is_train=is_train)
     return opt

@@ -13,6 +13,11 @@ spandrel hands architectures the state_dict only, so the network is rebuilt from
 ``img_range`` loads correctly through ``basicsr infer`` (which reads the options this project stores in its
 checkpoints), not through spandrel.
 
+A state_dict is data: the network is built only after its tensors pass the checks of
+:mod:`hmoe_arch.checkpoints` (no broadcast views, the kinds of values the network expects) and its configuration
+the size bounds of :func:`~hmoe_arch.archs.config.check_network_size`; spandrel has no flag for the memory limit,
+so the environment variable ``HMOE_MAX_MEMORY_GIB`` raises it (default 8 GiB).
+
 Needs the optional extra: ``pip install -e .[spandrel]``.
 """
 try:
@@ -22,7 +27,8 @@ except ImportError:
     raise ImportError('hmoe_arch.spandrel needs spandrel: pip install -e .[spandrel]') from None
 
 from .archs import MFGHMoEArch
-from .archs.config import config_from_state_dict
+from .archs.config import RAISE_WITH_VARIABLE, config_from_state_dict
+from .checkpoints import check_stored_values, check_tensor_values
 
 ARCH_ID = 'MFGHMoE'
 
@@ -38,8 +44,19 @@ class MFGHMoEArchitecture(Architecture[MFGHMoEArch]):
             'upsample.0.experts.0.weight', 'conv_last.weight'))
 
     def load(self, state_dict) -> ImageModelDescriptor[MFGHMoEArch]:
-        config = config_from_state_dict(state_dict)
+        """The descriptor of the network ``state_dict`` describes. Nothing is built before the tensors pass
+        :func:`~hmoe_arch.checkpoints.check_stored_values` and the configuration the size bounds (the memory limit is
+        8 GiB unless the environment variable ``HMOE_MAX_MEMORY_GIB`` says otherwise); the tensors are checked
+        against the network (:func:`~hmoe_arch.checkpoints.check_tensor_values`) before loading.
+
+        Raises:
+            CheckpointError: naming the tensor that shows more values than it stores, or that does not fit.
+            ConfigError: naming the missing tensor or the configuration that is too large.
+        """
+        check_stored_values(state_dict, 'spandrel state_dict')
+        config = config_from_state_dict(state_dict, how_to_raise=RAISE_WITH_VARIABLE)
         model = MFGHMoEArch(**config)
+        check_tensor_values(model.state_dict(), state_dict, 'spandrel state_dict')
         model.load_state_dict(state_dict, strict=True)
         groups = '+'.join(f'{g["num_experts"]}x{g["kernel_size"]}' for g in config['expert_groups'])
         tags = [f'{config["embed_dim"]}dim', f'w{config["window_size"]}', f'{config["routing"]}-{groups}',

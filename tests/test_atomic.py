@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from hmoe_arch.atomic import atomic_path, partial_path, plain_file_mode, staged_files, stale_partials
+from hmoe_arch.atomic import (
+    atomic_path,
+    partial_path,
+    plain_file_mode,
+    process_is_running,
+    remove_dead_partials,
+    staged_files,
+    stale_partials,
+)
 
 
 def mode_of(path: Path) -> int:
@@ -97,6 +105,53 @@ def test_stale_partials_are_the_targets_temporary_names_of_any_process(tmp_path:
     assert [p.name for p in stale_partials(tmp_path / 'out')] == ['.out.partial-12', '.out.partial-345']
     assert [p.name for p in stale_partials(tmp_path / 'out.zip')] == ['.out.partial-1.zip']
     assert stale_partials(tmp_path / 'missing' / 'out') == []
+
+
+def dead_pid() -> int:
+    """The PID of a process that has ended."""
+    child = subprocess.Popen([sys.executable, '-c', 'pass'])
+    child.wait()
+    return child.pid
+
+
+def test_process_is_running_tells_live_from_dead_pids() -> None:
+    assert process_is_running(os.getpid()) and process_is_running(os.getppid())
+    assert not process_is_running(dead_pid())
+    assert not process_is_running(0) and not process_is_running(10 ** 30)
+
+
+def test_a_write_removes_the_temporary_files_of_dead_processes_only(tmp_path: Path) -> None:
+    target = tmp_path / 'scene_SR.png'
+    dead = tmp_path / f'.scene_SR.partial-{dead_pid()}.png'
+    dead.write_bytes(b'left by a run killed with -9')
+    live = tmp_path / f'.scene_SR.partial-{os.getppid()}.png'
+    live.write_bytes(b'being written by a running process')
+    dead_folder = tmp_path / f'.scene_SR.partial-{dead_pid()}.png'
+    dead_folder.mkdir()
+    other_target = tmp_path / f'.other.partial-{dead_pid()}.png'
+    other_target.write_bytes(b'another target')
+    with atomic_path(target) as partial:
+        assert not dead.exists()
+        partial.write_bytes(b'new')
+    assert target.read_bytes() == b'new'
+    assert live.read_bytes() == b'being written by a running process'
+    assert other_target.read_bytes() == b'another target'
+    assert dead_folder.is_dir()  # folders are their writer's business (basicsr prepare checks its own)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [target.name, live.name, dead_folder.name, other_target.name])
+
+
+def test_remove_dead_partials_returns_what_it_removed(tmp_path: Path) -> None:
+    target = tmp_path / 'model.safetensors'
+    dead = [tmp_path / f'.model.partial-{dead_pid()}.safetensors' for _ in range(2)]
+    for path in dead:
+        path.write_bytes(b'half')
+    mine = partial_path(target)
+    mine.write_bytes(b'this process')
+    os.symlink(tmp_path / 'elsewhere', tmp_path / f'.model.partial-{dead_pid()}.safetensors')
+    assert remove_dead_partials(target) == sorted(dead)
+    assert mine.read_bytes() == b'this process'
+    assert remove_dead_partials(tmp_path / 'missing' / 'model.safetensors') == []
 
 
 def test_staged_files_are_moved_into_the_folder_under_their_names(tmp_path: Path, umask_027: int) -> None:

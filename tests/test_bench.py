@@ -1,6 +1,7 @@
 """``basicsr bench``: tables on tiny trained models and bicubic, MACs at routed cost, sources and errors."""
 import csv
 import importlib.util
+import os
 import re
 import shlex
 import shutil
@@ -363,6 +364,58 @@ def test_bench_names_the_first_tensor_of_another_architecture_that_does_not_fit(
         f'conv_first.weight is [8, 3, 3, 3] in the checkpoint but [180, 3, 3, 3] in the network network_g builds{fix}')
 
 
+def test_bench_refuses_an_experiment_whose_training_is_running(tmp_path: Path, basicsr_log) -> None:
+    import fcntl
+    experiment = tmp_path / 'experiments' / 'tiny'
+    (experiment / 'models').mkdir(parents=True)
+    shutil.copy(OPTIONS / 'train_ucm_x2.yml', experiment)
+    torch.save({'params_ema': {}}, experiment / 'models' / 'net_g_latest.pth')  # a new run's first checkpoint
+    with open(tmp_path / 'experiments' / '.tiny.lock', 'w') as held:  # as basicsr train holds it
+        held.write('pid 4242, started 2024-05-01 10:00:00')
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        line = refusal(['bench', str(experiment), '--out', str(tmp_path / 'out')], basicsr_log)
+    assert line == (f'basicsr bench: {experiment}: a training of this experiment is running (pid 4242, started '
+                    '2024-05-01 10:00:00); its weights are not final, and a new training of this name moves the '
+                    'folder aside: bench it when the training has finished')
+    assert not (tmp_path / 'out').exists()
+
+
+def test_experiment_lock_is_shared_by_readers_and_keeps_trainings_out(tmp_path: Path) -> None:
+    from hmoe_arch.commands.bench import experiment_lock
+    from hmoe_arch.locking import exclusive_lock
+    experiment = tmp_path / 'experiments' / 'tiny'
+    experiment.mkdir(parents=True)
+    lock = tmp_path / 'experiments' / '.tiny.lock'
+    with experiment_lock(experiment), experiment_lock(experiment):  # two benches at once
+        with pytest.raises(OptionError, match=r'^held by another process$'):
+            with exclusive_lock(lock, lambda holder: OptionError(f'held by {holder}')):
+                pass
+    with exclusive_lock(lock, lambda holder: OptionError(f'held by {holder}')):  # free again
+        assert lock.read_text().startswith(f'pid {os.getpid()}, started ')
+        with pytest.raises(OptionError, match=rf'a training of this experiment is running \(pid {os.getpid()}, '):
+            with experiment_lock(experiment):
+                pass
+    assert lock.read_text() == ''  # the record went with the lock
+
+
+def test_no_training_of_the_name_starts_while_bench_reads_its_folder(workdir: Path, tmp_path: Path, basicsr_log,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from hmoe_arch.commands.bench import experiment_lock
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'datasets').symlink_to(workdir / 'datasets')
+    experiment = tmp_path / 'experiments' / 'tiny'
+    (experiment / 'models').mkdir(parents=True)
+    (experiment / 'models' / 'net_g_latest.pth').write_bytes(b'the finished run')
+    with experiment_lock(Path('experiments/tiny')):
+        line = refusal(['train', '-opt', str(OPTIONS / 'train_ucm_x2.yml'), '--force_yml', *TINY_TRAINING,
+                        'name=tiny', 'train:total_iter=1'], basicsr_log)
+    assert line == (f'basicsr train: {experiment}: in use by another process (basicsr bench reading it, or a training '
+                    'of this name starting); wait for it to finish or choose another name')
+    assert sorted(p.name for p in (tmp_path / 'experiments').iterdir()) == ['.tiny.lock', 'tiny']
+    assert (experiment / 'models' / 'net_g_latest.pth').read_bytes() == b'the finished run'
+
+
 def test_bench_shows_progress_unless_told_not_to(trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                  capsys) -> None:
     monkeypatch.chdir(trained)
@@ -373,7 +426,7 @@ def test_bench_shows_progress_unless_told_not_to(trained: Path, tmp_path: Path, 
     images = sum(len(v) for v in rows[0].per_class.values())
     for name in ('Bicubic', 'train_EDSR_UCMerced_x2'):
         # tqdm's bar: images done of all, elapsed<remaining (the ETA), in images
-        assert re.search(rf'{name} on UCMerced_test: 100%.*\| {images}/{images} \[\d\d:\d\d<\d\d:\d\d, '
+        assert re.search(rf'{name} on UCMerced_test: 100%.*\| {images}/{images} \[\d\d:\d\d<\d\d:\d\d, *'
                          r'[\d.]+image/s\]', shown), shown
     run_bench([experiment], tmp_path / 'silent', runs=1, progress=False)
     silent = capsys.readouterr().err

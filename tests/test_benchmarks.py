@@ -283,3 +283,16 @@ def test_bench_quality_study_changes_apply_to_every_run_and_configurations_still
     assert ema['manual_seed'] == 3 and ema['train']['total_iter'] == 80
     with pytest.raises(SystemExit, match=r"--set: 'train:ema_decay' is not KEY=VALUE"):
         bench.parse_changes(['train:ema_decay'], '--set')
+
+
+def test_bench_quality_tabulates_a_configuration_with_fewer_seeds_over_the_seeds_it_has(tmp_path: Path) -> None:
+    bench = load_bench_quality()
+    runs = [run for run in study(bench, tmp_path) if (run.config, run.seed) != ('bias', 1)]
+    report = bench.summarise(runs, [250, 500], 'authors', 26.5, 'settings')
+    rows = {}
+    for line in report.splitlines():  # the PSNR table comes first, the routing table (same names) after it
+        if line.startswith('| ') and not line.startswith('| ---'):
+            rows.setdefault(line.strip('| ').split(' | ')[0], line.strip('| ').split(' | '))
+    paired = '+0.000 (min +0.000, max +0.000) (n=1)'
+    assert rows['bias'][1:6] == ['27.000 +- 0.000 (n=1)', '28.000 +- 0.000 (n=1)', paired, paired, '28.000, -']
+    assert rows['hat'][1] == '27.050 +- 0.071' and rows['hat'][5] == '28.000, 28.100'

@@ -224,3 +224,56 @@ def test_choices_are_the_tables_of_the_modules_that_implement_them() -> None:
     assert cli.PROTOCOLS == tuple(PROTOCOLS)
     assert cli.DEFAULT_PROTOCOL == DEFAULT_PROTOCOL
     assert cli.EXPORT_FORMATS == tuple(FORMATS)
+
+
+# ------------------------------------------------------------------------------------------------------
+# plugins: enabled by the user, installed distributions only
+def option_file_with_plugins(folder: Path, plugins: List[str]) -> Path:
+    """``folder/opt.yml``: train_ucm_x4.yml with a top-level ``plugins`` list (its datasets are not in ``folder``,
+    so a run that gets past the plugins stops at the first dataroot)."""
+    text = (OPTIONS / 'train_ucm_x4.yml').read_text()
+    path = folder / 'opt.yml'
+    path.write_text(f'plugins: [{", ".join(plugins)}]\n{text}')
+    return path
+
+
+@pytest.mark.parametrize('flags, message', [
+    ([], 'plugins: the option file names some_module, and an option file cannot import code by itself; if you '
+         'trust the package, install it and enable it with --plugin some_module (or HMOE_ARCH_PLUGINS=some_module)'),
+    (['--plugin', 'some_module'], "--plugin: cannot import some_module as a plugin ({folder}/some_module.py is in "
+                                  "the current folder or the script's, which are never searched for plugins)"),
+], ids=['option-file', 'flag'])
+def test_python_m_never_imports_a_module_of_the_current_folder(flags: List[str], message: str,
+                                                               tmp_path: Path) -> None:
+    """``python -m hmoe_arch`` (torchrun's route) puts the current folder first on sys.path."""
+    (tmp_path / 'some_module.py').write_text("open('marker', 'w').write('imported')\n")
+    option = option_file_with_plugins(tmp_path, ['some_module'])
+    run = basicsr(['train', '-opt', str(option), *flags], tmp_path)
+    assert run.returncode == 2, run.stderr[-3000:]
+    errors = [line for line in run.stderr.splitlines() if ' ERROR: ' in line]
+    assert len(errors) == 1 and errors[0].endswith(f'basicsr train: {message.format(folder=tmp_path)}'), errors
+    assert not (tmp_path / 'marker').exists()
+
+
+def test_plugin_flag_and_environment_variable_import_installed_packages_only(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, basicsr_log: List[str]) -> None:
+    from importlib.metadata import version as installed_version
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv('HMOE_ARCH_PLUGINS', raising=False)
+    option = option_file_with_plugins(tmp_path, ['json'])
+    assert main(['train', '-opt', str(option)]) == 2
+    assert basicsr_log[-1].startswith('basicsr train: plugins: the option file names json, and an option file '
+                                      'cannot import code by itself')
+    assert main(['train', '-opt', str(option), '--plugin', 'json']) == 2
+    assert re.fullmatch(r'basicsr train: --plugin: cannot import json as a plugin \(\S+/json/__init__\.py is not '
+                        r'part of an installed distribution \(pip install it first\)\)', basicsr_log[-1])
+    version = installed_version('einops')
+    option = option_file_with_plugins(tmp_path, ['einops'])
+    for flags, source in ((['--plugin', 'einops'], '--plugin'), ([], 'HMOE_ARCH_PLUGINS')):
+        if not flags:
+            monkeypatch.setenv('HMOE_ARCH_PLUGINS', 'einops')
+        basicsr_log.clear()
+        assert main(['train', '-opt', str(option), *flags]) == 2  # past the plugins: the data are not here
+        assert f'importing plugin einops (distribution einops {version}), enabled by {source}' in basicsr_log
+        assert basicsr_log[-1].startswith('basicsr train: datasets.train.dataroot_gt: ')

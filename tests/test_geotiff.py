@@ -113,6 +113,84 @@ def test_infer_command_routes_geotiffs(tmp_path: Path) -> None:
         assert out.crs.to_epsg() == 32633 and out.width == 52
 
 
+def write_tiled_scene(path: Path, size: int = 32) -> None:
+    """A deflate-compressed uint8 GeoTIFF in 16-pixel tiles."""
+    data = np.random.default_rng(1).integers(1, 255, (3, size, size)).astype('uint8')
+    with rasterio.open(path, 'w', driver='GTiff', width=size, height=size, count=3, dtype='uint8', crs='EPSG:32633',
+                       transform=from_origin(500000.0, 4200000.0, 0.5, 0.5), tiled=True, blockxsize=16,
+                       blockysize=16, compress='deflate') as dst:
+        dst.write(data)
+
+
+def test_a_damaged_geotiff_in_a_folder_is_reported_and_skipped(tmp_path: Path, basicsr_log) -> None:
+    weights = tmp_path / 'w.pth'
+    torch.save({'params': MFGHMoEArch(**tiny(upscale=2, expert_groups=SMALL_GROUPS)).state_dict()}, weights)
+    folder = tmp_path / 'scenes'
+    folder.mkdir()
+    for name in ('a.tif', 'b.tif', 'c.tif'):
+        write_tiled_scene(folder / name)
+    damaged = bytearray((folder / 'b.tif').read_bytes())
+    damaged[len(damaged) // 2:len(damaged) // 2 + 400] = b'\xff' * 400  # the header and tags stay intact
+    (folder / 'b.tif').write_bytes(bytes(damaged))
+    assert is_georeferenced(folder / 'b.tif')
+    code = main(['infer', '--weights', str(weights), '--input', str(folder), '--output', str(tmp_path / 'out'),
+                 '--arch-args', *TINY_ARGS, '--tile', '8', '--tile-pad', '2', '--no-progress'])
+    assert code == 2
+    assert sorted(p.name for p in (tmp_path / 'out').iterdir()) == ['a_SR.tif', 'c_SR.tif']
+    last = basicsr_log[-1]
+    assert '\n' not in last
+    assert last.startswith(f'basicsr infer: 1 of 3 input(s) not super-resolved: {folder / "b.tif"}: cannot read it '
+                           'as a GeoTIFF (b.tif, band ')
+    assert 'TIFFReadEncodedTile() failed' in last and last.endswith('); expected an intact GeoTIFF')
+    with rasterio.open(tmp_path / 'out' / 'c_SR.tif') as out:
+        assert out.width == 64 and out.crs.to_epsg() == 32633
+
+
+def test_a_geotiff_that_cannot_be_written_is_named_and_skipped(tmp_path: Path, monkeypatch) -> None:
+    weights = tmp_path / 'w.pth'
+    torch.save({'params': MFGHMoEArch(**tiny(upscale=2, expert_groups=SMALL_GROUPS)).state_dict()}, weights)
+    write_tiled_scene(tmp_path / 'a.tif')
+
+    def full_disk(self, *args, **kwargs):  # as rasterio reports a full disk: GDAL's message is the cause
+        raise rasterio.errors.RasterioIOError('Write failed. See previous exception for details.') from RuntimeError(
+            'TIFFAppendToStrip:Write error at scanline 16')
+
+    monkeypatch.setattr(rasterio.io.DatasetWriter, 'write', full_disk)
+    out = tmp_path / 'out' / 'a_x2.tif'
+    with pytest.raises(OptionError, match=rf'^{tmp_path / "a.tif"}: --output {out}: cannot write it '
+                                          r'\(TIFFAppendToStrip:Write error at scanline 16\)$'):
+        infer(weights, tmp_path / 'a.tif', out, arch_args=TINY_ARGS, tile=8, tile_pad=2, progress=False)
+    assert list((tmp_path / 'out').iterdir()) == []
+
+
+def test_a_scene_georeferenced_by_ground_control_points_keeps_them_scaled(tmp_path: Path) -> None:
+    from rasterio.control import GroundControlPoint
+    weights = tmp_path / 'w.pth'
+    torch.save({'params': MFGHMoEArch(**tiny(upscale=2, expert_groups=SMALL_GROUPS)).state_dict()}, weights)
+    gcps = [GroundControlPoint(row=0, col=0, x=500000.0, y=4200000.0, z=10.0),
+            GroundControlPoint(row=0, col=26, x=500013.0, y=4200001.0, z=11.0),
+            GroundControlPoint(row=21, col=0, x=499999.0, y=4199989.5, z=12.0),
+            GroundControlPoint(row=10.5, col=13.25, x=500006.6, y=4199994.7, z=13.0)]
+    source = tmp_path / 'gcps.tif'
+    data = np.random.default_rng(2).integers(1, 255, (3, 21, 26)).astype('uint8')
+    with rasterio.open(source, 'w', driver='GTiff', width=26, height=21, count=3, dtype='uint8', gcps=gcps,
+                       crs='EPSG:32633') as dst:
+        dst.write(data)
+    assert is_georeferenced(source)
+    written = infer(weights, source, tmp_path / 'out', arch_args=TINY_ARGS, tile=8, tile_pad=2, expert_map=True,
+                    progress=False)
+    assert [p.name for p in written] == ['gcps_SR.tif']
+    with rasterio.open(written[0]) as out, rasterio.open(tmp_path / 'out' / 'gcps_SR_experts.tif') as experts:
+        assert (out.width, out.height, out.count) == (52, 42, 3)
+        out_gcps, out_crs = out.gcps
+        map_gcps, map_crs = experts.gcps
+        assert out_crs.to_epsg() == map_crs.to_epsg() == 32633
+        assert [(p.row, p.col, p.x, p.y, p.z) for p in out_gcps] == [
+            (2 * p.row, 2 * p.col, p.x, p.y, p.z) for p in gcps]
+        assert [(p.row, p.col, p.x, p.y, p.z) for p in map_gcps] == [(p.row, p.col, p.x, p.y, p.z) for p in gcps]
+        assert (experts.width, experts.height) == (26, 21)
+
+
 @pytest.mark.slow
 def test_the_docs_geotiff_recipe_and_command_keep_the_georeferencing(tmp_path: Path, monkeypatch) -> None:
     shared = '../shared/data/UCMerced_mini'

@@ -20,13 +20,24 @@ HAT_TINY = dict(TINY, upscale=4, in_chans=3, compress_ratio=3, conv_scale=0.01, 
                 mlp_ratio=2, upsampler='pixelshuffle', resi_connection='1conv')
 
 
+def install_into(site: Path, name: str, version: str = '0.1.0') -> None:
+    """Record the package ``site/name`` as the installed distribution ``name`` (the dist-info ``pip install
+    --target site`` leaves): ``basicsr train|test`` import plugins from installed distributions only."""
+    info = site / f'{name}-{version}.dist-info'
+    info.mkdir()
+    (info / 'METADATA').write_text(f'Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n')
+    (info / 'top_level.txt').write_text(f'{name}\n')
+
+
 @pytest.fixture
 def hat_copy(tmp_path: Path) -> Path:
-    """A writable copy of HAT's package (its train.py writes experiments/ beside itself); skips without HAT."""
+    """A writable copy of HAT's package (its train.py writes experiments/ beside itself), installed there (with
+    the folder on PYTHONPATH, as ``run(..., hat_root=...)`` does); skips without HAT."""
     if not (HAT_SOURCE / 'hat' / 'train.py').is_file():
         pytest.skip(f'HAT peer code not available: {HAT_SOURCE}/hat is missing (it ships in ../shared/peers)')
     root = tmp_path / 'HAT'
     shutil.copytree(HAT_SOURCE / 'hat', root / 'hat', ignore=shutil.ignore_patterns('__pycache__'))
+    install_into(root, 'hat')
     return root
 
 
@@ -66,6 +77,7 @@ def test_a_hat_option_file_trains_through_basicsr_train(workdir: Path, hat_copy:
     exp = tmp_path / 'experiments' / 'train_HAT_SRx4_finetune_from_ImageNet_pretrain'
     assert (exp / 'models' / 'net_g_2.pth').is_file()
     assert "Model [HATModel] is created." in done.stderr
+    assert 'importing plugin hat (distribution hat 0.1.0), because model_type names its type HATModel' in done.stderr
     log = next(exp.glob('train_*.log')).read_text()
     assert log.count('model_type HATModel trains the MoE network without what MFGHMoEModel adds') == 1
 
@@ -112,17 +124,29 @@ def test_plugins_key_and_flag_import_the_named_package(workdir: Path, tmp_path: 
                              model_type='MFGHMoEModel', plugins=['no_such_plugin_package'])
     done = run(['-m', 'hmoe_arch', 'train', '-opt', str(option)], tmp_path)
     assert done.returncode == 2
-    assert "plugins: cannot import no_such_plugin_package (No module named 'no_such_plugin_package')" in done.stderr
-    (tmp_path / 'my_types.py').write_text('from basicsr.models.sr_model import SRModel\n'
-                                          'from basicsr.utils.registry import MODEL_REGISTRY\n'
-                                          '@MODEL_REGISTRY.register()\nclass MyModel(SRModel):\n    pass\n')
+    assert ('plugins: the option file names no_such_plugin_package, and an option file cannot import code by '
+            'itself; if you trust the package, install it and enable it with --plugin no_such_plugin_package (or '
+            'HMOE_ARCH_PLUGINS=no_such_plugin_package)') in done.stderr
+    done = run(['-m', 'hmoe_arch', 'train', '-opt', str(option), '--plugin', 'no_such_plugin_package'], tmp_path)
+    assert done.returncode == 2
+    assert ("--plugin: cannot import no_such_plugin_package as a plugin (No module named 'no_such_plugin_package')"
+            in done.stderr)
+    site = tmp_path / 'site'
+    site.mkdir()
+    (site / 'my_types.py').write_text('from basicsr.models.sr_model import SRModel\n'
+                                      'from basicsr.utils.registry import MODEL_REGISTRY\n'
+                                      '@MODEL_REGISTRY.register()\nclass MyModel(SRModel):\n    pass\n')
     option = hat_option_file(tmp_path / 'mine.yml', workdir, {'type': 'MFGHMoEArch', 'upscale': 4, **TINY},
                              model_type='MyModel', val=None)  # SRModel does not pad the 62-pixel test image
     assert 'no model named MyModel is registered' in run(['-m', 'hmoe_arch', 'train', '-opt', str(option)],
                                                          tmp_path).stderr
-    done = run(['-m', 'hmoe_arch', 'train', '-opt', str(option), '--plugin', 'my_types'], tmp_path,
-               hat_root=tmp_path)
+    done = run(['-m', 'hmoe_arch', 'train', '-opt', str(option), '--plugin', 'my_types'], tmp_path, hat_root=site)
+    assert done.returncode == 2  # on PYTHONPATH but not installed
+    assert f'{site / "my_types.py"} is not part of an installed distribution (pip install it first)' in done.stderr
+    install_into(site, 'my_types')
+    done = run(['-m', 'hmoe_arch', 'train', '-opt', str(option), '--plugin', 'my_types'], tmp_path, hat_root=site)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert 'importing plugin my_types (distribution my_types 0.1.0), enabled by --plugin' in done.stderr
     assert 'Model [MyModel] is created.' in done.stderr
 
 

@@ -1,6 +1,9 @@
 """A network with its weights from a checkpoint: weights of every origin, options from an option file, overrides or
 the checkpoint alone, the checks on scale and values, and errors that name the flag and the file."""
+import resource
+import time
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -20,7 +23,7 @@ from hmoe_arch.loading import (
 )
 from hmoe_arch.tiling import blended_tiled_forward
 
-from util import HAT_RGB_MEAN, SMALL_GROUPS, load_reference, tiny
+from util import HAT_RGB_MEAN, SMALL_GROUPS, load_reference, tiny, write_image
 
 TINY_ARGS = ['embed_dim=24', 'depths=[1, 1]', 'num_heads=[2, 2]', 'window_size=4', 'img_size=16',
              'squeeze_factor=6', 'expert_groups=[{kernel_size: 1, num_experts: 2}, {kernel_size: 3, num_experts: 2}]']
@@ -158,3 +161,104 @@ def test_measured_scale_checks_every_declaration() -> None:
         measured_scale(nn.Upsample(scale_factor=2), {'the option file\'s scale': 4}, cpu, window=4)
     with pytest.raises(OptionError, match=r'^the network maps a 8x8 input to 20x20: not an integer upscaling factor$'):
         measured_scale(Resize(20, 20), {}, cpu, window=4)
+
+
+# ------------------------------------------------------------------------------------------------------
+# crafted checkpoints: refused in one line, at once, without a large allocation
+def refused_quickly(action: Callable[[], Any]) -> str:
+    """The message of the OptionError ``action()`` raises, after checking that it is one line, came well under a
+    second and raised this process's peak resident set by less than 100 MiB (nothing large was allocated)."""
+    before, start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter()
+    with pytest.raises(OptionError) as raised:
+        action()
+    assert time.perf_counter() - start < 1.0
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100 * 1024
+    assert '\n' not in str(raised.value)
+    return str(raised.value)
+
+
+def crafted(name: str) -> dict:
+    """The checkpoint of each case (small files; the comments say what the code before refused nothing of)."""
+    tiny_state = MFGHMoEArch(**tiny(upscale=2, expert_groups=SMALL_GROUPS)).state_dict()
+    block = 'layers.0.residual_group.blocks.0.'
+    return {
+        # 1.7 KB: built 200000 RRDBs (69 s, 2.7 GB) before failing
+        'rrdbnet': {'params': {'x': torch.zeros(1)},
+                    'network_g': {'type': 'RRDBNet', 'num_in_ch': 3, 'num_out_ch': 3, 'num_block': 200000}},
+        # ran torch.load('/etc/passwd') / downloaded VGG19
+        'spynet': {'params': {'x': torch.zeros(1)}, 'network_g': {'type': 'SpyNet', 'load_path': '/etc/passwd'}},
+        'vgg': {'params': {'x': torch.zeros(1)}, 'network_g': {'type': 'VGGFeatureExtractor'}},
+        # a few hundred pickle bytes showing 3e8 values: the NaN check asked for them all
+        'broadcast': {'params': {'conv_first.weight': torch.zeros(1).expand(300_000_000)}},
+        # a handful of small tensors describing embed_dim 30000: the network was built
+        'embed_dim': {'params': {'conv_first.weight': torch.zeros(30000, 3, 3, 3),
+                                 'relative_position_index_SA': torch.zeros(256, 1),
+                                 'relative_position_index_OCA': torch.zeros(1, 576),
+                                 block + 'attn.relative_position_bias_table': torch.zeros(1, 6),
+                                 block + 'norm1.weight': torch.zeros(1),
+                                 block + 'conv_block.cab.0.weight': torch.zeros(10000),
+                                 block + 'conv_block.cab.3.attention.1.weight': torch.zeros(1000),
+                                 block + 'mlp.fc1.weight': torch.zeros(60000),
+                                 'upsample.0.experts.0.weight': torch.zeros(256, 64, 1, 1)}},
+        # loaded silently: integers into float weights, a negative relative-position index
+        'int64': {'params': {**tiny_state, 'conv_first.weight': tiny_state['conv_first.weight'].long()}},
+        'negative_index': {'params': {**tiny_state, 'relative_position_index_SA':
+                                      tiny_state['relative_position_index_SA'].clone().fill_(-3)}},
+    }[name]
+
+
+CRAFTED = {
+    'rrdbnet': r'^--weights .*rrdbnet.pth: its stored network_g: RRDBNet with num_block: 200000 has 200000 blocks in '
+               r'all, more than 1000 \(a fixed bound; the paper\'s network has 42\)$',
+    'spynet': r"^--weights .*spynet.pth: its stored network_g: the type 'SpyNet' is not one this project builds from a "
+              r"file; expected one of MFGHMoEArch, MFGHMOE, EDSR, RCAN, RRDBNet, SwinIR$",
+    'vgg': r"^--weights .*vgg.pth: its stored network_g: the type 'VGGFeatureExtractor' is not one this project",
+    'broadcast': r'^--weights .*broadcast.pth: conv_first.weight shows 300,000,000 values \[300000000\] but stores 1 '
+                 r'\(a broadcast or overlapping view\); refused before its values are used$',
+    'embed_dim': r'^--weights .*embed_dim.pth: the network it holds: MFGHMoEArch with embed_dim: 30000 needs about '
+                 r'[\d.,]+ GiB \(.*\), more than the limit of 8 GiB; raise the limit with --max-memory GIB \(or the '
+                 r'environment variable HMOE_MAX_MEMORY_GIB\)$',
+    'int64': r'^--weights .*int64.pth: conv_first.weight is refused: a torch.int64 tensor \(integer values\) where the '
+             r'network expects floating point values \(torch.float32\)$',
+    'negative_index': r'^--weights .*negative_index.pth: relative_position_index_SA is refused: holds -3 at \[0, 0\], '
+                      r'a negative index \(the network has \d+\); this buffer follows from the window sizes',
+}
+
+
+@pytest.mark.parametrize('name', sorted(CRAFTED))
+def test_crafted_checkpoints_are_refused_in_one_line_before_anything_large_is_made(name: str, tmp_path: Path,
+                                                                                  monkeypatch) -> None:
+    import re
+    monkeypatch.delenv('HMOE_MAX_MEMORY_GIB', raising=False)
+    torch.save(crafted(name), tmp_path / f'{name}.pth')
+    assert (tmp_path / f'{name}.pth').stat().st_size < 4 * 2 ** 20
+    message = refused_quickly(lambda: load_network(tmp_path / f'{name}.pth', None, torch.device('cpu')))
+    assert re.search(CRAFTED[name], message), message
+
+
+def test_the_memory_limit_is_a_flag_of_infer_export_and_bench(tmp_path: Path, weights: Path, monkeypatch,
+                                                              basicsr_log) -> None:
+    from hmoe_arch.commands.cli import build_parser, main
+    monkeypatch.delenv('HMOE_MAX_MEMORY_GIB', raising=False)
+    options = network_options(None, TINY_ARGS + ['upscale=2'])
+    with pytest.raises(OptionError, match=r'^network_g: MFGHMoEArch needs about 0.0\d+ GiB .* more than '
+                                          r'the limit of 0.001 GiB; raise the limit with --max-memory GIB'):
+        load_network(weights, options, torch.device('cpu'), max_memory=0.001)
+    assert load_network(weights, options, torch.device('cpu')).upscale == 2  # default 8 GiB
+    monkeypatch.setenv('HMOE_MAX_MEMORY_GIB', '0.001')
+    with pytest.raises(OptionError, match='more than the limit of 0.001 GiB'):
+        load_network(weights, options, torch.device('cpu'))
+    assert load_network(weights, options, torch.device('cpu'), max_memory=1000).upscale == 2  # the flag wins
+    parser = build_parser()
+    commands = (['infer', '--weights', 'w', '--input', 'i', '--output', 'o'],
+                ['export', '--weights', 'w', '--out', 'o.safetensors'], ['bench', 'x.yml'])
+    for command in commands:
+        assert parser.parse_args([*command, '--max-memory', '1000']).max_memory == 1000.0
+        assert parser.parse_args(command).max_memory is None
+    write_image(tmp_path / 'in.png', 8, 8, seed=0)
+    code = main(['infer', '--weights', str(weights), '--input', str(tmp_path / 'in.png'), '--output',
+                 str(tmp_path / 'out.png'), '--arch-args', *TINY_ARGS, 'upscale=2', '--max-memory', '0.001'])
+    assert code == 2 and 'more than the limit of 0.001 GiB; raise the limit with --max-memory' in basicsr_log[-1]
+    with pytest.raises(SystemExit) as exit_status:
+        main(['export', '--weights', str(weights), '--out', str(tmp_path / 'w.safetensors'), '--max-memory', '0'])
+    assert exit_status.value.code == 2

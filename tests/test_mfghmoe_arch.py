@@ -454,6 +454,25 @@ def test_shape_mismatch_is_reported_not_loaded(basicsr_log) -> None:
     assert report.kept_init == ['upsample']
 
 
+def test_values_of_another_kind_and_changed_index_buffers_are_reported_not_loaded(basicsr_log) -> None:
+    source = MFGHMoEArch(**tiny_hat(upscale=2)).state_dict()
+    net = MFGHMoEArch(**tiny_hat(upscale=2))
+    before = net.state_dict()
+    crafted = {**source, 'conv_first.weight': source['conv_first.weight'].long(),
+               'relative_position_index_SA': source['relative_position_index_SA'].clone().fill_(-1)}
+    report = net.load_pretrained(crafted)
+    assert report.unused == [
+        'relative_position_index_SA [16, 16] (holds -1 at [0, 0], a negative index (the network has 24); this buffer '
+        'follows from the window sizes and is never learned)',
+        'conv_first.weight [24, 3, 3, 3] (a torch.int64 tensor (integer values) where the network expects floating '
+        'point values (torch.float32))']
+    for key in ('conv_first.weight', 'relative_position_index_SA'):
+        assert torch.equal(net.state_dict()[key], before[key])
+    assert torch.equal(net.state_dict()['conv_last.weight'], source['conv_last.weight'])
+    with pytest.raises(ValueError, match=r'(?s)strict=True.*conv_first.weight \[24, 3, 3, 3\] \(a torch.int64 tensor'):
+        net.load_pretrained(crafted, strict=True)
+
+
 def test_checkpoint_filter_fn_gives_the_state_dict_in_this_networks_names() -> None:
     state = MFGHMoEArch(**tiny_hat()).state_dict()
     filtered = checkpoint_filter_fn({'params_ema': {f'module.{k}': v for k, v in state.items()}}, 'params_ema', 'w.pth')

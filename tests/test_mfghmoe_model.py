@@ -1,5 +1,7 @@
 """MFGHMoEModel: padding, tiling, train-mode restore, auxiliary loss, routing statistics, loading HAT weights."""
+import errno
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any, Dict
@@ -339,6 +341,108 @@ def test_checkpoints_are_written_atomically(tmp_path: Path, monkeypatch: pytest.
         model.save(0, 4)
     assert sorted(p.name for p in (tmp_path / 'models').iterdir()) == ['net_g_2.pth']
     assert torch.load(tmp_path / 'models' / 'net_g_2.pth', weights_only=True)['params']
+
+
+def disk_full_after(limit: int):
+    """A ``torch.save`` that writes ``limit`` bytes of the real file and then fails as a full disk does."""
+    real_save = torch.save
+
+    def save(obj, path, *args, **kwargs):
+        real_save(obj, path, *args, **kwargs)
+        with open(path, 'r+b') as f:
+            f.truncate(limit)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    return save
+
+
+def listing(tmp_path: Path) -> Dict[str, Dict[str, bytes]]:
+    """Every file under ``tmp_path``, by folder, with its bytes (hidden staging folders included)."""
+    return {folder.name: {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+            for folder in sorted(tmp_path.iterdir())}
+
+
+@pytest.mark.parametrize('failing', ['models', 'states'])
+def test_a_save_on_a_full_disk_stops_training_and_keeps_what_was_saved_before(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str) -> None:
+    import basicsr.models.base_model
+    model = build_model(options(tmp_path))
+    model.save(0, 2)
+    before = listing(tmp_path)
+    real_save = torch.save
+    full = disk_full_after(100)
+
+    def save(obj, path, *args, **kwargs):
+        return (full if Path(path).suffix == ('.state' if failing == 'states' else '.pth') else real_save)(
+            obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, 'save', save)
+    monkeypatch.setattr(basicsr.models.base_model.time, 'sleep', lambda seconds: None)  # BasicSR's retries
+    name = '4.state' if failing == 'states' else 'net_g_4.pth'
+    with pytest.raises(OptionError, match=rf'^{re.escape(str(tmp_path / failing / name))}: cannot save it \(No '
+                                          r'space left on device\); training stopped, the checkpoints and training '
+                                          r'states saved before are intact'):
+        model.save(0, 4)
+    after = listing(tmp_path)
+    if failing == 'states':  # the checkpoint of iteration 4 was complete before its state failed
+        assert set(after['models']) == {'net_g_2.pth', 'net_g_4.pth'}
+        after['models'].pop('net_g_4.pth')
+    assert after == before
+    assert torch.load(tmp_path / 'states' / '2.state', weights_only=True)['iter'] == 2
+
+
+def test_a_saved_file_that_does_not_load_back_is_never_moved_in(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    model = build_model(options(tmp_path))
+    model.save(0, 2)
+    before = listing(tmp_path)
+
+    def short(obj, path, *args, **kwargs):  # a write cut short that reported nothing
+        with open(path, 'wb') as f:
+            f.write(b'PK\x03\x04 half a zip archive')
+
+    monkeypatch.setattr(torch, 'save', short)
+    with pytest.raises(OptionError, match=r'states/2\.state: cannot save it \(the written file \(23 bytes\) does not '
+                                          r'load back: RuntimeError: PytorchStreamReader failed reading zip archive: '
+                                          r'failed finding central directory\); training stopped'):
+        model.save_training_state(0, 2)
+    monkeypatch.setattr(torch, 'save', lambda obj, path: open(path, 'wb').close())
+    with pytest.raises(OptionError, match=r'models/net_g_2\.pth: cannot save it \(the written file is empty\)'):
+        model.save_network(model.net_g, 'net_g', 2)
+    assert listing(tmp_path) == before
+
+
+def test_torchs_own_write_error_is_reported_with_the_space_left(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    model = build_model(options(tmp_path))
+
+    def torch_full_disk(obj, path, *args, **kwargs):  # what torch.save raises when the disk fills up
+        open(path, 'wb').close()
+        raise RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598')
+
+    monkeypatch.setattr(torch, 'save', torch_full_disk)
+    with pytest.raises(OptionError, match=r'states/6\.state: cannot save it \(\[enforce fail at inline_container.cc:'
+                                          r'672\] \. unexpected pos 704 vs 598; [0-9.]+ MiB free on its file system\)'):
+        model.save_training_state(1, 6)
+    assert list((tmp_path / 'states').iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ['states']
+
+
+def test_a_training_state_holds_what_basicsrs_own_saver_writes(tmp_path: Path) -> None:
+    from basicsr.models.base_model import BaseModel
+    model = build_model(options(tmp_path))
+    feed(model)
+    model.optimize_parameters(1)
+    model.update_learning_rate(2)
+    model.save_training_state(3, 5)
+    model.save_training_state(3, -1)  # BasicSR's "latest" save: no state
+    assert sorted(p.name for p in (tmp_path / 'states').iterdir()) == ['5.state']
+    model.opt['path']['training_states'] = str(tmp_path / 'basicsr')
+    (tmp_path / 'basicsr').mkdir()
+    BaseModel.save_training_state(model, 3, 5)
+    ours = torch.load(tmp_path / 'states' / '5.state', weights_only=True)
+    theirs = torch.load(tmp_path / 'basicsr' / '5.state', weights_only=True)
+    assert (ours['epoch'], ours['iter']) == (3, 5)
+    torch.testing.assert_close(ours, theirs)
 
 
 def test_routing_lr_scale_gives_the_routing_parameters_their_own_learning_rate(tmp_path: Path) -> None:

@@ -145,3 +145,18 @@ def test_cmyk_and_16_bit_images_are_refused_when_read(tmp_path: Path) -> None:
     ds = RSPairedDataset({'phase': 'val', 'scale': 2, 'dataroot_gt': str(folder)})
     with pytest.raises(DatasetError, match=r'cmyk.jpg: CMYK image; expected an 8-bit RGB image'):
         ds[0]
+
+
+def test_a_key_missing_from_the_lmdb_is_named_with_the_database(tmp_path: Path) -> None:
+    import cv2
+    import lmdb
+    root = tmp_path / 'HR.lmdb'
+    ok, png = cv2.imencode('.png', np.full((8, 8, 3), 90, np.uint8))
+    with lmdb.open(str(root), map_size=1 << 20) as env, env.begin(write=True) as txn:
+        txn.put(b'kept', png.tobytes())
+    (root / 'meta_info.txt').write_text('kept.png (8,8,3) 1\nlost.png (8,8,3) 1\n')
+    ds = RSPairedDataset({'phase': 'val', 'scale': 2, 'dataroot_gt': str(root), 'io_backend': {'type': 'lmdb'}})
+    assert ds.stems == ['kept', 'lost'] and ds[0]['gt'].shape == (3, 8, 8)
+    with pytest.raises(DatasetError, match=rf"^RSPairedDataset: {root}: no key 'lost' in this LMDB, although its "
+                                           r'meta_info.txt lists it; the database and its meta_info.txt do not match'):
+        ds[1]

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from hmoe_arch import MFGHMoEArch
+from hmoe_arch.errors import CheckpointError, ConfigError
 
-from util import HAT_RGB_MEAN, load_reference, tiny
+from util import HAT_RGB_MEAN, SMALL_GROUPS, load_reference, tiny
 
 spandrel = pytest.importorskip('spandrel', reason='spandrel is not installed (pip install -e .[spandrel])')
 import hmoe_arch.spandrel  # noqa: E402  (registers the architecture)
@@ -79,3 +80,41 @@ def test_bfloat16_as_advertised(tmp_path: Path) -> None:
         out = model.to(torch.bfloat16)(x.bfloat16())
     assert out.dtype == torch.bfloat16 and out.shape == expected.shape
     assert (out.float() - expected).abs().mean() < 0.01
+
+
+def detected_state(**replaced: torch.Tensor) -> dict:
+    """A tiny MFG-HMoE state_dict (every key spandrel detects it by) with ``replaced`` tensors."""
+    return {**MFGHMoEArch(**tiny(upscale=2, expert_groups=SMALL_GROUPS)).state_dict(), **replaced}
+
+
+def test_a_state_dict_describing_a_huge_network_is_refused_before_it_is_built(monkeypatch) -> None:
+    monkeypatch.delenv('HMOE_MAX_MEMORY_GIB', raising=False)
+    state = detected_state(**{'conv_first.weight': torch.zeros(30000, 3, 3, 3),
+                              'layers.0.residual_group.blocks.0.conv_block.cab.0.weight': torch.zeros(10000),
+                              'layers.0.residual_group.blocks.0.conv_block.cab.3.attention.1.weight': torch.zeros(5000),
+                              'layers.0.residual_group.blocks.0.mlp.fc1.weight': torch.zeros(60000)})
+    with pytest.raises(ConfigError, match=r'^MFGHMoEArch with embed_dim: 30000 needs about [\d.,]+ GiB \(.*\), more '
+                                          r'than the limit of 8 GiB; raise the limit with the environment variable '
+                                          r'HMOE_MAX_MEMORY_GIB=GIB$'):
+        spandrel.ModelLoader().load_from_state_dict(state)
+
+
+def test_the_spandrel_limit_is_the_environment_variable(monkeypatch) -> None:
+    monkeypatch.setenv('HMOE_MAX_MEMORY_GIB', '0.001')
+    with pytest.raises(ConfigError, match=r'more than the limit of 0.001 GiB; raise the limit with the environment '
+                                          r'variable HMOE_MAX_MEMORY_GIB=GIB$'):
+        spandrel.ModelLoader().load_from_state_dict(detected_state())
+    monkeypatch.setenv('HMOE_MAX_MEMORY_GIB', '1')
+    assert spandrel.ModelLoader().load_from_state_dict(detected_state()).scale == 2
+
+
+def test_crafted_tensors_are_refused_naming_the_key() -> None:
+    state = detected_state()
+    for key, value, message in (
+            ('conv_first.weight', state['conv_first.weight'].int(), r'conv_first.weight is refused: a torch.int32 '
+                                                                     r'tensor \(integer values\)'),
+            ('relative_position_index_SA', state['relative_position_index_SA'] - 1000,
+             r'relative_position_index_SA is refused: holds -\d+ at \[0, 0\], a negative index'),
+            ('conv_last.bias', torch.zeros(1).expand(3), r'conv_last.bias shows 3 values \[3\] but stores 1')):
+        with pytest.raises(CheckpointError, match=rf'^spandrel state_dict: {message}'):
+            spandrel.ModelLoader().load_from_state_dict({**state, key: value})

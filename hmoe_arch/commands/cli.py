@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from ..errors import HmoeError
-from ..options import check_num_threads, precheck_option_file
+from ..options import check_max_memory, check_num_threads, precheck_option_file
 
 DATASETS = ('aid', 'rsscn7', 'ucmerced', 'whurs19')
 """``basicsr prepare``'s data sets: :data:`hmoe_arch.commands.prepare.DATASETS`. This and the next tables name the
@@ -46,6 +46,22 @@ def num_threads_argument(text: str) -> Optional[int]:
         return check_num_threads(text if text == 'auto' else int(text), key='--num-threads')
     except (ValueError, HmoeError):
         raise argparse.ArgumentTypeError(f'expected an integer >= 1 or auto, got {text!r}') from None
+
+
+def max_memory_argument(text: str) -> float:
+    """``--max-memory``: a number of GiB > 0."""
+    try:
+        return check_max_memory(float(text), key='--max-memory')
+    except (ValueError, HmoeError):
+        raise argparse.ArgumentTypeError(f'expected a number of GiB > 0, got {text!r}') from None
+
+
+def add_max_memory(parser: argparse.ArgumentParser) -> None:
+    """``--max-memory GIB`` of the commands that read weights (``infer``, ``export``, ``bench``)."""
+    parser.add_argument('--max-memory', type=max_memory_argument, default=None, metavar='GIB',
+                        help='refuse a network whose estimated memory (its parameters and buffers, plus one 64x64 '
+                             'LR forward in float32) is above GIB (default 8, or the environment variable '
+                             'HMOE_MAX_MEMORY_GIB); the check runs before anything is built (docs/inference.md)')
 
 
 def add_num_threads(parser: argparse.ArgumentParser, option_file: bool = False) -> None:
@@ -112,6 +128,7 @@ def add_bench_parser(commands) -> None:
     bench.add_argument('--lpips', action='store_true', help='add LPIPS (AlexNet; needs the lpips extra and the '
                        'AlexNet weights already on disk: nothing is downloaded)')
     bench.add_argument('--no-progress', action='store_true', help='no progress bar')
+    add_max_memory(bench)
     add_num_threads(bench)
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,9 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument('--force_yml', nargs='+', default=None, metavar='KEY:SUB=VALUE',
                          help='override options; VALUE is YAML (e.g. train:total_iter=10 network_g:depths=[2,2])')
         sub.add_argument('--plugin', action='append', default=[], metavar='PACKAGE',
-                         help='import PACKAGE first so its BasicSR types register (repeatable; same as the '
-                              'top-level option `plugins: [PACKAGE]`); HAT is imported by itself when the options '
-                              'name one of its types')
+                         help='import the installed package PACKAGE first so its BasicSR types register '
+                              '(repeatable; the environment variable HMOE_ARCH_PLUGINS=PACKAGE,... does the same); '
+                              'an option file\'s top-level `plugins: [PACKAGE]` is refused unless enabled this way; '
+                              'HAT is imported by itself when the options name one of its types')
         if name == 'train':
             sub.add_argument('--auto_resume', action='store_true',
                              help='continue from the latest training state of this experiment, if any')
@@ -158,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
                      metavar='R,G,B', help='GeoTIFF bands (1-based) to use as RGB, e.g. 3,2,1')
     inf.add_argument('--block', type=int, default=1024, help='GeoTIFF block side in LR pixels (bounds memory)')
     inf.add_argument('--no-progress', action='store_true', help='no progress bar')
+    add_max_memory(inf)
     add_num_threads(inf)
     exp = commands.add_parser('export', help='write a checkpoint as .safetensors (with its network options) or ONNX',
                               description='write a checkpoint as .safetensors, with the network options in its '
@@ -169,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument('-opt', type=Path, default=None, help='option file whose network_g builds the network '
                                                            '(default: read from the checkpoint)')
     exp.add_argument('--arch-args', nargs='+', default=(), metavar='KEY=VALUE', help='network_g overrides')
+    add_max_memory(exp)
     add_num_threads(exp)
     return parser
 
@@ -234,16 +254,18 @@ def run(args: argparse.Namespace, num_threads: Optional[int]) -> None:
         from .infer import infer
         infer(args.weights, args.input, args.output, opt_path=args.opt, arch_args=args.arch_args, tile=args.tile,
               tile_pad=args.tile_pad, device=device, expert_map=args.expert_map, bands=args.bands,
-              block=args.block, progress=not args.no_progress)
+              block=args.block, progress=not args.no_progress, max_memory=args.max_memory)
     elif args.command == 'export':
         from .export import export
-        export(args.weights, args.out, fmt=args.fmt, opt_path=args.opt, arch_args=args.arch_args)
+        export(args.weights, args.out, fmt=args.fmt, opt_path=args.opt, arch_args=args.arch_args,
+               max_memory=args.max_memory)
     elif args.command == 'bench':
         from .bench import run_bench
         run_bench(args.sources, args.out, device=device, lr_size=args.lr_size, runs=args.runs,
                   per_class=args.per_class, expert_maps=args.expert_maps, force_yml=args.force_yml,
                   protocols=args.protocols or [DEFAULT_PROTOCOL], test_sets=args.test_sets or [],
-                  metrics=[m for m in ('niqe', 'lpips') if getattr(args, m)], progress=not args.no_progress)
+                  metrics=[m for m in ('niqe', 'lpips') if getattr(args, m)], progress=not args.no_progress,
+                  max_memory=args.max_memory)
     else:
         from .pipeline import run_pipeline
         run_pipeline(args)

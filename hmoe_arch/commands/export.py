@@ -16,7 +16,9 @@ Files appear complete or not at all, with the permissions ``open(out, 'w')`` wou
 (:func:`hmoe_arch.atomic.atomic_path`).
 """
 import copy
+import errno
 import json
+import re
 import warnings
 from pathlib import Path
 from typing import Dict, Optional, Sequence
@@ -37,31 +39,59 @@ ONNX_TOLERANCE = 1e-4
 
 
 def export(weights: str, out: Path, *, fmt: str = 'safetensors', opt_path: Optional[Path] = None,
-           arch_args: Sequence[str] = ()) -> Path:
+           arch_args: Sequence[str] = (), max_memory: Optional[float] = None) -> Path:
     """Write the network of ``weights`` (a file or URL; its options from ``-opt``/``--arch-args`` or the
-    checkpoint) to ``out`` in ``fmt``; the file appears complete or not at all.
+    checkpoint) to ``out`` in ``fmt``; the file appears complete or not at all. ``max_memory`` (GiB; None: the
+    default) bounds the network's estimated memory (:func:`hmoe_arch.loading.load_network`).
 
     Raises:
-        OptionError: for an unknown format, an existing ``out``, weights that cannot be loaded, a missing extra, or
-            an ONNX file whose outputs differ from PyTorch's.
+        OptionError: for an unknown format, an existing ``out``, weights that cannot be loaded, a missing extra, an
+            ONNX file whose outputs differ from PyTorch's, or an ``out`` that cannot be written (read-only or full
+            file system, a name too long: :func:`write_refusal`).
     """
     if fmt not in FORMATS:
         raise OptionError(f'--format {fmt}: expected one of {", ".join(FORMATS)}')
-    if out.exists():
+    try:
+        exists = out.exists()
+    except OSError as error:  # a name too long, a folder that cannot be searched
+        raise OptionError(f'--out {out}: cannot use it ({error.strerror or error})') from None
+    if exists:
         raise OptionError(f'--out {out}: already exists; choose another name (nothing is overwritten)')
     if out.suffix.lower() != f'.{fmt}':
         raise OptionError(f'--out {out}: expected a .{fmt} file name')
     network = network_options(opt_path, ()) if opt_path is not None else None
-    net = load_network(weights, network, torch.device('cpu'), overrides=arch_args)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as partial:
-        if fmt == 'safetensors':
-            write_safetensors(net.state_dict(), partial, plain_options(net.network_options))
-            detail = f'{sum(t.numel() for t in net.state_dict().values())} values'
-        else:
-            detail = export_onnx(net, window_size_of(net, net.network_options), partial)
+    net = load_network(weights, network, torch.device('cpu'), overrides=arch_args, max_memory=max_memory)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out) as partial:
+            if fmt == 'safetensors':
+                write_safetensors(net.state_dict(), partial, plain_options(net.network_options))
+                detail = f'{sum(t.numel() for t in net.state_dict().values())} values'
+            else:
+                detail = export_onnx(net, window_size_of(net, net.network_options), partial)
+    except Exception as error:
+        refusal = write_refusal(out, error)
+        if refusal is None:
+            raise
+        raise refusal from None
     get_root_logger().info(f'export: {out} ({fmt}; {detail})')
     return out
+
+
+def write_refusal(out: Path, error: Exception) -> Optional[OptionError]:
+    """The one-line refusal for ``error``, raised while writing ``out``, when it is the file system's: an
+    ``OSError`` (read-only or full file system, a name too long, no permission), or safetensors' own error for an
+    I/O error (which carries the OS's reason in its message); ``None`` for other errors."""
+    if isinstance(error, OSError):
+        code, reason = error.errno, error.strerror or str(error)
+    else:
+        found = re.search(r'I/O error: (.+?) \(os error (\d+)\)', str(error))
+        if found is None:
+            return None
+        reason, code = found.group(1), int(found.group(2))
+    if code == errno.ENAMETOOLONG:  # the partial name (atomic_path) is longer than the name asked for
+        reason += '; it is written under a temporary name about 15 characters longer first: choose a shorter name'
+    return OptionError(f'--out {out}: cannot write it ({reason}); nothing was written')
 
 
 class PaddedNetwork(torch.nn.Module):

@@ -24,7 +24,7 @@ from ..errors import ImageError, OptionError
 from ..expert_maps import group_sizes_of, save_expert_map
 from ..loading import load_network, measured_scale, network_and_scale
 from ..tiling import blended_tiled_forward, context_tiles, window_size_of
-from .geotiff import is_georeferenced, super_resolve_geotiff
+from .geotiff import is_georeferenced, raster_error_reason, super_resolve_geotiff
 
 # ----------------------------------------------------------------------------------------------------------
 # files
@@ -167,9 +167,10 @@ def super_resolve_image(net: torch.nn.Module, lr: np.ndarray, *, scale: int, win
 def infer(weights: Union[str, Path], input_path: Path, output: Path, *, opt_path: Optional[Path] = None,
           arch_args: Sequence[str] = (), tile: int = 256, tile_pad: int = 32, device: str = 'cpu',
           expert_map: bool = False, bands: Optional[Sequence[int]] = None, block: int = 1024,
-          progress: bool = True) -> List[Path]:
+          progress: bool = True, max_memory: Optional[float] = None) -> List[Path]:
     """Super-resolve every input (images, or GeoTIFFs with a CRS through :mod:`hmoe_arch.commands.geotiff`); returns
-    the written SR paths.
+    the written SR paths. ``max_memory`` (GiB; None: the default) bounds the network's estimated memory
+    (:func:`hmoe_arch.loading.load_network`).
 
     An input that cannot be read or processed is reported and the others are still written; the call then
     raises :class:`OptionError` listing every such input.
@@ -184,7 +185,7 @@ def infer(weights: Union[str, Path], input_path: Path, output: Path, *, opt_path
     pairs = output_paths(inputs, input_path, output)
     total = len(pairs) + len(failed)
     network, option_scale = network_and_scale(opt_path, ()) if opt_path is not None else (None, None)
-    net = load_network(weights, network, torch.device(device), overrides=arch_args)
+    net = load_network(weights, network, torch.device(device), overrides=arch_args, max_memory=max_memory)
     window = window_size_of(net, net.network_options)
     declared = {'the option file\'s scale': option_scale,
                 'the network\'s upscale': getattr(net, 'upscale', getattr(net, 'scale', None))}
@@ -232,8 +233,17 @@ def infer(weights: Union[str, Path], input_path: Path, output: Path, *, opt_path
 
 def _write_geotiff(net: torch.nn.Module, source: Path, target: Path, maps: Optional[Path], **kwargs: Any) -> None:
     """:func:`super_resolve_geotiff` into the temporary names of ``target`` and ``maps``
-    (:func:`hmoe_arch.atomic.atomic_path`), moved into place, ``target`` first, when both are complete."""
-    with ExitStack() as stack:
-        partial_maps = None if maps is None else stack.enter_context(atomic_path(maps))
-        partial = stack.enter_context(atomic_path(target))
-        super_resolve_geotiff(net, source, partial, expert_map=partial_maps, **kwargs)
+    (:func:`hmoe_arch.atomic.atomic_path`), moved into place, ``target`` first, when both are complete.
+
+    Raises:
+        OptionError: naming ``source`` when it cannot be read (:func:`super_resolve_geotiff`), or ``target`` when
+            it (or ``maps``) cannot be written, with the reason; nothing of this input is left.
+    """
+    try:
+        with ExitStack() as stack:
+            partial_maps = None if maps is None else stack.enter_context(atomic_path(maps))
+            partial = stack.enter_context(atomic_path(target))
+            super_resolve_geotiff(net, source, partial, expert_map=partial_maps, **kwargs)
+    except OSError as error:  # rasterio's write errors are OSErrors; its read errors are OptionErrors already
+        written = target if maps is None else f'{target} (or {maps.name})'
+        raise OptionError(f'--output {written}: cannot write it ({raster_error_reason(error)})') from None

@@ -6,7 +6,8 @@ fail on current PyTorch or on CPU, or say too little:
 - option parsing (:func:`parse_options`, in place of ``basicsr.utils.options.parse_options``): the same flags,
   but ``--force_yml key:sub=value`` parses ``value`` as YAML and walks the keys (BasicSR ``exec``s the string);
   it is applied before anything derives from the options, and the options actually used are what gets copied
-  into the experiment folder; packages that register the types an option file names are imported
+  into the experiment folder; the plugins the user enabled (``--plugin``, ``HMOE_ARCH_PLUGINS``) and the known
+  packages that register the types an option file names are imported, from installed distributions only
   (:func:`import_plugins`); ``--launcher pytorch`` reads torchrun's environment and uses nccl on GPUs, gloo on
   CPU; what would fail deep inside BasicSR or silently train the wrong thing is refused first
   (:func:`validate_options`);
@@ -20,16 +21,20 @@ option file have passed the checks that need neither.
 """
 import argparse
 import importlib
+import importlib.machinery
+import importlib.metadata
+import importlib.util
 import logging
 import os
 import os.path as osp
 import pickle
 import random
+import re
 import sys
 import tempfile
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.distributed as dist
@@ -40,7 +45,7 @@ from basicsr.utils.dist_util import get_dist_info
 from basicsr.utils.misc import check_resume
 from basicsr.utils.registry import ARCH_REGISTRY, DATASET_REGISTRY, MODEL_REGISTRY
 
-from ..archs.config import HAT_RGB_MEAN
+from ..archs.config import HAT_RGB_MEAN, NETWORK_TYPES, RAISE_WITH_OPTION, check_network
 from ..data.rs_paired_dataset import IMAGE_SUFFIXES
 from ..errors import OptionError
 from ..locking import exclusive_lock
@@ -59,19 +64,125 @@ KNOWN_PLUGINS: Dict[str, Dict[str, Any]] = {
                                                    f'{list(HAT_RGB_MEAN)} (exactly HAT)'},
     },
 }
-"""Packages that register BasicSR types users pair with this plugin (names read from their code): imported
-automatically when an option file names one of their types. ``types`` maps each type to this plugin's
-replacement, where there is one."""
+"""Packages that register BasicSR types users pair with this plugin (names read from their code), keyed by their
+top-level module: imported automatically when an option file names one of their types, but only from an installed
+distribution (:func:`plugin_distribution`), as any plugin. ``types`` maps each type to this plugin's replacement,
+where there is one."""
 
 
-def import_plugins(opt: Dict[str, Any], requested: Sequence[str] = ()) -> List[str]:
-    """Import the packages listed under the top-level ``plugins`` key and in ``requested`` (``--plugin``), then
-    every known package (:data:`KNOWN_PLUGINS`) that registers a type the options name but BasicSR lacks;
-    returns the imported names.
+PLUGINS_VARIABLE = 'HMOE_ARCH_PLUGINS'
+"""The environment variable that enables plugins: comma-separated package names, as many ``--plugin`` flags."""
+
+
+def enabled_plugins(requested: Sequence[str], environ: Mapping[str, str]) -> Dict[str, str]:
+    """The packages the user enabled, each mapped to how: ``'--plugin'`` for ``requested`` (the flags, first),
+    :data:`PLUGINS_VARIABLE` for the comma-separated names of that variable in ``environ``.
 
     Raises:
-        OptionError: naming the key, for a plugin that cannot be imported and for a type nobody registers (for a
-            known package's type: that it comes from there, how to install it, and this plugin's replacement).
+        OptionError: naming the flag or the variable, for a name that is not a dotted module name.
+    """
+    given = [(name, '--plugin') for name in requested]
+    given += [(name.strip(), PLUGINS_VARIABLE) for name in environ.get(PLUGINS_VARIABLE, '').split(',')
+              if name.strip()]
+    enabled: Dict[str, str] = {}
+    for name, source in given:
+        if not all(part.isidentifier() for part in name.split('.')):
+            raise OptionError(f'{source}: expected a package name such as hat, got {name!r}')
+        enabled.setdefault(name, source)
+    return enabled
+
+
+def untrusted_folders() -> Set[str]:
+    """The real paths of the current folder and of the running script's folder: the first entry of ``sys.path``
+    under ``python -m``, ``python -c`` and ``python script.py`` (and the console script's folder), where a file
+    that came with an option file or a download may lie. Plugins are never looked up there."""
+    folders = {os.path.realpath(os.getcwd())}
+    script = sys.argv[0] if sys.argv else ''
+    if script and osp.isfile(script):
+        folders.add(osp.dirname(osp.realpath(script)))
+    return folders
+
+
+@contextmanager
+def _search_path_without(folders: Set[str]) -> Iterator[None]:
+    """``sys.path`` without the entries that resolve to one of ``folders`` (``''`` is the current folder),
+    restored on exit."""
+    saved = sys.path[:]
+    sys.path[:] = [entry for entry in saved if osp.realpath(os.fspath(entry) or os.curdir) not in folders]
+    try:
+        yield
+    finally:
+        sys.path[:] = saved
+
+
+def installed_packages() -> Dict[str, List[str]]:
+    """Top-level module name -> names of the installed distributions that provide it
+    (``importlib.metadata.packages_distributions``), reading no metadata from :func:`untrusted_folders`."""
+    with _search_path_without(untrusted_folders()):
+        return importlib.metadata.packages_distributions()
+
+
+def _find_spec(name: str) -> Optional[importlib.machinery.ModuleSpec]:
+    """``importlib.util.find_spec`` of a top-level ``name`` (imports nothing); ImportError where it cannot be
+    looked up."""
+    try:
+        return importlib.util.find_spec(name)
+    except ValueError as error:  # in sys.modules without a spec
+        raise ImportError(str(error)) from None
+
+
+def _location(spec: importlib.machinery.ModuleSpec) -> str:
+    """Where a module spec's code is: its file, or a namespace package's folders."""
+    return spec.origin if spec.has_location else ', '.join(spec.submodule_search_locations or ()) or spec.name
+
+
+def plugin_distribution(name: str, installed: Mapping[str, List[str]]) -> Tuple[str, str]:
+    """The installed distribution (name, version) whose top-level module is the one ``import name`` loads, checked
+    without importing anything: the module must be found where it is found with :func:`untrusted_folders` left out
+    of ``sys.path`` (so ``python -m`` from a folder holding ``hat.py`` neither imports that file nor lets it
+    shadow the installed ``hat``), and ``installed`` (:func:`installed_packages`) must name a distribution for it
+    (a loose file, a standard-library module or a package reached only through ``PYTHONPATH`` is not one).
+
+    Raises:
+        ImportError: the reason, for a module that is missing, found only in (or first in) the current or the
+            script's folder, or part of no installed distribution.
+    """
+    top = name.partition('.')[0]
+    importlib.invalidate_caches()  # a file written since the last import is seen
+    found = _find_spec(top)
+    if found is None:
+        raise ModuleNotFoundError(f'No module named {top!r}', name=top)
+    with _search_path_without(untrusted_folders()):
+        trusted = _find_spec(top)
+    if trusted is None:
+        raise ImportError(f'{_location(found)} is in the current folder or the script\'s, which are never searched '
+                          'for plugins')
+    if (trusted.origin, list(trusted.submodule_search_locations or ())) != \
+            (found.origin, list(found.submodule_search_locations or ())):
+        raise ImportError(f'{_location(found)} in the current folder or the script\'s would be imported in place of '
+                          f'the installed {_location(trusted)}; rename it or run from another folder')
+    distributions = installed.get(top)
+    if not distributions:
+        raise ImportError(f'{_location(found)} is not part of an installed distribution (pip install it first)')
+    return distributions[0], importlib.metadata.version(distributions[0])
+
+
+def import_plugins(opt: Dict[str, Any], requested: Sequence[str] = (),
+                   environ: Optional[Mapping[str, str]] = None) -> List[str]:
+    """Import the plugins the user enabled (``requested``: the ``--plugin`` flags, and :data:`PLUGINS_VARIABLE`
+    in ``environ``, default ``os.environ``), then every known package (:data:`KNOWN_PLUGINS`) that registers a type
+    the options name but BasicSR lacks; returns the imported names.
+
+    An option file never imports code by itself: its top-level ``plugins`` list is refused unless the user enabled
+    every package it names. Each plugin must be an installed distribution (:func:`plugin_distribution`, checked for
+    all before any is imported); each import is logged (INFO on basicsr's root logger) with the distribution, its
+    version and why.
+
+    Raises:
+        OptionError: naming the key, flag or variable: for a bad ``plugins`` list or one naming a package the user
+            did not enable (with how to enable it), for a plugin that is not an installed distribution or cannot be
+            imported, and for a type nobody registers (for a known package's type: that it comes from there, how to
+            install it, and this plugin's replacement).
     """
     from basicsr.data import build_dataset  # noqa: F401  (registers BasicSR's own dataset and model types)
     from basicsr.models import build_model  # noqa: F401
@@ -79,12 +190,28 @@ def import_plugins(opt: Dict[str, Any], requested: Sequence[str] = ()) -> List[s
     listed = opt.get('plugins') or []
     if isinstance(listed, str) or not isinstance(listed, list) or not all(isinstance(n, str) for n in listed):
         raise OptionError(f'plugins: expected a list of package names, got {listed!r}')
+    enabled = enabled_plugins(requested, os.environ if environ is None else environ)
+    refused = list(dict.fromkeys(name for name in listed if name not in enabled))
+    if refused:
+        raise OptionError(f'plugins: the option file names {", ".join(refused)}, and an option file cannot import '
+                          'code by itself; if you trust the package, install it and enable it with '
+                          f'{" ".join(f"--plugin {name}" for name in refused)} (or {PLUGINS_VARIABLE}='
+                          f'{",".join(refused)})')
+    logger = get_root_logger()
+    installed = installed_packages() if enabled else None
+    checked = []
+    for name, source in enabled.items():
+        try:
+            checked.append((name, source, *plugin_distribution(name, installed)))
+        except ImportError as error:
+            raise OptionError(f'{source}: cannot import {name} as a plugin ({error})') from None
     imported = []
-    for name in [*listed, *requested]:
+    for name, source, distribution, version in checked:
+        logger.info(f'importing plugin {name} (distribution {distribution} {version}), enabled by {source}')
         try:
             importlib.import_module(name)
         except ImportError as error:
-            raise OptionError(f'plugins: cannot import {name} ({error})') from None
+            raise OptionError(f'{source}: cannot import {name} ({error})') from None
         imported.append(name)
     wanted = [('model_type', opt.get('model_type'), MODEL_REGISTRY, 'model')]
     wanted += [(f'datasets.{phase}.type', d.get('type'), DATASET_REGISTRY, 'dataset')
@@ -97,9 +224,15 @@ def import_plugins(opt: Dict[str, Any], requested: Sequence[str] = ()) -> List[s
         package = next((p for p, info in KNOWN_PLUGINS.items() if type_name in info['types']), None)
         if package is None:
             raise OptionError(f'{key}: no {kind} named {type_name} is registered in BasicSR or this plugin; if '
-                              'another package provides it, name it under `plugins:` (or --plugin)')
+                              'another package provides it, install it and enable it with --plugin PACKAGE (or '
+                              f'{PLUGINS_VARIABLE}=PACKAGE)')
         info = KNOWN_PLUGINS[package]
         try:
+            if installed is None:
+                installed = installed_packages()
+            distribution, version = plugin_distribution(package, installed)
+            logger.info(f'importing plugin {package} (distribution {distribution} {version}), because {key} names '
+                        f'its type {type_name}')
             importlib.import_module(package)
         except ImportError as error:
             instead = info['types'][type_name]
@@ -140,7 +273,14 @@ def init_distributed() -> None:
 
 
 def parse_options(args: argparse.Namespace, root_path: str, is_train: bool) -> Dict[str, Any]:
-    """BasicSR's option semantics (paths, phases, seeds, debug mode) with safe ``--force_yml``."""
+    """BasicSR's option semantics (paths, phases, seeds, debug mode) with safe ``--force_yml``; the run's folder
+    is ``<root_path>/experiments/<name>`` (training) or ``<root_path>/results/<name>`` (test), and never anything
+    else: ``name`` is one folder name (checked by :func:`~hmoe_arch.options.precheck_option_file`, and here again
+    on the final path).
+
+    Raises:
+        OptionError: naming the option file or the key.
+    """
     opt = precheck_option_file(args.opt, args.force_yml or (), is_train=is_train)
     import_plugins(opt, getattr(args, 'plugin', None) or ())
 
@@ -164,13 +304,21 @@ def parse_options(args: argparse.Namespace, root_path: str, is_train: bool) -> D
             dataset['scale'] = opt['scale']
         for key in ('dataroot_gt', 'dataroot_lq'):
             if dataset.get(key) is not None:
+                if not isinstance(dataset[key], str):
+                    raise OptionError(f'{args.opt}: `datasets.{phase}.{key}` must be a path, got {dataset[key]!r}')
                 dataset[key] = osp.expanduser(dataset[key])
     for key, value in opt['path'].items():
         if value is not None and ('resume_state' in key or 'pretrain_network' in key):
+            if not isinstance(value, str):
+                raise OptionError(f'{args.opt}: `path.{key}` must be a path, got {value!r}')
             opt['path'][key] = osp.expanduser(value)
 
+    base = osp.join(root_path, 'experiments' if is_train else 'results')
+    root = osp.join(base, opt['name'])
+    if osp.dirname(osp.abspath(root)) != osp.abspath(base):
+        raise OptionError(f'{args.opt}: `name` must be one folder name, got {opt["name"]!r} (the run would not be '
+                          f'in {base})')
     if is_train:
-        root = osp.join(root_path, 'experiments', opt['name'])
         opt['path'].update(experiments_root=root, models=osp.join(root, 'models'),
                            training_states=osp.join(root, 'training_states'), log=root,
                            visualization=osp.join(root, 'visualization'))
@@ -180,7 +328,6 @@ def parse_options(args: argparse.Namespace, root_path: str, is_train: bool) -> D
             opt['logger']['print_freq'] = 1
             opt['logger']['save_checkpoint_freq'] = 8
     else:
-        root = osp.join(root_path, 'results', opt['name'])
         opt['path'].update(results_root=root, log=root, visualization=osp.join(root, 'visualization'))
     validate_options(opt)
     return opt
@@ -204,9 +351,14 @@ def _count_images(dataset: Dict[str, Any]) -> Optional[int]:
 
 def validate_options(opt: Dict[str, Any]) -> None:
     """Checks that would otherwise fail deep inside BasicSR, or silently train the wrong thing; each raises
-    :class:`OptionError` naming the key or path."""
+    :class:`OptionError` naming the key or path. A ``network_g`` of a type this project knows
+    (:data:`hmoe_arch.archs.config.NETWORK_TYPES`) is first bounded without building anything
+    (:func:`hmoe_arch.archs.config.check_network`: no file arguments, at most 1000 blocks, an estimated memory under
+    the top-level ``max_memory`` GiB, default 8); then it is built on the meta device."""
     if 'network_g' in opt:
         try:
+            if isinstance(opt['network_g'], dict) and opt['network_g'].get('type') in NETWORK_TYPES:
+                check_network(opt['network_g'], opt.get('max_memory'), RAISE_WITH_OPTION)
             try:
                 with torch.device('meta'):  # no memory for the weights
                     build_network(dict(opt['network_g']))
@@ -245,15 +397,21 @@ def load_resume_state(opt: Dict[str, Any]) -> Optional[Dict[str, Any]]:
 
     With ``--auto_resume`` the newest training state that loads is used: a truncated or corrupt state (e.g.
     written in place by plain BasicSR when its run was killed, or on a full disk) is reported and the previous
-    one is used. States are listed by ``*.state`` file name in ``training_states/``; an interrupted save leaves
-    its files in a hidden staging folder beside it (:func:`hmoe_arch.atomic.staged_files`), never among them.
+    one is used. States are the files ``<iteration>.state`` (digits only, as BasicSR names them) in
+    ``training_states/``, newest iteration first; any other ``*.state`` file there (``old.state``, a copy) is
+    ignored, with one warning naming them. An interrupted save leaves its files in a hidden staging folder beside
+    it (:func:`hmoe_arch.atomic.staged_files`), never among them.
     """
     device = torch.device(f'cuda:{torch.cuda.current_device()}') if opt['num_gpu'] > 0 else torch.device('cpu')
     state, path = None, None
     if opt['auto_resume']:
         state_dir = osp.join('experiments', opt['name'], 'training_states')
-        names = sorted(scandir(state_dir, suffix='state', recursive=False), key=lambda n: int(n.split('.state')[0]),
-                       reverse=True) if osp.isdir(state_dir) else []
+        found = sorted(scandir(state_dir, suffix='.state', recursive=False)) if osp.isdir(state_dir) else []
+        stray = [n for n in found if not re.fullmatch(r'[0-9]+\.state', n)]
+        names = sorted(set(found) - set(stray), key=lambda n: int(n[:-len('.state')]), reverse=True)
+        if stray:
+            get_root_logger().warning(f'auto_resume: ignoring {", ".join(stray)} in {state_dir}: not named '
+                                      '<iteration>.state, as BasicSR names the training states it writes')
         for name in names:
             candidate = osp.join(state_dir, name)
             try:
@@ -302,8 +460,11 @@ def basicsr_pipeline(module: Any, args: argparse.Namespace, is_train: bool) -> I
                 kind = 'training' if is_train else 'test'
                 held.enter_context(exclusive_lock(
                     Path(folder).with_name(f'.{osp.basename(folder)}.lock'),
-                    lambda holder: OptionError(f'{folder}: another {kind} with this name is running ({holder}); '
-                                               'wait for it to finish or choose another name')))
+                    lambda holder: OptionError(  # a run records its PID; basicsr bench holds it shared, unrecorded
+                        f'{folder}: another {kind} with this name is running ({holder}); wait for it to finish or '
+                        'choose another name' if holder.startswith('pid ') else
+                        f'{folder}: in use by another process (basicsr bench reading it, or a {kind} of this name '
+                        'starting); wait for it to finish or choose another name')))
             used = osp.join(tmp, osp.basename(args.opt))
             with open(used, 'w') as f:
                 f.write(f'# {" ".join(sys.argv)}\n')

@@ -188,13 +188,25 @@ class RSPairedDataset(data.Dataset):
                                    f'is {height}x{width}; expected the GT size divided by {self.scale}')
 
     def _read(self, root: str, files: Dict[str, str], stem: str, client_key: str):
+        """The image ``stem`` of ``root`` as float32 BGR ``(H, W, 3)`` in [0, 1], and where it was read from
+        (the file, or ``<lmdb>/<key>``).
+
+        Raises:
+            DatasetError: naming the file or the LMDB and key, for a key the LMDB does not hold (its
+                ``meta_info.txt`` lists it) and for an image that is not 8-bit RGB.
+        """
         if self.backend == 'lmdb':
             path = stem
         else:
             path = os.path.join(root, files[stem])
         where = path if self.backend == 'disk' else f'{root}/{stem}'
+        data = self.file_client.get(path, client_key)
+        if data is None:  # BasicSR's LMDB client returns None for a key the database lacks
+            raise DatasetError(f'RSPairedDataset: {root}: no key {stem!r} in this LMDB, although its meta_info.txt '
+                               'lists it; the database and its meta_info.txt do not match (rebuild the LMDB, e.g. '
+                               'with basicsr prepare --lmdb)')
         try:
-            img = decode_rgb(self.file_client.get(path, client_key), where)
+            img = decode_rgb(data, where)
         except ImageError as error:
             raise DatasetError(f'RSPairedDataset: {error}') from error
         return img.astype(np.float32) / 255.0, where

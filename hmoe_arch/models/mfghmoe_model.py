@@ -25,8 +25,10 @@ Differences from ``SRModel`` (everything else is SRModel's):
 - ``load_network``: :meth:`MFGHMoEArch.load_pretrained` (``weights_only`` loading, one report of what kept its
   initialisation), so ``strict_load_g: false`` starts from a HAT checkpoint;
 - ``save``: in distributed training, checks that all replicas hold identical weights before writing; every
-  checkpoint and training state is written into a temporary folder beside its folder, flushed and renamed, so a
-  run killed while saving never leaves a truncated file;
+  checkpoint and training state is written into a temporary folder beside its folder, read back
+  (``weights_only``), flushed and renamed, so a run killed while saving never leaves a truncated file; a save that
+  fails (a full disk) is not retried and ignored as in BasicSR but stops training with one line naming the file
+  (:class:`OptionError`, exit status 2), the files saved before intact;
 - non-finite losses or gradients stop training before the optimizer step (:class:`NonFiniteLossError`
   names the iteration and the term), or with ``train.skip_nonfinite: N`` skip up to N such steps with a
   warning each;
@@ -39,7 +41,9 @@ Differences from ``SRModel`` (everything else is SRModel's):
   shares, the share of pixels rerouted since the previous validation of the set, and every expert's share), and
   sends them to TensorBoard under ``val_routing/<set>/``; with ``tile`` the routing of every tile is merged.
 """
-import os
+import errno
+import pickle
+import shutil
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -183,7 +187,8 @@ class MFGHMoEModel(SRModel):
     def save_network(self, net, net_label, current_iter, param_key='params') -> None:
         """BasicSR's checkpoint (``{param_key: state_dict}``, ``module.`` prefixes removed, on the CPU) plus the
         network's options under ``network_g`` (:data:`~hmoe_arch.archs.config.CONFIG_ENTRY`), so that ``infer``,
-        ``export`` and spandrel rebuild it from the file alone; written atomically."""
+        ``export`` and spandrel rebuild it from the file alone; written atomically and verified
+        (:meth:`_atomically`)."""
         nets = net if isinstance(net, list) else [net]
         keys = param_key if isinstance(param_key, list) else [param_key]
         if len(nets) != len(keys):
@@ -195,29 +200,39 @@ class MFGHMoEModel(SRModel):
                                for k, v in self.get_bare_model(one).state_dict().items()}
         if net_label == 'net_g' and isinstance(self.opt.get('network_g'), dict):
             checkpoint[CONFIG_ENTRY] = plain_options(self.opt['network_g'])
-
-        def write() -> None:
-            torch.save(checkpoint, os.path.join(self.opt['path']['models'], f'{net_label}_{label}.pth'))
-
-        self._atomically('models', write)
+        self._atomically('models', f'{net_label}_{label}.pth', checkpoint)
 
     def save_training_state(self, epoch, current_iter) -> None:
-        self._atomically('training_states',
-                         lambda: super(MFGHMoEModel, self).save_training_state(epoch, current_iter))
+        """BasicSR's training state ``<current_iter>.state`` (``epoch``, ``iter`` and the ``state_dict`` of every
+        optimizer and scheduler; nothing for ``current_iter == -1``), written atomically and verified
+        (:meth:`_atomically`). Unlike BasicSR's, a failed write is not retried and logged but stops training."""
+        if current_iter == -1:
+            return
+        state = {'epoch': epoch, 'iter': current_iter,
+                 'optimizers': [optimizer.state_dict() for optimizer in self.optimizers],
+                 'schedulers': [scheduler.state_dict() for scheduler in self.schedulers]}
+        self._atomically('training_states', f'{current_iter}.state', state)
 
-    def _atomically(self, folder_key: str, write: Callable[[], None]) -> None:
-        """Run BasicSR's writer with ``opt['path'][folder_key]`` pointing at a temporary folder beside it, then
-        fsync each file it wrote and rename it into the folder (:func:`hmoe_arch.atomic.staged_files`); on rank 0
-        only."""
+    def _atomically(self, folder_key: str, name: str, content: Dict[str, Any]) -> None:
+        """Save ``content`` as ``opt['path'][folder_key]/name``, on rank 0 only: ``torch.save`` into a temporary
+        folder beside the folder, checked (more than 0 bytes, and ``torch.load(..., weights_only=True)`` reads it
+        back), flushed and renamed into the folder (:func:`hmoe_arch.atomic.staged_files`).
+
+        Raises:
+            OptionError: when the file cannot be written or read back (a full disk, a read-only or vanished
+                folder), naming the file and the reason; nothing was moved into the folder, so the files saved
+                before are intact.
+        """
         if self.opt.get('rank', 0) != 0:
             return
-        final = self.opt['path'][folder_key]
-        with staged_files(final) as staging:
-            self.opt['path'][folder_key] = str(staging)
-            try:
-                write()
-            finally:
-                self.opt['path'][folder_key] = final
+        final = Path(self.opt['path'][folder_key])
+        try:
+            with staged_files(final) as staging:
+                _save_checked(content, staging / name)
+        except (OSError, RuntimeError) as error:
+            raise OptionError(f'{final / name}: cannot save it ({_save_failure(error, final)}); training stopped, '
+                              'the checkpoints and training states saved before are intact (free space, then '
+                              '--auto_resume continues from the newest state)') from error
 
     def _check_replicas_in_sync(self) -> None:
         bare = self.get_bare_model(self.net_g)
@@ -465,6 +480,40 @@ class MFGHMoEModel(SRModel):
         if next(replay, None) is not None:
             raise RuntimeError('MFGHMoEModel: tiled inference ran more forwards than it has tiles')
         return assembled[0].permute(1, 2, 0).long().numpy()
+
+
+def _save_checked(content: Dict[str, Any], path: Path) -> None:
+    """``torch.save(content, path)``, then check that ``path`` holds more than 0 bytes and that
+    ``torch.load(path, weights_only=True)`` reads it back (a write cut short by a full disk that no error reported).
+
+    Raises:
+        OSError, RuntimeError: from the write (torch reports a failed write, a full disk among them, as a
+            RuntimeError).
+        OSError: ``EIO`` when the file is empty or cannot be read back, with the reason.
+    """
+    torch.save(content, str(path))
+    size = path.stat().st_size
+    if size == 0:
+        raise OSError(errno.EIO, 'the written file is empty')
+    try:
+        torch.load(path, map_location='cpu', weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as error:
+        first = str(error).split('. ')[0].splitlines()[0] if str(error).strip() else 'no message'
+        raise OSError(errno.EIO, f'the written file ({size} bytes) does not load back: {type(error).__name__}: '
+                                 f'{first}') from error
+
+
+def _save_failure(error: BaseException, folder: Path) -> str:
+    """What went wrong in a save into ``folder``, in words: the OS's reason for an ``OSError``; for torch's
+    ``RuntimeError`` (which hides the OS's reason) its message and the space left on the folder's file system."""
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    message = str(error).splitlines()[0] if str(error) else type(error).__name__
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return message
+    return f'{message}; {free / 2 ** 20:.1f} MiB free on its file system'
 
 
 MODEL_REGISTRY._do_register('MFGHMOEModel', MFGHMoEModel)

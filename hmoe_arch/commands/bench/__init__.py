@@ -11,6 +11,8 @@ set, scale, protocol) table. Outputs in ``--out``: ``bench.md`` (one table per p
 ``bench_per_class.csv``, and with ``--expert-maps`` the maps and usage CSV of every MoE model per test set
 (:mod:`hmoe_arch.expert_maps`). A progress bar per model and test set goes to stderr (``progress``). A
 ``network_g`` that does not fit its checkpoint is refused in one line that says what differs (:mod:`.mismatch`).
+An experiment folder whose training is running is refused, and no training of that name can start while bench
+reads the folder (:func:`experiment_lock`).
 
 Peak memory: on CUDA ``max_memory_allocated`` above what was allocated before the forward; on the CPU the
 rise of the peak resident set (VmHWM, reset via ``/proc/self/clear_refs``) of a child process that fixes
@@ -18,20 +20,25 @@ glibc's mmap threshold at 64 KiB before anything is allocated, so freed tensors 
 in this process: that setting makes every large allocation a fresh mmap, which slowed a paper-size CPU
 forward 1.6-2.0x here (latency and evaluation would pay for it), and setting it late misreports the peak.
 """
+import functools
 import json
+import os
 import subprocess
 import sys
 import tempfile
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 from basicsr.utils import get_root_logger
 
 from ...archs import MFGHMoEArch
-from ...errors import OptionError
+from ...archs.config import check_network
+from ...errors import ConfigError, OptionError
 from ...loading import load_network
+from ...locking import shared_lock
 from ...options import read_option_file
 from ...protocols import DEFAULT_PROTOCOL, protocol
 from .cost import count_macs, fix_malloc_threshold, forward_latency, forward_peak_mib, peak_memory_mib
@@ -43,7 +50,7 @@ from .rows import COLUMNS, REQUIRED_KEYS, BenchModel, BenchRow, columns
 
 __all__ = ['COLUMNS', 'BenchModel', 'BenchRow', 'TestSet', 'build', 'columns', 'count_macs', 'evaluate',
            'fix_malloc_threshold', 'folder_test_set', 'forward_latency', 'forward_memory', 'forward_peak_mib',
-           'memory_child', 'model_from_source', 'peak_memory_mib', 'plot_psnr_latency', 'run_bench',
+           'experiment_lock', 'memory_child', 'model_from_source', 'peak_memory_mib', 'plot_psnr_latency', 'run_bench',
            'write_per_class', 'write_tables']
 
 
@@ -84,16 +91,24 @@ def model_from_source(source: Path, force_yml: Sequence[str] = ()) -> BenchModel
                       tile=opt.get('tile'), source=str(source), option_file=str(source))
 
 
-def build(model: BenchModel, device: torch.device) -> torch.nn.Module:
-    """``model``'s network with its weights, in eval mode on ``device``.
+def build(model: BenchModel, device: torch.device, max_memory: Optional[float] = None) -> torch.nn.Module:
+    """``model``'s network with its weights, in eval mode on ``device`` (``max_memory``: the limit in GiB on its
+    estimated memory, :func:`hmoe_arch.loading.load_network`; None: the default).
 
     Raises:
         OptionError: one line; where ``network_g`` does not fit the checkpoint, naming the option file, the
-            checkpoint, the options (or the first tensor) that differ and how to fix it (:mod:`.mismatch`).
+            checkpoint, the options (or the first tensor) that differ and how to fix it (:mod:`.mismatch`); a
+            ``network_g`` refused before it is built (:func:`hmoe_arch.archs.config.check_network`: its type, a
+            file argument, its size) as it is, without building it for that comparison.
     """
     try:
+        check_network(model.network, max_memory, where='')
+    except ConfigError as error:
+        raise OptionError(f'{model.source}: network_g: {error}') from None
+    try:
         return load_network(Path(model.weights), model.network, device, param_key=model.param_key,
-                            strict=model.strict, label=f'{model.source}: path.pretrain_network_g')
+                            strict=model.strict, label=f'{model.source}: path.pretrain_network_g',
+                            max_memory=max_memory)
     except OptionError:
         message = mismatch_message(model)
         if message is None:
@@ -101,14 +116,15 @@ def build(model: BenchModel, device: torch.device) -> torch.nn.Module:
         raise OptionError(message) from None
 
 
-def forward_memory(model: BenchModel, net: torch.nn.Module, lr_size: int, device: torch.device) -> float:
+def forward_memory(model: BenchModel, net: torch.nn.Module, lr_size: int, device: torch.device,
+                   max_memory: Optional[float] = None) -> float:
     """Peak MiB of one forward at ``lr_size``: on CUDA of ``net`` in this process, on the CPU of the same
-    weights rebuilt in a child process (see the module docstring)."""
+    weights rebuilt in a child process (see the module docstring; ``max_memory`` as for :func:`build`)."""
     if device.type == 'cuda':
         return forward_peak_mib(net, lr_size, device)
     with tempfile.TemporaryDirectory() as tmp:
         request, answer = Path(tmp) / 'request.json', Path(tmp) / 'answer.json'
-        request.write_text(json.dumps({'model': asdict(model), 'lr_size': lr_size}))
+        request.write_text(json.dumps({'model': asdict(model), 'lr_size': lr_size, 'max_memory': max_memory}))
         child = subprocess.run([sys.executable, '-c', 'import sys; from hmoe_arch.commands.bench import memory_child; '
                                 'memory_child(sys.argv[1], sys.argv[2])', str(request), str(answer)],
                                capture_output=True, text=True)
@@ -119,12 +135,12 @@ def forward_memory(model: BenchModel, net: torch.nn.Module, lr_size: int, device
 
 
 def memory_child(request: str, answer: str) -> None:
-    """Entry of the child process of :func:`forward_memory`: JSON ``{model, lr_size}`` in ``request``, JSON
-    ``{peak_mib}`` written to ``answer``."""
+    """Entry of the child process of :func:`forward_memory`: JSON ``{model, lr_size, max_memory}`` in ``request``,
+    JSON ``{peak_mib}`` written to ``answer``."""
     fix_malloc_threshold()
     job = json.loads(Path(request).read_text())
     device = torch.device('cpu')
-    net = build(BenchModel(**job['model']), device).eval()
+    net = build(BenchModel(**job['model']), device, job.get('max_memory')).eval()
     Path(answer).write_text(json.dumps({'peak_mib': forward_peak_mib(net, job['lr_size'], device)}))
 
 
@@ -135,11 +151,45 @@ def test_sets_of(model: BenchModel, folders: Sequence[Path]) -> List[TestSet]:
     return [folder_test_set(Path(folder), model.scale) for folder in folders]
 
 
+@contextmanager
+def experiment_lock(folder: Path) -> Iterator[None]:
+    """Hold the experiment folder ``folder`` shared against its training for the ``with`` block: the lock file
+    ``.<name>.lock`` beside it, which ``basicsr train`` holds exclusively while it runs
+    (:func:`hmoe_arch.commands.pipeline.basicsr_pipeline`), so a new training of the same name (which would move
+    the folder aside and start writing a new one) cannot start meanwhile.
+
+    Raises:
+        OptionError: when a training of that name is running, naming its PID.
+    """
+    absolute = Path(os.path.abspath(folder))
+    lock = absolute.parent.resolve() / f'.{absolute.name}.lock'
+    with shared_lock(lock, lambda holder: OptionError(
+            f'{folder}: a training of this experiment is running ({holder}); its weights are not final, and a new '
+            'training of this name moves the folder aside: bench it when the training has finished')):
+        yield
+
+
+def _holding_experiment_locks(bench: Callable[..., List[BenchRow]]) -> Callable[..., List[BenchRow]]:
+    """``bench(sources, ...)`` holding :func:`experiment_lock` of every source that is a folder while it runs."""
+    @functools.wraps(bench)
+    def holding(sources: Sequence[Path], *args: Any, **kwargs: Any) -> List[BenchRow]:
+        with ExitStack() as held:
+            for source in sources:
+                if Path(source).is_dir():
+                    held.enter_context(experiment_lock(Path(source)))
+            return bench(sources, *args, **kwargs)
+
+    return holding
+
+
+@_holding_experiment_locks
 def run_bench(sources: Sequence[Path], out: Path, *, device: str = 'cpu', lr_size: int = 64, runs: int = 5,
               per_class: bool = False, expert_maps: bool = False, force_yml: Sequence[str] = (),
               protocols: Sequence[str] = (DEFAULT_PROTOCOL,), test_sets: Sequence[Path] = (),
-              metrics: Sequence[str] = (), progress: bool = True) -> List[BenchRow]:
-    """Evaluate every source and write the tables; returns the rows (bicubic first in each table).
+              metrics: Sequence[str] = (), progress: bool = True, max_memory: Optional[float] = None
+              ) -> List[BenchRow]:
+    """Evaluate every source and write the tables; returns the rows (bicubic first in each table). Experiment
+    folders are held against their training meanwhile (:func:`experiment_lock`).
 
     Args:
         protocols: Protocol names (:data:`hmoe_arch.protocols.PROTOCOLS`), one table block each.
@@ -147,6 +197,7 @@ def run_bench(sources: Sequence[Path], out: Path, *, device: str = 'cpu', lr_siz
             test set (one table block each).
         metrics: Optional metrics, ``niqe`` and/or ``lpips``.
         progress: A progress bar (images, with an ETA) on stderr for every model and bicubic on every test set.
+        max_memory: The limit in GiB on each network's estimated memory (``--max-memory``; None: the default).
     """
     logger = get_root_logger()
     try:
@@ -171,11 +222,11 @@ def run_bench(sources: Sequence[Path], out: Path, *, device: str = 'cpu', lr_siz
     rows: List[BenchRow] = []
     seen_sets = set()
     for model, model_sets in plans:
-        net = build(model, dev)
+        net = build(model, dev, max_memory)
         cost = dict(params_m=sum(p.numel() for p in net.parameters()) / 1e6,
                     macs_g=count_macs(net, lr_size, dev) / 1e9,
                     latency_ms=forward_latency(net, lr_size, dev, runs) * 1e3,
-                    peak_mib=forward_memory(model, net, lr_size, dev))
+                    peak_mib=forward_memory(model, net, lr_size, dev, max_memory))
         for test_set in model_sets:
             key = (test_set.dataset_opt.get('dataroot_gt'), test_set.dataset_opt.get('dataroot_lq'), model.scale)
             if key not in seen_sets:
