@@ -3,6 +3,7 @@ option file alone, and only installed distributions are imported, never a file o
 folder (``python -m`` puts the current folder first on ``sys.path``)."""
 import argparse
 import importlib.metadata
+import importlib.util
 import logging
 import os.path as osp
 import sys
@@ -154,6 +155,11 @@ def test_a_real_distribution_is_a_plugin(folder: Path, basicsr_log: List[str]) -
                            'enabled by --plugin']
 
 
+REAL_HAT_ABSENT = pytest.mark.skipif(importlib.util.find_spec('hat') is not None,
+                                     reason='a real HAT is installed: these tests put a fake one in its place')
+
+
+@REAL_HAT_ABSENT
 def test_an_installed_known_package_is_imported_for_its_type(folder: Path, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch,
                                                               basicsr_log: List[str]) -> None:
@@ -163,6 +169,7 @@ def test_an_installed_known_package_is_imported_for_its_type(folder: Path, tmp_p
     assert basicsr_log == ['importing plugin hat (distribution hat 1.2), because model_type names its type HATModel']
 
 
+@REAL_HAT_ABSENT
 def test_a_known_package_in_the_current_folder_is_not_imported_for_its_type(folder: Path) -> None:
     (folder / 'hat').mkdir()
     marker = folder / 'hat.imported'
