@@ -204,7 +204,7 @@ def server(tmp_path: Path):
                 super().do_GET()
 
     httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), functools.partial(Handler, directory=str(folder)))
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={'poll_interval': 0.01}, daemon=True)
     thread.start()
     yield f'http://127.0.0.1:{httpd.server_address[1]}', folder, requests
     released.set()

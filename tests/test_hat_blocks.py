@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from hmoe_arch.archs import hat_blocks
 from hmoe_arch.archs.hat_blocks import (
     OverlappingCrossAttentionBlock,
     PatchEmbed,
@@ -11,6 +12,7 @@ from hmoe_arch.archs.hat_blocks import (
     ResidualHybridAttentionGroup,
     WindowAttention,
     image_to_tokens,
+    init_trunc_normal,
     relative_position_index_overlap,
     relative_position_index_self,
     scaled_attention,
@@ -28,6 +30,18 @@ def test_window_partition_layout_and_round_trip() -> None:
     assert torch.equal(windows[1], x[0, 0:2, 2:4].reshape(4, 3))
     assert torch.equal(windows[6 + 4], x[1, 2:4, 2:4].reshape(4, 3))
     assert torch.equal(window_reverse(windows, 2, 4, 6), x)
+
+
+def test_truncated_normal_init_fills_real_tensors_and_skips_meta_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    weight = torch.zeros(200, 100)
+    init_trunc_normal(weight)
+    assert weight.std().item() == pytest.approx(0.02, rel=0.05) and weight.abs().max().item() < 0.1
+    calls = []
+    monkeypatch.setattr(hat_blocks, 'trunc_normal_', lambda tensor, std: calls.append(tensor.device.type))
+    init_trunc_normal(torch.empty(3, 4, device='meta'))
+    init_trunc_normal(torch.empty(3, 4))
+    assert calls == ['cpu']
 
 
 def test_tokens_round_trip() -> None:

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Set
 
+import pytest
 from basicsr.utils.registry import ARCH_REGISTRY, DATASET_REGISTRY, MODEL_REGISTRY
 
 import hmoe_arch
@@ -24,6 +25,7 @@ def test_hat_names_left_free() -> None:
     assert 'ImageNetPairedDataset' not in DATASET_REGISTRY
 
 
+@pytest.mark.slow
 def test_hat_package_can_register_its_names_in_the_same_process() -> None:
     code = '\n'.join([
         'import hmoe_arch',
@@ -44,6 +46,7 @@ def test_hat_package_can_register_its_names_in_the_same_process() -> None:
     assert result.stdout.split() == ['HAT', 'MFGHMoEArch']
 
 
+@pytest.mark.slow
 def test_basicsr_modules_that_need_the_removed_torchvision_module_import() -> None:
     result = subprocess.run([sys.executable, '-c', 'import hmoe_arch; import basicsr.data.degradations as d; '
                              'print(d.rgb_to_grayscale.__name__)'], capture_output=True, text=True, timeout=300)

@@ -59,6 +59,7 @@ def test_lpips_without_the_package_names_the_extra(monkeypatch: pytest.MonkeyPat
         load_lpips(torch.device('cpu'))
 
 
+@pytest.mark.slow
 def test_lpips_from_weights_on_disk(torch_home: Path) -> None:
     lpips = pytest.importorskip('lpips')
     import torchvision

@@ -9,7 +9,7 @@ import os.path as osp
 import sys
 import time
 from pathlib import Path
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 import pytest
 import torch
@@ -22,6 +22,23 @@ from hmoe_arch.errors import OptionError
 
 MARKER_CODE = "from pathlib import Path\nPath({marker!r}).write_text('imported')\n"
 """A module body that records that it was imported (writes the file ``marker``)."""
+_SCANNED: Dict[Tuple[str, ...], Dict[str, List[str]]] = {}
+
+
+@pytest.fixture(autouse=True)
+def each_search_path_scanned_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """:func:`pipeline.installed_packages` reads the metadata of every installed distribution (about a second
+    here) and depends only on the folders it searches, so each distinct search path is scanned once per session
+    (a test that installs a package in a new folder gets a scan of its own)."""
+    scan = pipeline.installed_packages
+
+    def installed_packages() -> Dict[str, List[str]]:
+        with pipeline._search_path_without(pipeline.untrusted_folders()):
+            searched = tuple(sys.path)
+        if searched not in _SCANNED:
+            _SCANNED[searched] = scan()
+        return _SCANNED[searched]
+    monkeypatch.setattr(pipeline, 'installed_packages', installed_packages)
 
 
 @pytest.fixture

@@ -19,6 +19,14 @@ from torch.utils.checkpoint import checkpoint
 Size2D = Tuple[int, int]
 
 
+def init_trunc_normal(tensor: torch.Tensor, std: float = 0.02) -> None:
+    """timm's truncated normal initialisation, in place; a tensor on the meta device (a network built only to
+    check its arguments) holds no values and is left alone (on meta, the initialisation alone took 0.7 s for the
+    paper-size network)."""
+    if not tensor.is_meta:
+        trunc_normal_(tensor, std=std)
+
+
 def image_to_tokens(x: torch.Tensor) -> torch.Tensor:
     """``(B, C, H, W)`` -> ``(B, H*W, C)``."""
     return rearrange(x, 'b c h w -> b (h w) c')
@@ -155,7 +163,7 @@ class WindowAttention(nn.Module):
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        trunc_normal_(self.relative_position_bias_table, std=0.02)
+        init_trunc_normal(self.relative_position_bias_table)
 
     def forward(self, x: torch.Tensor, rpi: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """
@@ -281,7 +289,7 @@ class OverlappingCrossAttentionBlock(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.relative_position_bias_table = nn.Parameter(
             torch.zeros((window_size + self.overlap_win_size - 1) ** 2, num_heads))
-        trunc_normal_(self.relative_position_bias_table, std=0.02)
+        init_trunc_normal(self.relative_position_bias_table)
         self.proj = nn.Linear(dim, dim)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU)

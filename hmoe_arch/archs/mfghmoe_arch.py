@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from basicsr.archs.arch_util import Upsample
 from basicsr.utils import get_root_logger
 from basicsr.utils.registry import ARCH_REGISTRY
-from timm.layers import trunc_normal_
 
 from ..checkpoints import (
     UNNAMED,
@@ -41,6 +40,7 @@ from .hat_blocks import (
     PatchUnEmbed,
     ResidualHybridAttentionGroup,
     image_to_tokens,
+    init_trunc_normal,
     relative_position_index_overlap,
     relative_position_index_self,
     shifted_window_mask,
@@ -256,7 +256,7 @@ class MFGHMoEArch(nn.Module):
         self.patch_unembed = PatchUnEmbed()
         if ape:
             self.absolute_pos_embed = nn.Parameter(torch.zeros(1, self.num_pixels, embed_dim))
-            trunc_normal_(self.absolute_pos_embed, std=0.02)
+            init_trunc_normal(self.absolute_pos_embed)
         self.pos_drop = nn.Dropout(drop_rate)
         drop_path = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist()
         self.layers = nn.ModuleList()
@@ -287,7 +287,7 @@ class MFGHMoEArch(nn.Module):
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
-            trunc_normal_(module.weight, std=0.02)
+            init_trunc_normal(module.weight)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.LayerNorm):

@@ -319,7 +319,7 @@ class SingleRouter(nn.Module):
         hands its own record over)."""
         self.balance, self.balance_rate, self.balance_until = balance, balance_rate, balance_until
         self.w_gate = nn.Linear(dim, sum(group_sizes))
-        group_of_expert = torch.repeat_interleave(torch.arange(len(group_sizes)), torch.tensor(group_sizes))
+        group_of_expert = torch.tensor([group for group, size in enumerate(group_sizes) for _ in range(size)])
         self.register_buffer('group_of_expert', group_of_expert, persistent=False)
         if balance == 'bias':
             self.register_buffer('expert_bias', torch.zeros(sum(group_sizes)))
