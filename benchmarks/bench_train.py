@@ -4,10 +4,11 @@ Each (configuration, mode) runs in its own process (on the CPU two: one times th
 peak resident set with glibc's mmap threshold fixed, which slowed steps 1.6-2.0x here): one
 training step = forward, L1 loss, backward, Adam step on a random batch. Modes (see :data:`MODES`):
 ``fp32-plain`` is HAT's own computation (fp32, eager, explicit attention that stores its probabilities);
-``fp32`` swaps in fused attention (``scaled_dot_product_attention``); ``bf16`` adds bf16 autocast (routing
-in fp32); ``compile`` is ``fp32`` under ``torch.compile``. ``moe_dense`` replaces the sparse dispatch by the
-authors' evaluation (every expert on every pixel, masked by the routing weights); it exists only in the
-benchmarks.
+``fp32`` swaps in fused attention (``scaled_dot_product_attention``; on the CPU, where the relative
+position bias needs a gradient, the explicit computation: :func:`hmoe_arch.archs.hat_blocks.fused_kernel_applies`);
+``bf16`` adds bf16 autocast (routing in fp32); ``compile`` is ``fp32`` under ``torch.compile``. ``moe_dense``
+replaces the sparse dispatch by the authors' evaluation (every expert on every pixel, masked by the routing
+weights); it exists only in the benchmarks.
 
 Two ratios per row: against the HAT ``fp32-plain`` row (the speed-up of a mode) and against the HAT row of
 the same mode (the cost of the MoE at equal settings). A last block prints each network's speed-up of

@@ -138,26 +138,47 @@ def test_residual_group_is_a_residual() -> None:
                              shifted_window_mask(4, 4, 2, 1)), x)
 
 
+@pytest.mark.parametrize('bias_grad', [True, False], ids=['bias-grad', 'fixed-bias'])
 @pytest.mark.parametrize('windows_per_image', [1, 2, 6])
 @pytest.mark.parametrize('head_dim', [30, 32])
-def test_both_attention_paths_match_a_per_row_computation(head_dim: int, windows_per_image: int) -> None:
-    # 6 windows = 6 / G images of G windows each; window i takes bias[i % G] (its shift mask) in both paths
+def test_both_attention_paths_match_a_per_row_computation(head_dim: int, windows_per_image: int,
+                                                          bias_grad: bool) -> None:
+    # 6 windows = 6 / G images of G windows each; window i takes bias[i % G] (its shift mask) in both paths;
+    # with a fixed bias the fused path runs PyTorch's kernel, with a learnt one the explicit computation
     tensors = [torch.randn(6, 3, 16, head_dim, requires_grad=True) for _ in range(3)]
-    bias = torch.randn(1, 3, 16, 16, requires_grad=True)
+    bias = torch.randn(1, 3, 16, 16, requires_grad=bias_grad)
     mask = torch.zeros(windows_per_image, 1, 16, 16)
     mask[::2, :, :, 8:] = -100.0
     q, k, v = tensors
+    inputs = tensors + [bias] * bias_grad
     rows = [((q[i] * head_dim ** -0.5) @ k[i].transpose(-2, -1) + bias[0] + mask[i % windows_per_image]
              ).softmax(-1) @ v[i] for i in range(6)]
     expected = torch.stack(rows)
     upstream = torch.linspace(-1, 1, expected.numel()).view_as(expected)
-    expected_grads = torch.autograd.grad((expected * upstream).sum(), tensors + [bias])
+    expected_grads = torch.autograd.grad((expected * upstream).sum(), inputs)
     for fused in (False, True):
         out = scaled_attention(*tensors, bias + mask, head_dim ** -0.5, 0.0, fused)
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
-        grads = torch.autograd.grad((out * upstream).sum(), tensors + [bias])
+        grads = torch.autograd.grad((out * upstream).sum(), inputs)
         for grad, expected_grad in zip(grads, expected_grads):
             torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-5)
+
+
+def test_the_fused_kernel_is_skipped_on_the_cpu_where_the_bias_needs_a_gradient(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    kernel = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, 'scaled_dot_product_attention', lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    q, k, v = (torch.randn(2, 2, 16, 8, requires_grad=True) for _ in range(3))
+    learnt, fixed = torch.randn(1, 2, 16, 16, requires_grad=True), torch.randn(1, 2, 16, 16)
+    scaled_attention(q, k, v, learnt, 0.3, 0.0, True)  # training: PyTorch would fall back to an unfused path
+    assert calls == []
+    with torch.no_grad():  # inference
+        scaled_attention(q, k, v, learnt, 0.3, 0.0, True)
+    scaled_attention(q, k, v, fixed, 0.3, 0.0, True)  # gradients for q, k, v only: the kernel has them
+    assert calls == [1, 1]
+    scaled_attention(q, k, v, fixed, 0.3, 0.0, False)
+    assert calls == [1, 1]
 
 
 @pytest.mark.parametrize('head_dim', [30, 32])

@@ -48,6 +48,15 @@ def window_reverse(windows: torch.Tensor, window_size: int, height: int, width: 
                      nw=width // window_size, wh=window_size, ww=window_size)
 
 
+def fused_kernel_applies(q: torch.Tensor, bias: torch.Tensor) -> bool:
+    """Whether ``F.scaled_dot_product_attention`` computes this attention with a fused kernel. PyTorch's CPU
+    kernel takes no gradient for an additive mask: with a bias that needs one (the relative position table while
+    training) it falls back to an unfused computation that is slower than the explicit one (``docs/performance.md``,
+    "Attention while training on the CPU"), so there the explicit computation is used. The values are the same to
+    float rounding."""
+    return not (q.device.type == 'cpu' and bias.requires_grad and torch.is_grad_enabled())
+
+
 def scaled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float,
                      dropout_p: float, fused: bool) -> torch.Tensor:
     """``dropout(softmax(scale * q @ k^T + bias)) @ v`` over windows.
@@ -57,8 +66,9 @@ def scaled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
         bias: ``(G, h, Nq, Nk)`` additive bias, row ``i`` of the batch taking ``bias[i % G]`` (shifted
             windows: relative position bias plus each window's shift mask), or ``(1, h, Nq, Nk)`` for all.
             It is broadcast over the images, never copied per image.
-        fused: Use ``F.scaled_dot_product_attention`` (a fused kernel where the device has one); otherwise
-            HAT's explicit computation, which stores the probabilities for backward. Fused kernels need the
+        fused: Use ``F.scaled_dot_product_attention`` where it has a fused kernel for this call
+            (:func:`fused_kernel_applies`); otherwise, and with ``False``, HAT's explicit computation, which stores
+            the probabilities for backward. Fused kernels need the
             head dimension a multiple of 8 and contiguous: it is zero-padded (HAT's 30 becomes 32; the result
             is unchanged), or copied where its stride is not 1 (OCAB's unfolded keys and values); without
             that, PyTorch falls back to the explicit computation. With G > 1 the G windows of an image are
@@ -68,7 +78,7 @@ def scaled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
         ``(B * G, h, Nq, d)``.
     """
     groups, heads, queries, keys = bias.shape[0], q.shape[1], q.shape[2], k.shape[2]
-    if not fused:
+    if not (fused and fused_kernel_applies(q, bias)):
         attn = ((q * scale) @ k.transpose(-2, -1)).view(-1, groups, heads, queries, keys) + bias
         attn = attn.flatten(0, 1).softmax(dim=-1)
         return F.dropout(attn, dropout_p, training=dropout_p > 0) @ v
