@@ -49,6 +49,30 @@ def test_bench_train_prints_every_row_with_ratios_against_hat() -> None:
 
 
 @pytest.mark.slow  # runs the benchmark script
+def test_profile_train_times_every_piece_of_a_basicsr_iteration(workdir: Path) -> None:
+    out = run('profile_train.py', '--data', str(workdir / 'datasets' / 'UCMerced'), '--iters', '3', '--warmup', '1',
+              '--profile-iters', '1', '--top', '3')
+    rows = {line.strip('| ').split(' | ')[0]: line.strip('| ').split(' | ') for line in out.splitlines()
+            if line.startswith('| ') and '---' not in line and 'piece' not in line}
+    assert list(rows) == ['data', 'feed_data', 'forward', '(of which the upsampler, MoEUpsampler)', 'loss and checks',
+                          'backward', 'optimiser step', 'routing record', 'learning rate', 'rest of the loop']
+    mean = float(re.search(r'mean (\d+\.\d) ms', out).group(1))
+    assert abs(float(rows['rest of the loop'][1])) < 0.1 * mean  # the timed pieces account for the iteration
+    assert float(rows['forward'][1]) > float(rows['(of which the upsampler, MoEUpsampler)'][1]) > 0
+    assert 'Self CPU time total' in out
+
+
+@pytest.mark.slow  # runs the benchmark script
+def test_bench_attention_path_alternates_both_sides_and_prints_their_ratio() -> None:
+    out = run('bench_attention_path.py', '--rounds', '4', '--batch', '1')
+    before, after = (float(re.search(rf'{side}\s+median step\s+(\d+\.\d) ms', out).group(1))
+                     for side in ('before', 'after'))
+    ratio = float(re.search(r'after / before: (\d\.\d{3})', out).group(1))
+    assert ratio == pytest.approx(after / before, abs=2e-3)
+    assert '2 rounds after 2 warm-up' in out
+
+
+@pytest.mark.slow  # runs the benchmark script
 def test_bench_tiling_reports_sizes_and_seam_error() -> None:
     out = run('bench_tiling.py', '--sizes', '32', '64', '--tile', '16', '--tile-pad', '8', '--seam-size', '32',
               '--scale', '2', '--infer-sizes', '64')
