@@ -116,7 +116,8 @@ def profile(args: argparse.Namespace) -> None:
                 iteration(step)
         wall = time.perf_counter() - start
         timer.counting = False
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                    record_shapes=args.shapes) as prof:
             for step in range(args.warmup + args.iters + 1, args.warmup + args.iters + 1 + args.profile_iters):
                 iteration(step)
     finally:
@@ -143,7 +144,9 @@ def report(args: argparse.Namespace, timer: Timer, wall: float, prof, upsampler:
     rest = mean - sum(per.get(name, 0) for name in PIECES)
     print(f'| rest of the loop | {rest:.1f} | {100 * rest / mean:.1f} % |\n')
     print(f'Top operators by self CPU time ({args.profile_iters} profiled iterations):\n')
-    print(prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=args.top, max_name_column_width=48))
+    table = prof.key_averages(group_by_input_shape=args.shapes)
+    print(table.table(sort_by='self_cpu_time_total', row_limit=args.top, max_name_column_width=48,
+                      max_shapes_column_width=80))
 
 
 def main() -> None:
@@ -155,6 +158,7 @@ def main() -> None:
     parser.add_argument('--warmup', type=int, default=10)
     parser.add_argument('--profile-iters', type=int, default=10, help='iterations under torch.profiler')
     parser.add_argument('--top', type=int, default=20, help='operators listed')
+    parser.add_argument('--shapes', action='store_true', help='list the operators per input shape')
     parser.add_argument('--set', nargs='+', default=[], metavar='KEY=VALUE',
                         help="option changes on top of the preset, e.g. use_amp=false (bench_quality's --set)")
     args = parser.parse_args()

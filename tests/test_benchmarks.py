@@ -47,6 +47,35 @@ def test_bench_train_prints_every_row_with_ratios_against_hat() -> None:
                                                                 rel=5e-3, abs=6e-3)
 
 
+@pytest.mark.slow  # runs the benchmark script (four worker processes)
+def test_bench_train_against_hat_code_and_a_release_alternates_and_reports_ratios(tmp_path: Path) -> None:
+    hat = BENCHMARKS.parents[1] / 'shared' / 'peers' / 'HAT'
+    if not (hat / 'hat' / 'archs' / 'hat_arch.py').is_file():
+        pytest.skip(f'HAT peer code not available: {hat}/hat is missing (it ships in ../shared/peers)')
+    out = run('bench_train.py', '--against', 'hat-code', 'release', 'glibc-defaults', '--release-tree',
+              str(BENCHMARKS.parent), '--preset', 'tiny', '--threads', '1', '--rounds', '3', '--warmup-rounds', '1')
+    assert 'batch 4 x 16^2 LR' in out and '3 rounds after 1, all sides alternating' in out
+    rows = {row[1]: row for row in (line.strip('| ').split(' | ') for line in out.splitlines()
+                                    if line.startswith('| 1 |'))}
+    assert list(rows) == ["HAT's own code", 'release', "ours with glibc's defaults"], out
+    for row in rows.values():
+        ours, theirs, ratio = float(row[2]), float(row[3]), float(row[4].rstrip('x'))
+        low, high = (float(v.rstrip('x')) for v in row[5].split(' - '))
+        assert ours > 0 and theirs > 0 and low <= ratio <= high, row
+    assert len({row[2] for row in rows.values()}) == 1  # one "ours" worker for all
+    # our model's optimiser is fused Adam; HAT's (SRModel's) is not; a release of this checkout is ours
+    assert rows["HAT's own code"][6:] == ['True', 'False'] and rows['release'][6:] == ['True', 'True']
+    out = run('bench_train.py', '--against', 'glibc-defaults', '--measure', 'infer', '--preset', 'tiny', '--threads',
+              '1', '--rounds', '2', '--warmup-rounds', '1')
+    assert out.startswith('inference (eval forward without autograd) of one 64^2 LR image, tiny network')
+    assert len([line for line in out.splitlines() if line.startswith("| 1 | ours with glibc's defaults |")]) == 1
+    result = subprocess.run([sys.executable, str(BENCHMARKS / 'bench_train.py'), '--against', 'release',
+                             '--release-tree', str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().endswith(f'{tmp_path}/hmoe_arch/__init__.py is missing: --release-tree {tmp_path} '
+                                          'is not such a checkout')
+
+
 @pytest.mark.slow  # runs the benchmark script
 def test_profile_train_times_every_piece_of_a_basicsr_iteration(workdir: Path) -> None:
     out = run('profile_train.py', '--data', str(workdir / 'datasets' / 'UCMerced'), '--iters', '3', '--warmup', '1',

@@ -6,6 +6,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from hmoe_arch.archs import hat_blocks
 from hmoe_arch.archs.hat_blocks import (
+    SHIFT_MASK_VALUE,
     OverlappingCrossAttentionBlock,
     PatchEmbed,
     PatchUnEmbed,
@@ -77,8 +78,42 @@ def test_shifted_window_mask_separates_wrapped_regions() -> None:
     assert mask.shape == (4, 16, 16)
     assert torch.equal(mask[0], torch.zeros(16, 16))
     last = mask[3]
-    assert set(last.unique().tolist()) == {-100.0, 0.0}
-    assert last[0, 0] == 0 and last[0, 2] == -100.0 and last[0, 8] == -100.0 and last[0, 1] == 0
+    assert set(last.unique().tolist()) == {SHIFT_MASK_VALUE, 0.0}
+    assert last[0, 0] == 0 and last[0, 2] == SHIFT_MASK_VALUE and last[0, 8] == SHIFT_MASK_VALUE and last[0, 1] == 0
+
+
+def _hat_mask(height: int, width: int, window_size: int, shift_size: int) -> torch.Tensor:
+    """HAT's own mask value, -100, where ours has SHIFT_MASK_VALUE."""
+    mask = shifted_window_mask(height, width, window_size, shift_size)
+    return mask.masked_fill(mask != 0, -100.0)
+
+
+def test_masked_attention_weights_are_exactly_zero_and_match_hats_mask(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    attn = WindowAttention(dim=16, window_size=4, num_heads=2)
+    rpi = relative_position_index_self(4)
+    x = torch.randn(2 * 4, 16, 16, requires_grad=True)
+    ours = shifted_window_mask(8, 8, 4, 2)
+    probabilities = {}
+    dropout = F.dropout
+
+    def keep(tensor, *args, **kwargs):  # the explicit path's dropout sees the probabilities (B * nW, h, N, N)
+        if tensor.dim() == 4:
+            probabilities['p'] = tensor
+        return dropout(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(F, 'dropout', keep)
+    out = attn(x, rpi, ours)
+    # HAT's -100 leaves probabilities of about exp(-100), subnormal floats the CPU multiplies slowly; ours are 0
+    masked = (ours != 0).unsqueeze(1).repeat(2, 2, 1, 1)
+    assert torch.equal(probabilities['p'][masked], torch.zeros(int(masked.sum())))
+    (grad_ours,) = torch.autograd.grad(out.square().sum(), [attn.relative_position_bias_table])
+    hat = attn(x, rpi, _hat_mask(8, 8, 4, 2))
+    hat_p = probabilities['p'][masked]
+    assert 0 < hat_p.abs().max() < torch.finfo(torch.float32).tiny
+    (grad_hat,) = torch.autograd.grad(hat.square().sum(), [attn.relative_position_bias_table])
+    torch.testing.assert_close(out, hat, rtol=0, atol=1e-6)
+    torch.testing.assert_close(grad_ours, grad_hat, rtol=1e-5, atol=1e-6)
 
 
 def test_window_attention_matches_brute_force() -> None:

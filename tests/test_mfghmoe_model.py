@@ -600,3 +600,28 @@ def test_tiled_validation_merges_the_routing_of_every_tile(tmp_path: Path) -> No
                 == untiled.routing_stats['tiny'].previous[f'img{index}'].tolist())
     pixels = torch.cat([torch.as_tensor(m).flatten() for m in tiled.routing_stats['tiny'].previous.values()])
     assert pixels.numel() == 3 * 90
+
+
+def test_adam_takes_the_fused_kernel_unless_the_options_choose(tmp_path: Path) -> None:
+    fused = build_model(options(tmp_path))
+    assert fused.optimizer_g.defaults['fused'] is True
+    for choice in ({'fused': False}, {'foreach': True}):
+        opt = options(tmp_path)
+        opt['train']['optim_g'] = {'type': 'Adam', 'lr': 1e-3, **choice}
+        chosen = build_model(opt).optimizer_g.defaults
+        assert not chosen['fused'] and chosen['foreach'] == choice.get('foreach')
+    scaled = options(tmp_path, train={'routing_lr_scale': 0.1})
+    scaled['network_g']['routing_grad'] = 'isolated'
+    assert build_model(scaled).optimizer_g.defaults['fused'] is True  # two parameter groups
+    # the same step as the per-tensor loop, to float rounding
+    opt = options(tmp_path)
+    opt['train']['optim_g'] = {'type': 'Adam', 'lr': 1e-3, 'fused': False}
+    loop = build_model(opt)
+    loop.net_g.load_state_dict(fused.net_g.state_dict())
+    for model in (fused, loop):
+        torch.manual_seed(3)
+        for step in (1, 2):
+            feed(model)
+            model.optimize_parameters(step)
+    for (name, a), b in zip(fused.net_g.state_dict().items(), loop.net_g.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)

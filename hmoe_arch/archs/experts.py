@@ -10,8 +10,8 @@ only by its selected experts:
    feature map as rows ``(C*k*k)``, the order of the flattened conv weight;
 3. one matmul per expert on its contiguous slice of rows, written into one buffer and scaled by the slot
    weights (a custom autograd function, so backward is one matmul per expert too);
-4. one ``index_select`` puts the rows back in pixel order (the K slots of a pixel are then summed), and
-   PixelShuffle reads them as ``(B, O, H, W)``.
+4. one ``index_select`` puts the rows back in pixel order (the K slots of a pixel are then summed; backward
+   is the gather by the sorting order, a permutation's inverse), and PixelShuffle reads them as ``(B, O, H, W)``.
 
 Memory is ``O(N * K * (k*k*C + O))`` for N pixels, independent of the number of experts; the dense
 ``(experts, B, O, H, W)`` tensor never exists.
@@ -115,6 +115,21 @@ class _GroupedExpertLinear(torch.autograd.Function):
                 start, row, param = start + count, row + count, param + 2
             grad_rows.append(grad_group)
         return (grad_weight, None, None, *grad_rows, *grad_params)
+
+
+class _PermuteRows(torch.autograd.Function):
+    """``rows[inverse]`` for a permutation ``order`` of the rows and its inverse ``inverse``; backward gathers the
+    gradient with ``order`` (``index_select``'s own backward zero-fills a buffer and scatters into it)."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, inverse: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(order)
+        return rows.index_select(0, inverse)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (order,) = ctx.saved_tensors
+        return grad.index_select(0, order), None, None
 
 
 class HeterogeneousMoE(nn.Module):
@@ -286,7 +301,7 @@ class HeterogeneousMoE(nn.Module):
         values = _GroupedExpertLinear.apply(slots_weight.to(x.dtype), top_k == 1, group_counts, *group_rows, *params)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
-        values = values.index_select(0, inverse)
+        values = _PermuteRows.apply(values, inverse, order)
         return values if top_k == 1 else values.view(num_pixels, top_k, -1).sum(1)
 
     def dense_dispatch(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:

@@ -72,7 +72,10 @@ def scaled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
             head dimension a multiple of 8 and contiguous: it is zero-padded (HAT's 30 becomes 32; the result
             is unchanged), or copied where its stride is not 1 (OCAB's unfolded keys and values); without
             that, PyTorch falls back to the explicit computation. With G > 1 the G windows of an image are
-            passed as G * h heads of one batch row, so that the bias broadcasts over the batch.
+            passed as G * h heads of one batch row, so that the bias broadcasts over the batch. On the CPU the
+            mask is passed with its batch dimension of 1: the CPU kernel broadcasts it, but copies a mask expanded
+            to the batch into a contiguous one (a mask per window: 9 MB and 6 % of a tiny network's forward on a
+            64x64 image).
 
     Returns:
         ``(B * G, h, Nq, d)``.
@@ -91,7 +94,9 @@ def scaled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     if groups > 1:
         q, k, v = (t.reshape(-1, groups * heads, t.shape[2], t.shape[3]) for t in (q, k, v))
         bias = bias.reshape(1, groups * heads, queries, keys)
-    mask = bias.to(q.dtype).expand(q.shape[0], q.shape[1], queries, keys)
+    mask = bias.to(q.dtype)
+    if q.device.type != 'cpu':
+        mask = mask.expand(q.shape[0], q.shape[1], queries, keys)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
     out = out.reshape(-1, heads, queries, out.shape[-1])
     return out[..., :head_dim] if pad else out
@@ -127,8 +132,19 @@ def relative_position_index_overlap(window_size: int, overlap_window_size: int) 
     return rel[..., 0] * (window_size + overlap_window_size - 1) + rel[..., 1]
 
 
+SHIFT_MASK_VALUE = -1.0e4
+"""Additive mask between pixels of different regions in a shifted window. HAT adds -100, whose softmax weights
+(about ``exp(-100) = 4e-44``) are subnormal floats: they change no output in float32 (they are far below the
+rounding of the unmasked terms), but every multiplication with them takes the CPU's slow subnormal path
+(``aten::bmm`` of a tiny training step took 17x as long, ``docs/performance.md``; ``torch.set_flush_denormal``
+does not reach the worker threads of a 2-thread run). With -1e4, ``exp`` underflows to exactly zero. Outputs
+and gradients equal HAT's to float rounding (tests/test_hat_blocks.py, and the reference vectors of HAT and the
+authors' network). The value is finite so that no row becomes NaN and it stays in float16's range."""
+
+
 def shifted_window_mask(height: int, width: int, window_size: int, shift_size: int) -> torch.Tensor:
-    """Additive attention mask of shifted-window attention: 0 within a region, -100 across regions.
+    """Additive attention mask of shifted-window attention: 0 within a region, :data:`SHIFT_MASK_VALUE` across
+    regions.
 
     Returns:
         Float tensor ``(nW, window_size**2, window_size**2)``.
@@ -142,7 +158,7 @@ def shifted_window_mask(height: int, width: int, window_size: int, shift_size: i
             label += 1
     labels = window_partition(region, window_size).squeeze(-1)
     diff = labels.unsqueeze(1) - labels.unsqueeze(2)
-    return torch.zeros_like(diff).masked_fill(diff != 0, -100.0)
+    return torch.zeros_like(diff).masked_fill(diff != 0, SHIFT_MASK_VALUE)
 
 
 class WindowAttention(nn.Module):
@@ -187,7 +203,9 @@ class WindowAttention(nn.Module):
         """
         n = x.shape[1]
         q, k, v = rearrange(self.qkv(x), 'b n (three h d) -> three b h n d', three=3, h=self.num_heads)
-        bias = self.relative_position_bias_table[rpi.reshape(-1)].reshape(n, n, -1).permute(2, 0, 1).unsqueeze(0)
+        # contiguous (h, N, N), so that the sum with the mask is contiguous too and reshapes as a view
+        bias = self.relative_position_bias_table[rpi.reshape(-1)].reshape(n, n, -1).permute(2, 0, 1).contiguous()
+        bias = bias.unsqueeze(0)
         if mask is not None:
             bias = bias + mask.unsqueeze(1)
         dropout = self.attn_drop.p if self.training else 0.0

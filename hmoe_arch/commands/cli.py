@@ -8,7 +8,8 @@ argument and an option file that cannot be used are answered before torch, basic
 imported (seconds on a busy machine); each command imports what it needs once its input has passed those checks.
 
 CPU threads: ``--num-threads N`` (or ``num_threads: N`` in an option file) sets torch's intra-op threads;
-the default (``auto``) is :func:`hmoe_arch.threads.choose_num_threads`.
+the default (``auto``) is :func:`hmoe_arch.threads.choose_num_threads`. On the CPU, every command but ``prepare``
+has glibc keep freed memory for the next tensors (:func:`hmoe_arch.allocator.keep_freed_memory`).
 
 Exit status: 0 on success, 2 on a bad argument, option, input or output location, 3 when training stopped
 on a non-finite loss or gradient.
@@ -238,14 +239,18 @@ def run(args: argparse.Namespace, num_threads: Optional[int]) -> None:
     """Run the command (imports what it needs)."""
     import torch
 
+    from ..allocator import keep_freed_memory
     from ..threads import apply_num_threads
 
     device = getattr(args, 'device', None) or ('cuda' if torch.cuda.is_available() else 'cpu')
-    threads, reason = apply_num_threads(num_threads, on_cpu=str(device).startswith('cpu') or
-                                        not torch.cuda.is_available())
+    on_cpu = str(device).startswith('cpu') or not torch.cuda.is_available()
+    threads, reason = apply_num_threads(num_threads, on_cpu=on_cpu)
+    allocator = keep_freed_memory() if on_cpu and args.command != 'prepare' else None
     if args.command in ('train', 'test', 'bench'):
         from basicsr.utils import get_root_logger
         get_root_logger().info(f'torch uses {threads} CPU thread(s) ({reason}; --num-threads N to choose)')
+        if allocator:
+            get_root_logger().info(f'CPU memory: {allocator}')
     if args.command == 'prepare':
         from .prepare import prepare
         prepare(args.dataset, args.source, args.out, scales=args.scales, seed=args.seed, degradation=args.degradation,

@@ -576,7 +576,8 @@ def _write(src: Source, by_name: Dict[str, SourceImage], train: List[str], test:
             writers.put('Test_HR', stem, cropped)
             gt = cropped.astype(np.float32) / 255.0
             for scale, folder in zip(scales, lr_folders):
-                writers.put(folder, stem, (downsample(gt, scale, degradation) * 255.0).round().astype(np.uint8))
+                lr = downsample(gt, scale, degradation, reference=True)
+                writers.put(folder, stem, (lr * 255.0).round().astype(np.uint8))
     finally:
         writers.close()
     for split in ('test',) if test_only else ('train', 'test'):
