@@ -6,7 +6,8 @@ The model, data loader and options are the ones ``basicsr train`` builds from ``
 ``bench_quality.py`` preset (``tiny``: the quality study's network and batch; ``paper``: the paper's network at
 batch 4 x 48^2 LR) and a configuration (``hat`` / ``authors`` / any of ``bench_quality.CONFIGS``). The pieces are
 timed by wrapping the model's own methods for the run (nothing in the library changes); the first ``--warmup``
-iterations are not counted.
+iterations are not counted. Like the ``basicsr`` commands on the CPU, it has glibc keep freed memory
+(:func:`hmoe_arch.allocator.keep_freed_memory`).
 
 Usage (prepared data from ``basicsr prepare``)::
 
@@ -37,6 +38,7 @@ from basicsr.data.prefetch_dataloader import CPUPrefetcher  # noqa: E402
 from basicsr.models import build_model  # noqa: E402
 from bench_quality import CONFIGS, option_for  # noqa: E402
 
+from hmoe_arch.allocator import keep_freed_memory  # noqa: E402
 from hmoe_arch.commands.pipeline import parse_options  # noqa: E402
 
 BASE = Path(__file__).resolve().parents[1] / 'options' / 'train_ucm_x4.yml'
@@ -80,6 +82,7 @@ def build(args: argparse.Namespace, folder: Path):
 
 
 def profile(args: argparse.Namespace) -> None:
+    args.allocator = keep_freed_memory()  # what the basicsr commands do on the CPU
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as folder:
         model, loader = build(args, Path(folder))
@@ -133,6 +136,7 @@ def report(args: argparse.Namespace, timer: Timer, wall: float, prof, upsampler:
     total = statistics.median(timer.seconds['iteration']) * 1000
     mean = per['iteration']
     print(f'## {args.preset} preset, {args.config}, CPU {torch.get_num_threads()} thread(s), torch {torch.__version__}')
+    print(f'CPU memory: {args.allocator}')
     print(f'{n} iterations after {args.warmup} warm-up: {wall:.1f} s, mean {mean:.1f} ms, median {total:.1f} ms\n')
     print('| piece | ms per iteration | share |\n|---|---:|---:|')
     for name in PIECES:
