@@ -136,7 +136,7 @@ SHIFT_MASK_VALUE = -1.0e4
 """Additive mask between pixels of different regions in a shifted window. HAT adds -100, whose softmax weights
 (about ``exp(-100) = 4e-44``) are subnormal floats: they change no output in float32 (they are far below the
 rounding of the unmasked terms), but every multiplication with them takes the CPU's slow subnormal path
-(``aten::bmm`` of a tiny training step took 17x as long, ``docs/performance.md``; ``torch.set_flush_denormal``
+(one ``bmm`` with such weights took 70x as long, ``docs/performance.md``; ``torch.set_flush_denormal``
 does not reach the worker threads of a 2-thread run). With -1e4, ``exp`` underflows to exactly zero. Outputs
 and gradients equal HAT's to float rounding (tests/test_hat_blocks.py, and the reference vectors of HAT and the
 authors' network). The value is finite so that no row becomes NaN and it stays in float16's range."""

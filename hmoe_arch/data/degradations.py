@@ -34,16 +34,16 @@ def bicubic_matrix(in_length: int, scale: float) -> np.ndarray:
     """MATLAB's antialiased bicubic resampling of one axis as a matrix.
 
     BasicSR's ``calculate_weights_indices`` gives each output pixel its weights over a window of the input
-    mirrored at both ends (``[x2, x1, x0, x1, x2, ...]`` ``imresize`` pads symmetrically with the edge pixel
-    repeated); the mirrored positions are mapped back to the input pixels they copy, and the weights summed
-    into row ``i``.
+    padded symmetrically at both ends, the edge pixel repeated (``... x1 x0 | x0 x1 ...``); the padded positions
+    are mapped back to the input pixels they copy, and the weights summed into the output pixel's row.
 
     Args:
         in_length: Input pixels along the axis.
         scale: Output size over input size (``1 / 4`` for x4 downsampling).
 
     Returns:
-        Float32 ``(ceil(in_length * scale), in_length)``; output = matrix @ input along the axis.
+        Float32 ``(ceil(in_length * scale), in_length)``, read-only (it is cached); output = matrix @ input along
+        the axis.
     """
     out_length = math.ceil(in_length * scale)
     weights, indices, sym_len_start, _ = calculate_weights_indices(in_length, out_length, scale, 'cubic', 4, True)
@@ -52,7 +52,9 @@ def bicubic_matrix(in_length: int, scale: float) -> np.ndarray:
     source = np.where(source >= in_length, 2 * in_length - 1 - source, source)
     matrix = np.zeros((out_length, in_length), np.float64)
     np.add.at(matrix, (np.arange(out_length)[:, None].repeat(source.shape[1], 1), source), weights.double().numpy())
-    return matrix.astype(np.float32)
+    matrix = matrix.astype(np.float32)
+    matrix.setflags(write=False)
+    return matrix
 
 
 def imresize_bicubic(img: np.ndarray, scale: float) -> np.ndarray:
