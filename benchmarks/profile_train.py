@@ -82,7 +82,7 @@ def build(args: argparse.Namespace, folder: Path):
 
 
 def profile(args: argparse.Namespace) -> None:
-    args.allocator = keep_freed_memory()  # what the basicsr commands do on the CPU
+    allocator = keep_freed_memory()  # what the basicsr commands do on the CPU
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as folder:
         model, loader = build(args, Path(folder))
@@ -125,10 +125,10 @@ def profile(args: argparse.Namespace) -> None:
                 iteration(step)
     finally:
         torch.Tensor.backward = backward
-    report(args, timer, wall, prof, type(model.net_g.upsample).__name__)
+    report(args, timer, wall, prof, type(model.net_g.upsample).__name__, allocator)
 
 
-def report(args: argparse.Namespace, timer: Timer, wall: float, prof, upsampler: str) -> None:
+def report(args: argparse.Namespace, timer: Timer, wall: float, prof, upsampler: str, allocator: str) -> None:
     n = args.iters
     per = {name: sum(values) / n * 1000 for name, values in timer.seconds.items()}
     inside = sum(per.get(name, 0) for name in ('forward', 'backward', 'optimiser step', 'routing record'))
@@ -136,7 +136,7 @@ def report(args: argparse.Namespace, timer: Timer, wall: float, prof, upsampler:
     total = statistics.median(timer.seconds['iteration']) * 1000
     mean = per['iteration']
     print(f'## {args.preset} preset, {args.config}, CPU {torch.get_num_threads()} thread(s), torch {torch.__version__}')
-    print(f'CPU memory: {args.allocator}')
+    print(f'CPU memory: {allocator}')
     print(f'{n} iterations after {args.warmup} warm-up: {wall:.1f} s, mean {mean:.1f} ms, median {total:.1f} ms\n')
     print('| piece | ms per iteration | share |\n|---|---:|---:|')
     for name in PIECES:

@@ -8,7 +8,8 @@ from typing import List, Tuple
 import pytest
 
 from hmoe_arch import allocator
-from hmoe_arch.allocator import MMAP_THRESHOLD, TRIM_THRESHOLD, keep_freed_memory
+from hmoe_arch.allocator import MMAP_THRESHOLD, TRIM_THRESHOLD, glibc_mallopt, keep_freed_memory
+from hmoe_arch.commands.bench import fix_malloc_threshold
 
 
 class FakeLibc:
@@ -38,6 +39,12 @@ def test_glibc_gets_both_thresholds(no_malloc_env: pytest.MonkeyPatch) -> None:
     assert keep_freed_memory().startswith('glibc keeps freed memory for reuse (blocks below 32 MiB')
     assert libc.calls == [(-3, 32 * 1024 * 1024), (-1, 1024 ** 3)]
     assert (MMAP_THRESHOLD, TRIM_THRESHOLD) == (32 * 1024 * 1024, 1024 ** 3)
+    # basicsr bench's memory measurement fixes the mmap threshold through the same glibc lookup
+    fix_malloc_threshold()
+    assert libc.calls[-1] == (-3, 65536)
+    no_malloc_env.setattr(allocator.ctypes, 'CDLL', lambda name: FakeLibc(glibc=False))
+    assert glibc_mallopt() is None
+    fix_malloc_threshold()  # nothing to set, no error
 
 
 def test_the_environments_choice_and_other_libraries_are_left_alone(no_malloc_env: pytest.MonkeyPatch) -> None:

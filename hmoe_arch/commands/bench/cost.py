@@ -1,12 +1,13 @@
 """Cost of one forward: multiply-accumulates, median latency and peak memory (CUDA allocator or the CPU's peak
 resident set). Also used by the scripts in ``benchmarks/``."""
-import ctypes
 import statistics
 import time
 from typing import Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+from ...allocator import M_MMAP_THRESHOLD, glibc_mallopt
 
 
 def count_macs(net: torch.nn.Module, lr_size: int, device: torch.device) -> float:
@@ -19,11 +20,10 @@ def count_macs(net: torch.nn.Module, lr_size: int, device: torch.device) -> floa
 
 def fix_malloc_threshold() -> None:
     """Make glibc serve allocations above 64 KiB with mmap and return them on free (no dynamic threshold), so
-    the resident set follows the live tensors."""
-    try:
-        ctypes.CDLL('libc.so.6').mallopt(-3, 65536)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
+    the resident set follows the live tensors; nothing where the C library is not glibc."""
+    mallopt = glibc_mallopt()
+    if mallopt is not None:
+        mallopt(M_MMAP_THRESHOLD, 65536)
 
 
 def _status_kib(field_name: str) -> int:
