@@ -13,7 +13,7 @@ Usage (prepared data from ``basicsr prepare``)::
 
     OMP_NUM_THREADS=1 python benchmarks/profile_train.py --data datasets/UCMerced --preset tiny --config authors
     OMP_NUM_THREADS=2 python benchmarks/profile_train.py --data datasets/UCMerced --preset paper --config authors \
-        --set use_amp=false datasets:train:batch_size_per_gpu=1 datasets:train:gt_size=256 --iters 10 --warmup 2
+        --set use_amp=false datasets:train:batch_size_per_gpu=1 --iters 10 --warmup 2
 
 Prints a Markdown table (milliseconds per iteration, share) and the top operators by self CPU time. It asserts
 nothing.

@@ -348,3 +348,17 @@ def test_bench_quality_tabulates_a_configuration_with_fewer_seeds_over_the_seeds
     paired = '+0.000 (min +0.000, max +0.000) (n=1)'
     assert rows['bias'][1:6] == ['27.000 +- 0.000 (n=1)', '28.000 +- 0.000 (n=1)', paired, paired, '28.000, -']
     assert rows['hat'][1] == '27.050 +- 0.071' and rows['hat'][5] == '28.000, 28.100'
+
+
+@pytest.mark.slow  # imports two benchmark scripts and what they import (seconds)
+def test_bench_train_tiny_network_is_the_quality_studys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench_train.py's workers cannot import bench_quality.py (it puts this checkout first on the path, which
+    would hide a release's code), so the tiny network is written twice: the two must agree."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location('bench_train_under_test', BENCHMARKS / 'bench_train.py')
+    bench_train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_train)
+    preset = load_bench_quality().PRESETS['tiny']
+    study = {key.split(':', 1)[1]: value for key, value in preset.items() if key.startswith('network_g:')}
+    assert bench_train.SIDE_NETWORKS['tiny'] == study
+    assert bench_train.SIDE_BATCHES['tiny'] == (4, preset['datasets:train:gt_size'] // 4)
