@@ -1,4 +1,5 @@
 """RSPairedDataset: on-the-fly LR and pre-made pairs, disk and LMDB, crops, augmentation, errors."""
+import random
 import shutil
 from pathlib import Path
 
@@ -6,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 from basicsr.data import build_dataset
+from PIL import Image
 
 from hmoe_arch.commands.prepare import prepare
-from hmoe_arch.data import RSPairedDataset
+from hmoe_arch.data import RSPairedDataset, rs_paired_dataset
 from hmoe_arch.data.degradations import downsample
 from hmoe_arch.errors import DatasetError
 
@@ -99,6 +101,76 @@ def test_train_crops_from_premade_pairs_are_aligned(prepared: Path) -> None:
                                    atol=1.01 / 255)
 
 
+@pytest.mark.parametrize('backend', ['disk', 'lmdb'])
+@pytest.mark.parametrize('pairs', [False, True])
+def test_cache_gives_the_same_items_without_reading_files_again(prepared: Path, tmp_path: Path, backend: str,
+                                                                pairs: bool) -> None:
+    suffix = '.lmdb' if backend == 'lmdb' else ''
+    roots = {'dataroot_gt': prepared / f'Test_HR{suffix}'}
+    if pairs:
+        roots['dataroot_lq'] = prepared / f'Test_LR_x4{suffix}'
+    for phase in ('train', 'val'):
+        copies = {key: tmp_path / phase / root.name for key, root in roots.items()}
+        for key, root in roots.items():
+            shutil.copytree(root, copies[key])
+        common = {'phase': phase, 'scale': 4, 'gt_size': 32, 'io_backend': {'type': backend}}
+        plain = RSPairedDataset({**common, **{k: str(v) for k, v in roots.items()}})
+        cached = RSPairedDataset({**common, **{k: str(v) for k, v in copies.items()}, 'cache': True})
+        for folder in copies.values():  # everything the cached dataset returns comes from its memory
+            for file in folder.iterdir():
+                file.write_bytes(b'')
+        for i in range(len(plain)):
+            np.random.seed(i), random.seed(i)  # crops, augmentation
+            a = plain[i]
+            np.random.seed(i), random.seed(i)
+            b = cached[i]
+            assert torch.equal(a['gt'], b['gt']) and torch.equal(a['lq'], b['lq'])
+            assert Path(a['gt_path']).name == Path(b['gt_path']).name
+
+
+def test_cache_keeps_its_images_unchanged_by_augmentation(prepared: Path) -> None:
+    ds = RSPairedDataset({'phase': 'train', 'scale': 4, 'gt_size': 64, 'dataroot_gt': str(prepared / 'Test_HR'),
+                          'cache': True, 'use_hflip': True, 'use_rot': True})
+    before = {key: img.copy() for key, (img, _) in ds._cache.items()}
+    np.random.seed(3)
+    for _ in range(5):
+        for i in range(len(ds)):
+            ds[i]
+    assert all(np.array_equal(before[key], img) for key, (img, _) in ds._cache.items())
+
+
+def test_cache_larger_than_half_the_available_memory_is_refused_before_decoding(prepared: Path, monkeypatch,
+                                                                                basicsr_log) -> None:
+    needed = sum(3 * np.prod(Image.open(path).size) for path in (prepared / 'Test_HR').iterdir())
+    monkeypatch.setattr(rs_paired_dataset, 'available_memory', lambda: 2 * needed - 2)
+    with pytest.raises(DatasetError, match=r'`cache` would keep 9 images of .*Test_HR decoded in memory, 0.0 GiB, '
+                                           r'more than half of the 0.0 GiB available now; set cache: false'):
+        RSPairedDataset({'phase': 'val', 'scale': 4, 'dataroot_gt': str(prepared / 'Test_HR'), 'cache': True})
+    monkeypatch.setattr(rs_paired_dataset, 'available_memory', lambda: 2 * needed)  # the 9 images fit exactly
+    ds = RSPairedDataset({'phase': 'val', 'scale': 4, 'dataroot_gt': str(prepared / 'Test_HR'), 'cache': True,
+                          'name': 'ucm_test'})
+    assert len(ds._cache) == 9
+    megabytes = needed / 2 ** 20
+    assert f'RSPairedDataset ucm_test: 9 images decoded into memory (cache: true), {megabytes:.1f} MiB' in basicsr_log
+
+
+def test_available_memory_reads_linux_meminfo() -> None:
+    memory = rs_paired_dataset.available_memory()
+    assert memory is None or memory > 2 ** 20
+
+
+def test_cache_must_be_a_boolean(odd_tree: Path) -> None:
+    with pytest.raises(DatasetError, match=r"`cache` must be true or false, got 'yes'"):
+        RSPairedDataset({'phase': 'val', 'scale': 4, 'dataroot_gt': str(odd_tree), 'cache': 'yes'})
+
+
+def test_basicsrs_persistent_workers_key_is_accepted_beside_the_dataset_keys(odd_tree: Path) -> None:
+    common = {'phase': 'val', 'scale': 4, 'dataroot_gt': str(odd_tree)}
+    assert len(RSPairedDataset({**common, 'persistent_workers': True})) == 2
+    with pytest.raises(DatasetError, match=r"unknown key\(s\) \['persistent_worker'\]"):
+        RSPairedDataset({**common, 'persistent_worker': True})
+
+
 def test_mean_std_normalisation(odd_tree: Path) -> None:
     plain = RSPairedDataset({'phase': 'val', 'scale': 2, 'dataroot_gt': str(odd_tree)})[0]
     normed = RSPairedDataset({'phase': 'val', 'scale': 2, 'dataroot_gt': str(odd_tree), 'mean': [0.5, 0.5, 0.5],
@@ -145,13 +217,14 @@ def test_gt_smaller_than_gt_size_is_named_at_construction(prepared: Path) -> Non
 
 
 def test_cmyk_and_16_bit_images_are_refused_when_read(tmp_path: Path) -> None:
-    from PIL import Image
     folder = tmp_path / 'hr'
     folder.mkdir()
     Image.fromarray(np.zeros((8, 8, 4), np.uint8), mode='CMYK').save(folder / 'cmyk.jpg')
     ds = RSPairedDataset({'phase': 'val', 'scale': 2, 'dataroot_gt': str(folder)})
     with pytest.raises(DatasetError, match=r'cmyk.jpg: CMYK image; expected an 8-bit RGB image'):
         ds[0]
+    with pytest.raises(DatasetError, match=r'cmyk.jpg: CMYK image; expected an 8-bit RGB image'):  # when built
+        RSPairedDataset({'phase': 'val', 'scale': 2, 'dataroot_gt': str(folder), 'cache': True})
 
 
 def test_a_key_missing_from_the_lmdb_is_named_with_the_database(tmp_path: Path) -> None:

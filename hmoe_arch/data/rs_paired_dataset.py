@@ -10,6 +10,11 @@ In both, GT whose size is not a multiple of the scale is cropped at the bottom/r
 ``train`` phase a random ``gt_size`` patch is cut at an LR-aligned position and flipped/rotated together
 with its LR; other phases return full images. Items are BasicSR's dict ``lq``, ``gt`` (RGB float tensors
 ``(C, H, W)`` in [0, 1], optionally normalised by ``mean``/``std``), ``lq_path``, ``gt_path``.
+
+With ``cache: true`` every selected image is decoded once, at construction, and kept as 8-bit BGR in memory
+(height x width x 3 bytes each; the log states the total). Data loader workers forked from the process share it.
+A training patch is cut from the 8-bit image before it becomes float, so the items are the same with and without
+the cache; only the decoding is saved (2 ms and more per UCMerced image, ``docs/performance.md``).
 """
 import os
 import re
@@ -18,7 +23,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 from basicsr.data.transforms import augment, paired_random_crop
-from basicsr.utils import FileClient, img2tensor
+from basicsr.utils import FileClient, get_root_logger, img2tensor
 from basicsr.utils.registry import DATASET_REGISTRY
 from PIL import Image
 from torch.utils import data
@@ -34,12 +39,30 @@ META_LINE = re.compile(r'(\S+) \((\d+),\s*(\d+),\s*\d+\)(?: \d+)?')
 """A line of an LMDB's ``meta_info.txt`` (basicsr.utils.lmdb_util): ``name (h,w,c) compress_level``."""
 
 DATASET_KEYS = {'type', 'name', 'phase', 'scale', 'dataroot_gt', 'dataroot_lq', 'io_backend', 'split_file',
-                'degradation', 'gt_size', 'use_hflip', 'use_rot', 'mean', 'std'}
+                'degradation', 'gt_size', 'use_hflip', 'use_rot', 'mean', 'std', 'cache'}
 """The keys this dataset reads."""
 
 LOADER_KEYS = {'num_worker_per_gpu', 'batch_size_per_gpu', 'dataset_enlarge_ratio', 'prefetch_mode', 'use_shuffle',
-               'pin_memory', 'num_prefetch_queue'}
+               'pin_memory', 'num_prefetch_queue', 'persistent_workers'}
 """Keys of BasicSR's data loader that live in the same option block."""
+
+
+def to_unit_float(img: np.ndarray) -> np.ndarray:
+    """uint8 ``(H, W, C)`` -> float32 in [0, 1] (a new, contiguous array)."""
+    return img.astype(np.float32) / 255.0
+
+
+def available_memory() -> Optional[int]:
+    """Bytes of memory the system can give without swapping (Linux's ``MemAvailable``), or None where it does not
+    say."""
+    try:
+        with open('/proc/meminfo') as f:
+            for line in f:
+                if line.startswith('MemAvailable:'):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _fail(key: str, message: str) -> None:
@@ -53,7 +76,8 @@ class RSPairedDataset(data.Dataset):
     Keys: ``dataroot_gt`` (folder or ``.lmdb``), ``dataroot_lq`` (optional: pre-made LR of the same stems),
     ``io_backend: {type: disk | lmdb}``, ``scale``, ``split_file`` (optional list of file names; a name's
     stem selects the image), ``degradation`` (``bicubic`` | ``bilinear``, on-the-fly LR only), ``gt_size``,
-    ``use_hflip``, ``use_rot`` (train phase), ``mean``/``std`` (optional normalisation).
+    ``use_hflip``, ``use_rot`` (train phase), ``mean``/``std`` (optional normalisation), ``cache`` (decode every
+    image once, at construction, and keep it in memory; default false).
     """
 
     def __init__(self, opt: Dict[str, Any]) -> None:
@@ -106,6 +130,45 @@ class RSPairedDataset(data.Dataset):
         self._meta: Dict[str, Dict[str, Tuple[int, int]]] = {}
         self.stems = self._select_stems(opt.get('split_file'))
         self._check_sizes()
+        cache = opt.get('cache', False)
+        if not isinstance(cache, bool):
+            _fail('cache', f'must be true or false, got {cache!r}')
+        self._cache: Optional[Dict[Tuple[str, str], Tuple[np.ndarray, str]]] = None
+        if cache:
+            self._cache = self._decode_all()
+
+    def _decode_all(self) -> Dict[Tuple[str, str], Tuple[np.ndarray, str]]:
+        """``(client key, stem) -> (8-bit BGR image, where it was read from)`` of every selected image.
+
+        Raises:
+            DatasetError: before decoding anything, where the images (sizes from their headers or the LMDB's
+                ``meta_info.txt``) would take more than half of the memory available now.
+        """
+        sources = [(self.gt_root, self.gt_files, 'gt')]
+        if self.lq_root:
+            sources.append((self.lq_root, self.lq_files, 'lq'))
+        needed = sum(3 * height * width for root, files, _ in sources
+                     for height, width in self._sizes(root, files).values())
+        available = available_memory()
+        if available is not None and needed > available / 2:
+            _fail('cache', f'would keep {len(self.stems)} images of {self.gt_root} decoded in memory, '
+                           f'{needed / 2 ** 30:.1f} GiB, more than half of the {available / 2 ** 30:.1f} GiB available '
+                           'now; set cache: false (each image is then decoded when it is drawn)')
+        self.file_client = FileClient(self.backend, **self.io_args)
+        try:
+            images = {}
+            for root, files, key in sources:
+                for stem in self.stems:
+                    images[key, stem] = self._read(root, files, stem, key)
+        finally:
+            for env in getattr(self.file_client.client, '_client', {}).values():  # LMDB environments
+                env.close()
+            self.file_client = None  # each worker opens its own (an LMDB environment does not survive a fork)
+        megabytes = sum(img.nbytes for img, _ in images.values()) / 2 ** 20
+        pairs = ' and their LR' if self.lq_root else ''
+        get_root_logger().info(f'RSPairedDataset {self.opt.get("name", self.gt_root)}: {len(self.stems)} images'
+                               f'{pairs} decoded into memory (cache: true), {megabytes:.1f} MiB')
+        return images
 
     # ------------------------------------------------------------------------------------------------------
     def _available(self, root: str) -> Dict[str, str]:
@@ -187,14 +250,16 @@ class RSPairedDataset(data.Dataset):
                                    f'{lq_sizes[stem][0]}x{lq_sizes[stem][1]} but {self.gt_root}/{self.gt_files[stem]} '
                                    f'is {height}x{width}; expected the GT size divided by {self.scale}')
 
-    def _read(self, root: str, files: Dict[str, str], stem: str, client_key: str):
-        """The image ``stem`` of ``root`` as float32 BGR ``(H, W, 3)`` in [0, 1], and where it was read from
-        (the file, or ``<lmdb>/<key>``).
+    def _read(self, root: str, files: Dict[str, str], stem: str, client_key: str) -> Tuple[np.ndarray, str]:
+        """The image ``stem`` of ``root`` as uint8 BGR ``(H, W, 3)``, and where it was read from (the file, or
+        ``<lmdb>/<key>``); from the cache where there is one.
 
         Raises:
             DatasetError: naming the file or the LMDB and key, for a key the LMDB does not hold (its
                 ``meta_info.txt`` lists it) and for an image that is not 8-bit RGB.
         """
+        if self._cache is not None:
+            return self._cache[client_key, stem]
         if self.backend == 'lmdb':
             path = stem
         else:
@@ -206,13 +271,12 @@ class RSPairedDataset(data.Dataset):
                                'lists it; the database and its meta_info.txt do not match (rebuild the LMDB, e.g. '
                                'with basicsr prepare --lmdb)')
         try:
-            img = decode_rgb(data, where)
+            return decode_rgb(data, where), where
         except ImageError as error:
             raise DatasetError(f'RSPairedDataset: {error}') from error
-        return img.astype(np.float32) / 255.0, where
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
-        if self.file_client is None:
+        if self.file_client is None and self._cache is None:
             self.file_client = FileClient(self.backend, **self.io_args)
         stem = self.stems[index]
         img_gt, gt_path = self._read(self.gt_root, self.gt_files, stem, 'gt')
@@ -221,11 +285,13 @@ class RSPairedDataset(data.Dataset):
             img_gt = crop_to_scale(img_gt, self.scale)  # LR sizes were checked against GT at construction
             if self.train:
                 img_gt, img_lq = paired_random_crop(img_gt, img_lq, self.gt_size, self.scale, gt_path)
+            img_gt, img_lq = to_unit_float(img_gt), to_unit_float(img_lq)
         else:
             lq_path = gt_path
             img_gt = crop_to_scale(img_gt, self.scale)
             if self.train:
                 img_gt = self._random_crop(img_gt)
+            img_gt = to_unit_float(img_gt)
             img_lq = downsample(img_gt, self.scale, self.degradation)
         if self.train:
             # BasicSR's augment flips in place with cv2, which OpenCV >= 5 refuses on non-contiguous crops
