@@ -111,6 +111,9 @@ class RSPairedDataset(data.Dataset):
                 _fail(key, f'must be a list of 3 numbers (RGB), got {value!r}')
         if self.std is not None and any(v <= 0 for v in self.std):
             _fail('std', f'must be positive, got {self.std!r}')
+        cache = opt.get('cache', False)
+        if not isinstance(cache, bool):
+            _fail('cache', f'must be true or false, got {cache!r}')
         io_opt = dict(opt.get('io_backend', {'type': 'disk'}))
         self.backend = io_opt.get('type')
         if self.backend not in ('disk', 'lmdb'):
@@ -130,9 +133,6 @@ class RSPairedDataset(data.Dataset):
         self._meta: Dict[str, Dict[str, Tuple[int, int]]] = {}
         self.stems = self._select_stems(opt.get('split_file'))
         self._check_sizes()
-        cache = opt.get('cache', False)
-        if not isinstance(cache, bool):
-            _fail('cache', f'must be true or false, got {cache!r}')
         self._cache: Optional[Dict[Tuple[str, str], Tuple[np.ndarray, str]]] = None
         if cache:
             self._cache = self._decode_all()
