@@ -154,6 +154,17 @@ def test_cache_larger_than_half_the_available_memory_is_refused_before_decoding(
     assert f'RSPairedDataset ucm_test: 9 images decoded into memory (cache: true), {megabytes:.1f} MiB' in basicsr_log
 
 
+def test_headers_are_read_once_for_the_size_checks_and_the_cache(prepared: Path, monkeypatch) -> None:
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(rs_paired_dataset.Image, 'open', lambda path, *a, **k: opened.append(path) or real_open(path))
+    ds = RSPairedDataset({'phase': 'train', 'scale': 4, 'gt_size': 32, 'dataroot_gt': str(prepared / 'Test_HR'),
+                          'dataroot_lq': str(prepared / 'Test_LR_x4'), 'cache': True})
+    assert len(ds._cache) == 18
+    files = [path for path in opened if isinstance(path, str)]  # decoding opens the bytes read, not the file
+    assert len(files) == 18 and len(set(files)) == 18  # 9 GT and 9 LR headers, each once
+
+
 def test_available_memory_reads_linux_meminfo() -> None:
     memory = rs_paired_dataset.available_memory()
     assert memory is None or memory > 2 ** 20

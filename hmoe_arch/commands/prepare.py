@@ -56,7 +56,7 @@ from tqdm import tqdm
 from ..atomic import atomic_path, move_into_place, partial_path, remove_partial, stale_partials
 from ..checkpoints import file_digest
 from ..data.degradations import DEGRADATIONS, crop_to_scale, downsample
-from ..data.images import decode_rgb
+from ..data.images import decode_rgb, to_unit_float
 from ..data.splits import stratified_split
 from ..errors import ImageError, PrepareError
 from ..locking import exclusive_lock
@@ -574,7 +574,7 @@ def _write(src: Source, by_name: Dict[str, SourceImage], train: List[str], test:
                 writers.put('Train', stem, cropped)
                 continue
             writers.put('Test_HR', stem, cropped)
-            gt = cropped.astype(np.float32) / 255.0
+            gt = to_unit_float(cropped)
             for scale, folder in zip(scales, lr_folders):
                 lr = downsample(gt, scale, degradation, reference=True)
                 writers.put(folder, stem, (lr * 255.0).round().astype(np.uint8))

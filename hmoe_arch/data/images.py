@@ -54,3 +54,8 @@ def decode_rgb(data: bytes, location: str) -> np.ndarray:
         kind = {1: 'grayscale', 2: 'grayscale with alpha', 4: 'RGBA'}.get(channels, f'{channels}-channel')
         raise ImageError(f'{location}: {kind} image; expected an 8-bit RGB image (3 channels)')
     return img
+
+
+def to_unit_float(img: np.ndarray) -> np.ndarray:
+    """8-bit ``(H, W, C)`` -> float32 in [0, 1] (a new, contiguous array)."""
+    return img.astype(np.float32) / 255.0

@@ -32,7 +32,7 @@ from torchvision.transforms.functional import normalize
 from ..errors import DatasetError, DatasetNotFoundError, ImageError
 from ..options import is_strict_int, is_strict_number
 from .degradations import DEGRADATIONS, crop_to_scale, downsample
-from .images import decode_rgb
+from .images import decode_rgb, to_unit_float
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp')
 META_LINE = re.compile(r'(\S+) \((\d+),\s*(\d+),\s*\d+\)(?: \d+)?')
@@ -45,11 +45,6 @@ DATASET_KEYS = {'type', 'name', 'phase', 'scale', 'dataroot_gt', 'dataroot_lq', 
 LOADER_KEYS = {'num_worker_per_gpu', 'batch_size_per_gpu', 'dataset_enlarge_ratio', 'prefetch_mode', 'use_shuffle',
                'pin_memory', 'num_prefetch_queue', 'persistent_workers'}
 """Keys of BasicSR's data loader that live in the same option block."""
-
-
-def to_unit_float(img: np.ndarray) -> np.ndarray:
-    """uint8 ``(H, W, C)`` -> float32 in [0, 1] (a new, contiguous array)."""
-    return img.astype(np.float32) / 255.0
 
 
 def available_memory() -> Optional[int]:
@@ -131,6 +126,7 @@ class RSPairedDataset(data.Dataset):
         self.io_args = io_opt
         self.file_client: Optional[FileClient] = None
         self._meta: Dict[str, Dict[str, Tuple[int, int]]] = {}
+        self._image_sizes: Dict[str, Dict[str, tuple]] = {}
         self.stems = self._select_stems(opt.get('split_file'))
         self._check_sizes()
         self._cache: Optional[Dict[Tuple[str, str], Tuple[np.ndarray, str]]] = None
@@ -221,7 +217,13 @@ class RSPairedDataset(data.Dataset):
         return stems
 
     def _sizes(self, root: str, files: Dict[str, str]) -> Dict[str, tuple]:
-        """(height, width) of every selected image, from LMDB meta_info or the image headers (no decoding)."""
+        """(height, width) of every selected image, from LMDB meta_info or the image headers (no decoding); read
+        once per root (the size checks and the cache's memory check both ask)."""
+        if root not in self._image_sizes:
+            self._image_sizes[root] = self._read_sizes(root, files)
+        return self._image_sizes[root]
+
+    def _read_sizes(self, root: str, files: Dict[str, str]) -> Dict[str, tuple]:
         if self.backend == 'lmdb':
             shapes = self._lmdb_shapes(root)
             return {stem: shapes[stem] for stem in self.stems}
