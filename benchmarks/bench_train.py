@@ -32,7 +32,9 @@ at once), step after step in alternation (the order reversed every round), at ea
   :func:`hmoe_arch.allocator.keep_freed_memory`.
 
 Ours uses this checkout's ``MFGHMoEModel`` optimiser and, like the ``basicsr`` commands on the CPU,
-:func:`hmoe_arch.allocator.keep_freed_memory`; the other sides keep glibc's defaults. A step is forward, L1 loss,
+:func:`hmoe_arch.allocator.keep_freed_memory`; a release does what its own commands do (the same where it has
+``hmoe_arch.allocator``, glibc's defaults where it is older); HAT's code and ``glibc-defaults`` keep glibc's
+defaults. The table says which sides keep freed memory. A step is forward, L1 loss,
 backward and the optimiser step on a random batch (``tiny``: the quality study's 4 x 16^2 LR; ``paper``:
 1 x 64^2 LR). Prints a Markdown table: median step of each side, the median of the per-round ratios ours /
 theirs and their range.
@@ -180,13 +182,22 @@ def side_network_and_optimizer(side: str, preset: str, code: Optional[Path]):
     return net, optimizer
 
 
+def keep_freed_memory_if_there() -> bool:
+    """What the ``basicsr`` commands of the checkout first on the path do on the CPU: glibc keeps freed memory
+    where that checkout has :func:`hmoe_arch.allocator.keep_freed_memory` (True), else its defaults stay (False)."""
+    try:
+        from hmoe_arch.allocator import keep_freed_memory
+    except ImportError:
+        return False
+    keep_freed_memory()
+    return True
+
+
 def side_worker(side: str, preset: str, code: Optional[Path], measure: str = 'train') -> None:
     """Build, take one step (Adam's state), answer ``ready``; then time one step per ``step`` line on stdin. With
     ``measure`` ``infer`` a step is an eval-mode forward without autograd on one 64x64 LR image (what validation
     and ``basicsr infer`` do per image)."""
-    if side == 'ours':
-        from hmoe_arch.allocator import keep_freed_memory
-        keep_freed_memory()
+    kept = side in ('ours', 'release') and keep_freed_memory_if_there()
     net, optimizer = side_network_and_optimizer(side, preset, code)
     batch, size = SIDE_BATCHES[preset]
     generator = torch.Generator().manual_seed(1)
@@ -212,7 +223,8 @@ def side_worker(side: str, preset: str, code: Optional[Path], measure: str = 'tr
         net.eval()
     step = infer_step if measure == 'infer' else train_step
     step()
-    print(json.dumps({'ready': type(net).__module__, 'fused': bool(optimizer.defaults.get('fused'))}), flush=True)
+    print(json.dumps({'ready': type(net).__module__, 'fused': bool(optimizer.defaults.get('fused')),
+                      'kept': kept}), flush=True)
     for line in sys.stdin:
         if line.strip() != 'step':
             break
@@ -293,8 +305,8 @@ def against(args: argparse.Namespace) -> None:
           f'CPU, torch {torch.__version__}; ours vs {named}; {args.rounds} rounds after {args.warmup_rounds}, '
           'all sides alternating\n')
     print('| threads | against | ours (ms) | theirs (ms) | ours / theirs (median of rounds) | range of rounds '
-          '| ours: Adam fused | theirs: Adam fused |')
-    print('| --- | --- | --- | --- | --- | --- | --- | --- |')
+          '| ours: Adam fused | theirs: Adam fused | ours: freed memory kept | theirs: freed memory kept |')
+    print('| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |')
     for threads in args.threads:
         sides = [Side('ours', args.preset, threads, None, args.measure)]
         sides += [Side(other, args.preset, threads, code, args.measure) for other, code in codes.items()]
@@ -311,8 +323,8 @@ def against(args: argparse.Namespace) -> None:
             ratios = [a / b for a, b in zip(ours, theirs)]
             print(f'| {threads} | {SIDE_NAMES[side.name]} | {1e3 * statistics.median(ours):.1f} '
                   f'| {1e3 * statistics.median(theirs):.1f} | {statistics.median(ratios):.3f}x '
-                  f'| {min(ratios):.3f}x - {max(ratios):.3f}x | {sides[0].info["fused"]} | {side.info["fused"]} |',
-                  flush=True)
+                  f'| {min(ratios):.3f}x - {max(ratios):.3f}x | {sides[0].info["fused"]} | {side.info["fused"]} '
+                  f'| {sides[0].info["kept"]} | {side.info["kept"]} |', flush=True)
 
 
 def main() -> None:

@@ -1,6 +1,10 @@
 """Where a training iteration's time goes: BasicSR's own loop pieces (data loader, ``feed_data``,
 ``optimize_parameters``, learning-rate update) with the model's step split into forward, loss and checks,
 backward, optimiser step and routing bookkeeping, then the operators that take the most time (``torch.profiler``).
+It also times what a run does now and then, BasicSR's log line (``model.get_current_log()`` and the message logger
+``basicsr train`` uses; every ``--log-every`` iterations) and a validation pass over the test images (BasicSR's
+loop, without its progress bar; every ``--val-every``, default 250 for both, what ``bench_quality.py``'s study
+does), and spreads them over the iterations: what one iteration of a run costs in all.
 
 The model, data loader and options are the ones ``basicsr train`` builds from ``options/train_ucm_x4.yml`` with a
 ``bench_quality.py`` preset (``tiny``: the quality study's network and batch; ``paper``: the paper's network at
@@ -15,11 +19,12 @@ Usage (prepared data from ``basicsr prepare``)::
     OMP_NUM_THREADS=2 python benchmarks/profile_train.py --data datasets/UCMerced --preset paper --config authors \
         --set use_amp=false datasets:train:batch_size_per_gpu=1 --iters 10 --warmup 2
 
-Prints a Markdown table (milliseconds per iteration, share) and the top operators by self CPU time. It asserts
+Prints Markdown tables (milliseconds per iteration, share) and the top operators by self CPU time. It asserts
 nothing.
 """
 import argparse
 import contextlib
+import logging
 import statistics
 import sys
 import tempfile
@@ -27,7 +32,7 @@ import time
 import warnings
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import torch
 import yaml
@@ -36,10 +41,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from basicsr.data import build_dataloader, build_dataset  # noqa: E402
 from basicsr.data.prefetch_dataloader import CPUPrefetcher  # noqa: E402
 from basicsr.models import build_model  # noqa: E402
+from basicsr.utils import get_root_logger  # noqa: E402
 from bench_quality import CONFIGS, option_for  # noqa: E402
 
 from hmoe_arch.allocator import keep_freed_memory  # noqa: E402
 from hmoe_arch.commands.pipeline import parse_options  # noqa: E402
+from hmoe_arch.training_log import TrainingMessageLogger  # noqa: E402
 
 BASE = Path(__file__).resolve().parents[1] / 'options' / 'train_ucm_x4.yml'
 PIECES = ('data', 'feed_data', 'forward', 'loss and checks', 'backward', 'optimiser step', 'routing record',
@@ -68,24 +75,25 @@ class Timer:
 
 
 def build(args: argparse.Namespace, folder: Path):
-    """The model and training data loader ``basicsr train`` would build."""
+    """The model, training data loader and parsed options ``basicsr train`` would build."""
     changes = dict(change.split('=', 1) for change in args.set)
+    every = args.val_every or 10 ** 6
     opt = option_for(BASE, args.preset, CONFIGS[args.config], data=args.data.resolve(), seed=0, iters=10 ** 6,
-                     val_every=10 ** 6, scale=4, study_changes={k: yaml.safe_load(v) for k, v in changes.items()})
+                     val_every=every, scale=4, study_changes={k: yaml.safe_load(v) for k, v in changes.items()})
     (folder / 'option.yml').write_text(yaml.safe_dump(opt, sort_keys=False))
     namespace = argparse.Namespace(opt=str(folder / 'option.yml'), force_yml=None, launcher='none',
                                    auto_resume=False, debug=False, local_rank=0)
     opt = parse_options(namespace, str(folder), True)
     train = opt['datasets']['train']
     loader = build_dataloader(build_dataset(train), train, num_gpu=0, dist=False, sampler=None, seed=0)
-    return build_model(opt), loader
+    return build_model(opt), loader, opt
 
 
 def profile(args: argparse.Namespace) -> None:
     allocator = keep_freed_memory()  # what the basicsr commands do on the CPU
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as folder:
-        model, loader = build(args, Path(folder))
+        model, loader, opt = build(args, Path(folder))
     warnings.filterwarnings('ignore', message='Seems like `optimizer.step\\(\\)` has been overridden')  # our timer
     timer = Timer()
     model.feed_data = timer.wrap('feed_data', model.feed_data)
@@ -125,10 +133,51 @@ def profile(args: argparse.Namespace) -> None:
                 iteration(step)
     finally:
         torch.Tensor.backward = backward
-    report(args, timer, wall, prof, type(model.net_g.upsample).__name__, allocator)
+    last = args.warmup + args.iters + args.profile_iters
+    periodic = every_n_iterations(args, model, opt, last) if args.val_every else {}
+    report(args, timer, wall, prof, type(model.net_g.upsample).__name__, allocator, periodic)
 
 
-def report(args: argparse.Namespace, timer: Timer, wall: float, prof, upsampler: str, allocator: str) -> None:
+def every_n_iterations(args: argparse.Namespace, model, opt: Dict, step: int) -> Dict[str, Tuple[float, int, str]]:
+    """Seconds of what a run does now and then, each with how often and a few words on it: the log line
+    (median of 5, built as BasicSR's loop builds it and written as ``basicsr train`` writes it, to a log file and
+    stderr) and a validation pass at iteration ``step`` (median of ``--val-runs``; its routing lines are logged)."""
+    logger = get_root_logger()
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    with tempfile.TemporaryDirectory() as folder:
+        log_file = logging.FileHandler(Path(folder) / 'train.log')
+        logger.addHandler(log_file)
+        try:
+            messages = TrainingMessageLogger(opt, step, None)
+            lines = []
+            for _ in range(5):
+                start = time.perf_counter()
+                log_vars = {'epoch': 0, 'iter': step, 'lrs': model.get_current_learning_rate(), 'time': 0.1,
+                            'data_time': 0.001}
+                log_vars.update(model.get_current_log())
+                messages(log_vars)
+                lines.append(time.perf_counter() - start)
+            val = opt['datasets']['val']
+            dataset = build_dataset(val)
+            loader = build_dataloader(dataset, val, num_gpu=0, dist=False, sampler=None, seed=0)
+            model.opt['val']['pbar'] = False
+            passes = []
+            for _ in range(args.val_runs):
+                start = time.perf_counter()
+                model.nondist_validation(loader, step, None, False)
+                passes.append(time.perf_counter() - start)
+        finally:
+            logger.removeHandler(log_file)
+            log_file.close()
+            logger.setLevel(level)
+    return {'logging': (statistics.median(lines), args.log_every, 'the log line'),
+            'validation': (statistics.median(passes), args.val_every,
+                           f'{len(dataset)} images, without the progress bar')}
+
+
+def report(args: argparse.Namespace, timer: Timer, wall: float, prof, upsampler: str, allocator: str,
+           periodic: Dict[str, Tuple[float, int, str]]) -> None:
     n = args.iters
     per = {name: sum(values) / n * 1000 for name, values in timer.seconds.items()}
     inside = sum(per.get(name, 0) for name in ('forward', 'backward', 'optimiser step', 'routing record'))
@@ -147,6 +196,17 @@ def report(args: argparse.Namespace, timer: Timer, wall: float, prof, upsampler:
                   f'{100 * up / mean:.1f} % |')
     rest = mean - sum(per.get(name, 0) for name in PIECES)
     print(f'| rest of the loop | {rest:.1f} | {100 * rest / mean:.1f} % |\n')
+    if periodic:
+        spread = {name: seconds * 1000 / every for name, (seconds, every, _) in periodic.items()}
+        whole = mean + sum(spread.values())
+        print(f'Over a run that logs every {args.log_every} and validates every {args.val_every} iterations '
+              "(bench_quality's study: both 250):\n")
+        print('| piece | ms per iteration | share |\n|---|---:|---:|')
+        print(f'| training iteration (above) | {mean:.1f} | {100 * mean / whole:.1f} % |')
+        for name, (seconds, every, what) in periodic.items():
+            print(f'| {name}: {seconds * 1000:.2f} ms every {every} ({what}) | {spread[name]:.2f} | '
+                  f'{100 * spread[name] / whole:.1f} % |')
+        print(f'| in all | {whole:.1f} | |\n')
     print(f'Top operators by self CPU time ({args.profile_iters} profiled iterations):\n')
     table = prof.key_averages(group_by_input_shape=args.shapes)
     print(table.table(sort_by='self_cpu_time_total', row_limit=args.top, max_name_column_width=48,
@@ -163,9 +223,20 @@ def main() -> None:
     parser.add_argument('--profile-iters', type=int, default=10, help='iterations under torch.profiler')
     parser.add_argument('--top', type=int, default=20, help='operators listed')
     parser.add_argument('--shapes', action='store_true', help='list the operators per input shape')
+    parser.add_argument('--val-every', type=int, default=250,
+                        help='also time the log line and a validation pass, spread over this many iterations '
+                             '(0: neither)')
+    parser.add_argument('--log-every', type=int, default=None,
+                        help='iterations between log lines (default: --val-every, as in the study; '
+                             'options/train_ucm_x4.yml: 100)')
+    parser.add_argument('--val-runs', type=int, default=1, help='validation passes timed (median)')
     parser.add_argument('--set', nargs='+', default=[], metavar='KEY=VALUE',
                         help="option changes on top of the preset, e.g. use_amp=false (bench_quality's --set)")
     args = parser.parse_args()
+    if args.log_every is None:
+        args.log_every = args.val_every
+    if args.val_every and args.log_every <= 0:
+        parser.error('--log-every must be a positive number of iterations')
     if not (args.data / 'Train').is_dir():
         parser.error(f'--data {args.data}: no Train folder (prepare it with basicsr prepare)')
     profile(args)

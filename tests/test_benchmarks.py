@@ -63,8 +63,11 @@ def test_bench_train_against_hat_code_and_a_release_alternates_and_reports_ratio
         low, high = (float(v.rstrip('x')) for v in row[5].split(' - '))
         assert ours > 0 and theirs > 0 and low <= ratio <= high, row
     assert len({row[2] for row in rows.values()}) == 1  # one "ours" worker for all
-    # our model's optimiser is fused Adam; HAT's (SRModel's) is not; a release of this checkout is ours
-    assert rows["HAT's own code"][6:] == ['True', 'False'] and rows['release'][6:] == ['True', 'True']
+    # our model's optimiser is fused Adam; HAT's (SRModel's) is not; a release of this checkout is ours, and keeps
+    # freed memory as its commands do, which HAT's code and glibc's defaults do not
+    assert rows["HAT's own code"][6:] == ['True', 'False', 'True', 'False']
+    assert rows['release'][6:] == ['True', 'True', 'True', 'True']
+    assert rows["ours with glibc's defaults"][6:] == ['True', 'True', 'True', 'False']
     out = run('bench_train.py', '--against', 'glibc-defaults', '--measure', 'infer', '--preset', 'tiny', '--threads',
               '1', '--rounds', '2', '--warmup-rounds', '1')
     assert out.startswith('inference (eval forward without autograd) of one 64^2 LR image, tiny network')
@@ -79,15 +82,35 @@ def test_bench_train_against_hat_code_and_a_release_alternates_and_reports_ratio
 @pytest.mark.slow  # runs the benchmark script
 def test_profile_train_times_every_piece_of_a_basicsr_iteration(workdir: Path) -> None:
     out = run('profile_train.py', '--data', str(workdir / 'datasets' / 'UCMerced'), '--iters', '3', '--warmup', '1',
-              '--profile-iters', '1', '--top', '3')
-    rows = {line.strip('| ').split(' | ')[0]: line.strip('| ').split(' | ') for line in out.splitlines()
-            if line.startswith('| ') and '---' not in line and 'piece' not in line}
+              '--profile-iters', '1', '--top', '3', '--val-every', '40', '--log-every', '10')
+    iteration, run_table = out.split('Over a run that logs every 10 and validates every 40 iterations')
+
+    def table(text: str) -> dict:
+        return {line.strip('| ').split(' | ')[0]: line.strip('| ').split(' | ') for line in text.splitlines()
+                if line.startswith('| ') and '---' not in line and 'piece' not in line}
+
+    rows = table(iteration)
     assert list(rows) == ['data', 'feed_data', 'forward', '(of which the upsampler, MoEUpsampler)', 'loss and checks',
                           'backward', 'optimiser step', 'routing record', 'learning rate', 'rest of the loop']
     mean = float(re.search(r'mean (\d+\.\d) ms', out).group(1))
     assert abs(float(rows['rest of the loop'][1])) < 0.1 * mean  # the timed pieces account for the iteration
     assert float(rows['forward'][1]) > float(rows['(of which the upsampler, MoEUpsampler)'][1]) > 0
     assert 'Self CPU time total' in out
+    # what the run does now and then, timed and spread over the iterations between
+    runs = table(run_table.split('Top operators')[0])
+    names = list(runs)
+    assert names[0] == 'training iteration (above)' and names[-1] == 'in all' and len(names) == 4, names
+    assert float(runs[names[0]][1]) == pytest.approx(mean, abs=0.05)
+    logged = re.fullmatch(r'logging: (\d+\.\d\d) ms every 10 \(the log line\)', names[1])
+    validated = re.fullmatch(r'validation: (\d+\.\d\d) ms every 40 \((\d+) images, without the progress bar\)',
+                             names[2])
+    assert logged and validated, names
+    assert int(validated.group(2)) == len(list((workdir / 'datasets' / 'UCMerced' / 'Test_HR').iterdir()))
+    assert float(runs[names[2]][1]) == pytest.approx(float(validated.group(1)) / 40, abs=0.01)
+    assert float(runs[names[1]][1]) == pytest.approx(float(logged.group(1)) / 10, abs=0.01)
+    assert float(validated.group(1)) > 0
+    total = mean + sum(float(runs[name][1]) for name in names[1:3])
+    assert float(runs['in all'][1]) == pytest.approx(total, abs=0.15)
 
 
 @pytest.mark.slow  # runs the benchmark script

@@ -77,6 +77,21 @@ def test_gather_neighbourhoods_equals_unfold() -> None:
         torch.testing.assert_close(gather_neighbourhoods(x, pixels, k), reference)
 
 
+@pytest.mark.parametrize('kernel_size', [1, 3, 5])
+def test_gather_neighbourhoods_gradient_equals_unfolds_with_repeated_pixels(kernel_size: int) -> None:
+    """The folded gradient of the rows equals autograd's through ``F.unfold``, also where a pixel is gathered
+    twice (top-2 routing within a group) and at the borders, in every image of the batch."""
+    x = torch.randn(2, 3, 4, 5, requires_grad=True)
+    pixels = torch.tensor([0, 7, 7, 19, 20, 39, 39, 4])
+    upstream = torch.randn(len(pixels), 3 * kernel_size ** 2)
+    (gather_neighbourhoods(x, pixels, kernel_size) * upstream).sum().backward()
+    ours, x.grad = x.grad, None
+    columns = F.unfold(x, kernel_size, padding=kernel_size // 2).permute(0, 2, 1).reshape(40, -1)
+    (columns[pixels] * upstream).sum().backward()
+    torch.testing.assert_close(ours, x.grad, atol=1e-6, rtol=1e-6)
+    assert ours[1].abs().sum() > 0 and ours[0].abs().sum() > 0
+
+
 def test_experts_unused_by_the_batch_get_no_gradient_and_cost_nothing() -> None:
     moe = HeterogeneousMoE(4, 2, 4, [(1, 2), (3, 2)], 1, 'dual')
     with torch.no_grad():
@@ -95,6 +110,33 @@ def test_upsampler_pixel_shuffles_and_keeps_the_authors_key_layout() -> None:
     assert {'0.experts.0.weight', '0.experts.3.bias', '0.gate.w_group_gate.weight', '0.gate.w_expert_gates.1.bias',
             '0.gate.group_embedding.weight'} <= keys
     assert up.state_dict()['0.experts.2.weight'].shape == (36, 4, 3, 3)
+
+
+@pytest.mark.parametrize('top_k', [1, 2])
+def test_upsampler_gradients_equal_pixel_shuffles_own(top_k: int) -> None:
+    """The upsampler's training backward (the HR gradient read straight into the experts' row layout) gives the
+    gradients that ``nn.PixelShuffle``'s own backward gives, for every input and parameter; eval mode takes
+    ``nn.PixelShuffle`` itself, with the same output."""
+    torch.manual_seed(0)
+    up = MoEUpsampler(3, 4, 5, UNEVEN, top_k, 'dual', 'straight_through')
+    spread(up.moe)
+    x = torch.randn(2, 4, 6, 5, requires_grad=True)
+    features = torch.randn(2, 5, 6, 5, requires_grad=True)
+    upstream = torch.randn(2, 4, 18, 15)
+    inputs = [x, features] + list(up.parameters())
+    out = up(x, features)
+    (out * upstream).sum().backward()
+    ours = grads(inputs)
+    reference = up[1](up.moe(x, features))
+    torch.testing.assert_close(out, reference, rtol=0, atol=0)
+    (reference * upstream).sum().backward()
+    theirs = grads(inputs)
+    names = ['x', 'routing_features'] + [n for n, _ in up.named_parameters()]
+    for name, a, b in zip(names, ours, theirs):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6, msg=name)
+    assert ours[0].abs().sum() > 0 and ours[1].abs().sum() > 0
+    with torch.no_grad():
+        torch.testing.assert_close(up(x, features), reference, rtol=0, atol=0)
 
 
 def test_routing_maps_of_the_last_forward() -> None:

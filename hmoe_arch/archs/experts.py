@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+from torch.autograd.function import once_differentiable
 
 from .routing import (
     BALANCES,
@@ -46,7 +47,8 @@ def gather_neighbourhoods(x: torch.Tensor, pixels: torch.Tensor, kernel_size: in
     """The zero-padded ``k x k`` neighbourhoods of selected pixels, in the order of a flattened conv weight.
 
     The neighbourhoods are a view of the padded map (``Tensor.unfold``), so the only copy is the gather of
-    the selected pixels.
+    the selected pixels. For ``k > 1`` the gradient is the rows' gradient added at their pixels and folded
+    back onto the map (:class:`_Neighbourhoods`).
 
     Args:
         x: Features ``(B, C, H, W)``.
@@ -56,6 +58,13 @@ def gather_neighbourhoods(x: torch.Tensor, pixels: torch.Tensor, kernel_size: in
     Returns:
         ``(n, C*k*k)``, ordered ``(c, dy, dx)`` like ``Conv2d.weight.view(O, -1)``.
     """
+    if kernel_size == 1:
+        return _neighbourhood_rows(x, pixels, 1)
+    return _Neighbourhoods.apply(x, pixels, kernel_size)
+
+
+def _neighbourhood_rows(x: torch.Tensor, pixels: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """:func:`gather_neighbourhoods` as indexing of a view (autograd's own backward)."""
     batch, channels, height, width = x.shape
     b, rest = pixels.div(height * width, rounding_mode='floor'), pixels.remainder(height * width)
     y, col = rest.div(width, rounding_mode='floor'), rest.remainder(width)
@@ -64,6 +73,30 @@ def gather_neighbourhoods(x: torch.Tensor, pixels: torch.Tensor, kernel_size: in
     pad = kernel_size // 2
     windows = F.pad(x, (pad, pad, pad, pad)).unfold(2, kernel_size, 1).unfold(3, kernel_size, 1)
     return windows.permute(0, 2, 3, 1, 4, 5)[b, y, col].reshape(len(pixels), -1)
+
+
+class _Neighbourhoods(torch.autograd.Function):
+    """``(n, C*k*k)`` neighbourhood rows of ``n`` pixels of ``(B, C, H, W)`` features. Backward adds the rows'
+    gradient into ``(B*H*W, C*k*k)`` columns at their pixels and folds them onto the map (``F.fold``, one
+    col2im); autograd's own backward of the indexed double-unfolded view zero-fills and accumulates the
+    ``(B, H, W, C, k, k)`` view twice over. Not twice differentiable."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, pixels: torch.Tensor, kernel_size: int) -> torch.Tensor:
+        ctx.save_for_backward(pixels)
+        ctx.grid, ctx.kernel_size = x.shape, kernel_size
+        return _neighbourhood_rows(x, pixels, kernel_size)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_rows: torch.Tensor):
+        (pixels,) = ctx.saved_tensors
+        batch, channels, height, width = ctx.grid
+        k = ctx.kernel_size
+        columns = grad_rows.new_zeros(batch * height * width, grad_rows.shape[1])
+        columns.index_add_(0, pixels, grad_rows)
+        columns = columns.view(batch, height * width, -1).transpose(1, 2)
+        return F.fold(columns, (height, width), k, padding=k // 2), None, None
 
 
 class _GroupedExpertLinear(torch.autograd.Function):
@@ -130,6 +163,26 @@ class _PermuteRows(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         (order,) = ctx.saved_tensors
         return grad.index_select(0, order), None, None
+
+
+class _PixelShuffle(torch.autograd.Function):
+    """``F.pixel_shuffle`` whose backward reads the HR gradient once, into the layout of the experts' rows:
+    ``(B, O, H, W)`` with channels-last strides, which the rows' ``(B*H*W, O)`` view then takes without a copy
+    (``pixel_unshuffle``, PixelShuffle's own backward, gives NCHW, which the rows' layout copies a second time).
+    Not twice differentiable."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: int) -> torch.Tensor:
+        ctx.scale = scale
+        return F.pixel_shuffle(x, scale)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        s = ctx.scale
+        batch, channels, height, width = grad.shape[0], grad.shape[1], grad.shape[2] // s, grad.shape[3] // s
+        rows = grad.reshape(batch, channels, height, s, width, s).permute(0, 2, 4, 1, 3, 5)
+        return rows.reshape(batch, height, width, channels * s * s).permute(0, 3, 1, 2), None
 
 
 class HeterogeneousMoE(nn.Module):
@@ -333,4 +386,7 @@ class MoEUpsampler(nn.Sequential):
         return self[0]
 
     def forward(self, x: torch.Tensor, routing_features: torch.Tensor) -> torch.Tensor:
-        return self[1](self.moe(x, routing_features))
+        experts = self.moe(x, routing_features)
+        if experts.requires_grad:  # training: the same values, a cheaper backward (:class:`_PixelShuffle`)
+            return _PixelShuffle.apply(experts, self.moe.scale)
+        return self[1](experts)
