@@ -7,11 +7,13 @@ only by its selected experts:
 1. the routed (pixel, expert, weight) slots are sorted by expert (global expert indices are contiguous per
    group, so this also sorts by group);
 2. per group, the ``k x k`` neighbourhoods of that group's pixels are gathered from the zero-padded
-   feature map as rows ``(C*k*k)``, the order of the flattened conv weight;
+   feature map as rows ``(C*k*k)``, the order of the flattened conv weight (backward: the rows' gradient added
+   at their pixels and folded onto the map, one col2im);
 3. one matmul per expert on its contiguous slice of rows, written into one buffer and scaled by the slot
    weights (a custom autograd function, so backward is one matmul per expert too);
 4. one ``index_select`` puts the rows back in pixel order (the K slots of a pixel are then summed; backward
-   is the gather by the sorting order, a permutation's inverse), and PixelShuffle reads them as ``(B, O, H, W)``.
+   is the gather by the sorting order, a permutation's inverse), and PixelShuffle reads them as ``(B, O, H, W)``
+   (in training its backward writes the HR gradient straight into that row layout).
 
 Memory is ``O(N * K * (k*k*C + O))`` for N pixels, independent of the number of experts; the dense
 ``(experts, B, O, H, W)`` tensor never exists.
