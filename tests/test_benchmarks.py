@@ -124,6 +124,22 @@ def test_bench_attention_path_alternates_both_sides_and_prints_their_ratio() -> 
 
 
 @pytest.mark.slow  # runs the benchmark script
+def test_bench_dispatch_times_sparse_and_dense_heads_per_size() -> None:
+    out = run('bench_dispatch.py', '--sizes', '2', '4', '--batch', '2', '--rounds', '1', '--warmup', '0')
+    assert 'every pixel routed to the 3x3 group; batch 2' in out and '8 x 1x1, 8 x 3x3' in out
+    rows = [line.strip('| ').split(' | ') for line in out.splitlines() if re.match(r'\| \d+x\d+ \|', line)]
+    assert [row[:2] for row in rows] == [['2x2', '8'], ['4x4', '32']]
+    for row in rows:
+        assert 1 <= int(row[2]) <= 8  # the 3x3 experts the forced routing reaches
+        assert float(row[3]) < 1e-4  # sparse and dense heads give the same output
+        for sparse, dense, ratio in ((row[4], row[5], row[6]), (row[7], row[8], row[9])):
+            value = float(ratio.split('x')[0])
+            low, high = (float(v) for v in ratio.split('(')[1].rstrip(')').split(' - '))
+            assert low == high == pytest.approx(value, abs=0.01)  # one round: one ratio
+            assert value == pytest.approx(float(dense) / float(sparse), rel=0.05, abs=0.02)
+
+
+@pytest.mark.slow  # runs the benchmark script
 def test_bench_tiling_reports_sizes_and_seam_error() -> None:
     out = run('bench_tiling.py', '--sizes', '32', '64', '--tile', '16', '--tile-pad', '8', '--seam-size', '32',
               '--scale', '2', '--infer-sizes', '64')
