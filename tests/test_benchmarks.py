@@ -119,7 +119,10 @@ def test_bench_attention_path_alternates_both_sides_and_prints_their_ratio() -> 
     before, after = (float(re.search(rf'{side}\s+median step\s+(\d+\.\d) ms', out).group(1))
                      for side in ('before', 'after'))
     ratio = float(re.search(r'after / before: (\d\.\d{3})', out).group(1))
-    assert ratio == pytest.approx(after / before, abs=2e-3)
+    # the ratio of the two medians, which are printed to 0.1 ms (a step of this size takes some 20-40 ms) and the
+    # ratio to 0.001: the printed steps bound it only to that rounding
+    low, high = (after - 0.05) / (before + 0.05) - 5e-4, (after + 0.05) / (before - 0.05) + 5e-4
+    assert low <= ratio <= high, (ratio, after, before)
     assert '2 rounds after 2 warm-up' in out
 
 
