@@ -77,9 +77,8 @@ class Timer:
 def build(args: argparse.Namespace, folder: Path):
     """The model, training data loader and parsed options ``basicsr train`` would build."""
     changes = dict(change.split('=', 1) for change in args.set)
-    every = args.val_every or 10 ** 6
     opt = option_for(BASE, args.preset, CONFIGS[args.config], data=args.data.resolve(), seed=0, iters=10 ** 6,
-                     val_every=every, scale=4, study_changes={k: yaml.safe_load(v) for k, v in changes.items()})
+                     val_every=10 ** 6, scale=4, study_changes={k: yaml.safe_load(v) for k, v in changes.items()})
     (folder / 'option.yml').write_text(yaml.safe_dump(opt, sort_keys=False))
     namespace = argparse.Namespace(opt=str(folder / 'option.yml'), force_yml=None, launcher='none',
                                    auto_resume=False, debug=False, local_rank=0)
@@ -235,8 +234,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.log_every is None:
         args.log_every = args.val_every
-    if args.val_every and args.log_every <= 0:
-        parser.error('--log-every must be a positive number of iterations')
+    if args.val_every < 0 or (args.val_every and (args.log_every <= 0 or args.val_runs < 1)):
+        parser.error('--val-every must be 0 (nothing timed) or a number of iterations, and then --log-every a '
+                     'positive number of iterations and --val-runs at least 1')
     if not (args.data / 'Train').is_dir():
         parser.error(f'--data {args.data}: no Train folder (prepare it with basicsr prepare)')
     profile(args)

@@ -111,6 +111,10 @@ def test_profile_train_times_every_piece_of_a_basicsr_iteration(workdir: Path) -
     assert float(validated.group(1)) > 0
     total = mean + sum(float(runs[name][1]) for name in names[1:3])
     assert float(runs['in all'][1]) == pytest.approx(total, abs=0.15)
+    refused = subprocess.run([sys.executable, str(BENCHMARKS / 'profile_train.py'), '--data',
+                              str(workdir / 'datasets' / 'UCMerced'), '--val-runs', '0'],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and '--val-runs at least 1' in refused.stderr
 
 
 @pytest.mark.slow  # runs the benchmark script
